@@ -1,0 +1,685 @@
+//! One agent's core: membership plus replicated state, as a sans-IO state machine.
+//!
+//! The driver feeds it received frames, fired timers and local writes, each
+//! with the current time, and then drains [`Output`]s: frames to transmit and
+//! events to act on. It never sleeps, spawns, reads a clock or touches a
+//! socket, so the simulator can run thousands of them in virtual time.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use foca::OwnedNotification;
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::hlc::{Clock, Hlc};
+use crate::membership::{packet_sender, MemberEffect, Membership, NodeId, Status, SwimTimer};
+use crate::state::{Entry, Reject, State, WriterId, NODE_PREFIX};
+use crate::wire::{self, Msg};
+
+/// Suffix of the node-owned key a node writes when it leaves gracefully.
+pub const LEFT_SUFFIX: &str = "left";
+
+/// Timing presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Low-latency networks: 1 s SWIM probes, 200 ms gossip, 2 s anti-entropy.
+    Lan,
+    /// Long-haul links: 5 s probes, 500 ms gossip, 10 s anti-entropy.
+    Wan,
+}
+
+/// Everything the core needs to know up front.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's name (bound to its certificate).
+    pub name: String,
+    /// Where this node listens for QUIC.
+    pub addr: SocketAddr,
+    /// SWIM settings (foca).
+    pub swim: foca::Config,
+    /// How often pending changes are pushed again.
+    pub gossip_interval: Duration,
+    /// How many random peers each push goes to.
+    pub fanout: usize,
+    /// Each change is pushed `ceil(retransmit_mult * log10(N + 1))` times.
+    pub retransmit_mult: f64,
+    /// How often to run anti-entropy with one random peer.
+    pub sync_interval: Duration,
+    /// Upper bound on the entries in one sync answer, in bytes.
+    pub sync_budget: usize,
+    /// Upper bound on the entries in one push, in bytes.
+    pub push_budget: usize,
+    /// Remote timestamps further ahead than this are refused.
+    pub max_drift: Duration,
+    /// Tombstones older than this are collected.
+    pub tombstone_ttl: Duration,
+}
+
+/// Largest SWIM packet; stays under QUIC's datagram size on a 1200-byte path.
+pub const SWIM_PACKET_SIZE: usize = 1024;
+
+impl Config {
+    /// A config from a timing preset, sized for about `cluster_size` nodes.
+    pub fn new(name: impl Into<String>, addr: SocketAddr, profile: Profile, cluster_size: u32) -> Self {
+        let size = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
+        let mut swim = match profile {
+            Profile::Lan => foca::Config::new_lan(size),
+            Profile::Wan => foca::Config::new_wan(size),
+        };
+        swim.max_packet_size = NonZeroUsize::new(SWIM_PACKET_SIZE).unwrap_or(NonZeroUsize::MIN);
+        let (gossip_interval, sync_interval) = match profile {
+            Profile::Lan => (Duration::from_millis(200), Duration::from_secs(2)),
+            Profile::Wan => (Duration::from_millis(500), Duration::from_secs(10)),
+        };
+        Config {
+            name: name.into(),
+            addr,
+            swim,
+            gossip_interval,
+            fanout: 3,
+            retransmit_mult: 2.0,
+            sync_interval,
+            sync_budget: 1 << 20,
+            push_budget: 64 << 10,
+            max_drift: Duration::from_secs(60),
+            tombstone_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// The current time as the driver sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic milliseconds (timers).
+    pub mono_ms: u64,
+    /// Wall-clock milliseconds since the Unix epoch (timestamps).
+    pub wall_ms: u64,
+}
+
+/// Something the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send a frame. `reliable` frames go on a QUIC stream, others as a datagram.
+    Transmit {
+        /// Destination address.
+        to: SocketAddr,
+        /// Stream (true) or datagram (false).
+        reliable: bool,
+        /// The encoded frame.
+        bytes: Vec<u8>,
+    },
+    /// Something the driver may want to act on.
+    Event(Event),
+}
+
+/// Things that happened inside the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A member became reachable.
+    MemberUp(NodeId),
+    /// A member was declared down (or left).
+    MemberDown(NodeId),
+    /// An entry became the current value of its key (local write, push or sync).
+    Changed(Entry),
+}
+
+/// Counters the driver exports as metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Frames received, by message kind.
+    pub msgs_in: BTreeMap<&'static str, u64>,
+    /// Frames sent, by message kind.
+    pub msgs_out: BTreeMap<&'static str, u64>,
+    /// Bytes received in valid frames.
+    pub bytes_in: u64,
+    /// Bytes sent.
+    pub bytes_out: u64,
+    /// Frames or entries dropped, by reason.
+    pub dropped: BTreeMap<&'static str, u64>,
+    /// Anti-entropy rounds started.
+    pub sync_rounds: u64,
+    /// Tombstones collected.
+    pub tombstones_collected: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TimerKind {
+    Swim(SwimTimer),
+    Gossip,
+    Sync,
+    Gc,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pending {
+    at: u64,
+    id: u64,
+    kind: TimerKind,
+}
+
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.id).cmp(&(other.at, other.id))
+    }
+}
+
+struct Rumor {
+    entry: Entry,
+    remaining: u32,
+}
+
+/// A sans-IO shoal node.
+pub struct Node {
+    cfg: Config,
+    writer: WriterId,
+    seq: u64,
+    clock: Clock,
+    state: State,
+    swim: Membership,
+    rng: SmallRng,
+    rumors: BTreeMap<String, Rumor>,
+    fresh: Vec<String>,
+    timers: BinaryHeap<Reverse<Pending>>,
+    next_timer: u64,
+    out: VecDeque<Output>,
+    effects: Vec<MemberEffect>,
+    stats: Stats,
+    left: bool,
+}
+
+impl Node {
+    /// A new node. `gen` must differ on every start of the same node (e.g. random);
+    /// `seed` seeds every random choice the node makes.
+    pub fn new(cfg: Config, gen: u64, seed: u64, now: Now) -> Self {
+        let id = NodeId {
+            name: cfg.name.clone(),
+            addr: cfg.addr,
+            gen,
+        };
+        let swim = Membership::new(id, cfg.swim.clone(), SmallRng::seed_from_u64(seed ^ 0x5157_494d));
+        let mut node = Node {
+            writer: WriterId {
+                node: cfg.name.clone(),
+                gen,
+            },
+            seq: 0,
+            clock: Clock::new(cfg.max_drift.as_millis() as u64),
+            state: State::new(),
+            swim,
+            rng: SmallRng::seed_from_u64(seed),
+            rumors: BTreeMap::new(),
+            fresh: Vec::new(),
+            timers: BinaryHeap::new(),
+            next_timer: 0,
+            out: VecDeque::new(),
+            effects: Vec::new(),
+            stats: Stats::default(),
+            left: false,
+            cfg,
+        };
+        // Random first ticks keep nodes started together from acting in lockstep.
+        let g = node.rng.random_range(0..=node.cfg.gossip_interval.as_millis() as u64);
+        node.schedule(now, Duration::from_millis(g), TimerKind::Gossip);
+        let s = node.rng.random_range(0..=node.cfg.sync_interval.as_millis() as u64);
+        node.schedule(now, Duration::from_millis(s), TimerKind::Sync);
+        node.schedule(now, Duration::from_secs(60), TimerKind::Gc);
+        node
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// This node's current SWIM identity.
+    pub fn id(&self) -> &NodeId {
+        self.swim.identity()
+    }
+
+    /// The config the node runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Restores persisted cluster-wide entries (at start, before any traffic).
+    /// Node-owned entries are skipped: each node rebuilds its own.
+    pub fn restore(&mut self, entries: impl IntoIterator<Item = Entry>) -> Result<usize, Reject> {
+        let mut n = 0;
+        for e in entries {
+            if e.is_node_owned() {
+                continue;
+            }
+            // Our clock must move past anything we restore, so new writes win.
+            self.clock.observe(e.hlc, u64::MAX >> 16).ok();
+            self.state.apply(e)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Asks the nodes at `seeds` to let us into their cluster; also clears a
+    /// `left` marker from an earlier run.
+    pub fn join(&mut self, seeds: &[SocketAddr], now: Now) {
+        let left_key = self.node_key(LEFT_SUFFIX);
+        // Clearing our own previous "left" marker cannot be refused.
+        let _ = self.put(&left_key, None, now);
+        for &seed in seeds {
+            if seed == self.cfg.addr {
+                continue;
+            }
+            if let Err(e) = self.swim.announce(NodeId::seed(seed)) {
+                self.drop_reason("swim_error", &e);
+            }
+        }
+        self.drain_swim(now);
+    }
+
+    /// `node/<our name>/<suffix>`.
+    pub fn node_key(&self, suffix: &str) -> String {
+        format!("{NODE_PREFIX}{}/{suffix}", self.cfg.name)
+    }
+
+    /// Writes (or, with `None`, deletes) a key and starts spreading the change.
+    pub fn put(&mut self, key: &str, value: Option<Vec<u8>>, now: Now) -> Result<Entry, Reject> {
+        let entry = Entry {
+            key: key.to_string(),
+            value,
+            hlc: self.clock.now(now.wall_ms),
+            writer: self.writer.clone(),
+            seq: self.seq + 1,
+        };
+        crate::state::validate(&entry)?;
+        self.seq += 1;
+        self.state.apply(entry.clone())?;
+        self.changed(entry.clone(), true);
+        self.push_fresh(None);
+        Ok(entry)
+    }
+
+    /// The replica.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Every known member with its status, ourselves included.
+    ///
+    /// A member that is down and whose `node/<name>/left` marker is set is
+    /// reported as [`Status::Left`].
+    pub fn members(&self) -> Vec<(NodeId, Status)> {
+        let mut all = self.swim.members();
+        all.push((
+            self.id().clone(),
+            if self.left { Status::Left } else { Status::Alive },
+        ));
+        for (id, st) in &mut all {
+            if *st == Status::Down
+                && self
+                    .state
+                    .value(&format!("{NODE_PREFIX}{}/{LEFT_SUFFIX}", id.name))
+                    .is_some()
+            {
+                *st = Status::Left;
+            }
+        }
+        all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        all
+    }
+
+    /// Number of active peers (alive or suspect), excluding ourselves.
+    pub fn num_active_peers(&self) -> usize {
+        self.swim.num_active()
+    }
+
+    /// Handles one frame received from the peer authenticated as `from_name` at `from`.
+    pub fn handle_frame(&mut self, from_name: &str, from: SocketAddr, bytes: &[u8], now: Now) {
+        let msg = match wire::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                *self.stats.dropped.entry(e.reason()).or_default() += 1;
+                return;
+            }
+        };
+        *self.stats.msgs_in.entry(msg.kind()).or_default() += 1;
+        self.stats.bytes_in += bytes.len() as u64;
+        match msg {
+            Msg::Swim(packet) => {
+                match packet_sender(&packet) {
+                    Some(src) if src.name == from_name && src.addr == from => {}
+                    Some(_) => return self.count_drop("impersonation"),
+                    None => return self.count_drop("swim_malformed"),
+                }
+                if let Err(e) = self.swim.handle_data(&packet) {
+                    self.drop_reason("swim_error", &e);
+                }
+                self.drain_swim(now);
+            }
+            Msg::Push { entries } => {
+                for e in entries {
+                    self.receive_entry(e, now, true);
+                }
+                self.push_fresh(Some(from));
+            }
+            Msg::SyncReq { heads } => {
+                let delta = self.state.delta_for(&heads, self.cfg.sync_budget);
+                let reply = Msg::SyncResp {
+                    heads: self.state.heads(),
+                    delta,
+                    reply: true,
+                };
+                self.transmit(from, true, &reply);
+            }
+            Msg::SyncResp { heads, delta, reply } => {
+                let mut ok = Vec::with_capacity(delta.entries.len());
+                for e in delta.entries {
+                    if self.clock_accepts(&e, now) {
+                        ok.push(e);
+                    }
+                }
+                let (changed, rejected) = self.state.apply_delta(crate::state::Delta {
+                    ranges: delta.ranges,
+                    entries: ok,
+                });
+                for r in rejected {
+                    self.reject(&r);
+                }
+                for e in changed {
+                    self.changed(e, false);
+                }
+                if reply {
+                    let delta = self.state.delta_for(&heads, self.cfg.sync_budget);
+                    let back = Msg::SyncResp {
+                        heads: Vec::new(),
+                        delta,
+                        reply: false,
+                    };
+                    self.transmit(from, true, &back);
+                }
+            }
+        }
+    }
+
+    fn clock_accepts(&mut self, e: &Entry, now: Now) -> bool {
+        if self.clock.observe(e.hlc, now.wall_ms).is_err() {
+            self.count_drop("clock_drift");
+            return false;
+        }
+        true
+    }
+
+    fn receive_entry(&mut self, e: Entry, now: Now, rumor: bool) {
+        if !self.clock_accepts(&e, now) {
+            return;
+        }
+        match self.state.apply(e.clone()) {
+            Ok(true) => self.changed(e, rumor),
+            Ok(false) => {}
+            Err(r) => self.reject(&r),
+        }
+    }
+
+    fn reject(&mut self, r: &Reject) {
+        let reason = match r {
+            Reject::NotOwner { .. } => "not_owner",
+            _ => "invalid_entry",
+        };
+        self.count_drop(reason);
+    }
+
+    fn changed(&mut self, e: Entry, rumor: bool) {
+        if rumor {
+            let remaining = self.retransmits();
+            self.fresh.push(e.key.clone());
+            self.rumors.insert(
+                e.key.clone(),
+                Rumor {
+                    entry: e.clone(),
+                    remaining,
+                },
+            );
+        }
+        self.out.push_back(Output::Event(Event::Changed(e)));
+    }
+
+    fn retransmits(&self) -> u32 {
+        let n = (self.swim.num_active() + 1) as f64;
+        ((self.cfg.retransmit_mult * (n + 1.0).log10()).ceil() as u32).max(1)
+    }
+
+    /// Pushes the changes that arrived with the last input to `fanout` peers at once.
+    fn push_fresh(&mut self, except: Option<SocketAddr>) {
+        if self.fresh.is_empty() {
+            return;
+        }
+        let mut keys = std::mem::take(&mut self.fresh);
+        keys.sort();
+        keys.dedup();
+        let mut entries = Vec::with_capacity(keys.len());
+        for k in &keys {
+            if let Some(r) = self.rumors.get_mut(k) {
+                r.remaining = r.remaining.saturating_sub(1);
+                entries.push(r.entry.clone());
+            }
+        }
+        self.rumors.retain(|_, r| r.remaining > 0);
+        self.push_to_random(entries, except);
+    }
+
+    fn push_to_random(&mut self, entries: Vec<Entry>, except: Option<SocketAddr>) {
+        if entries.is_empty() {
+            return;
+        }
+        let peers = self.random_peers(self.cfg.fanout, except);
+        for chunk in chunk_entries(entries, self.cfg.push_budget) {
+            let msg = Msg::Push { entries: chunk };
+            let bytes = wire::encode(&msg);
+            for &p in &peers {
+                self.send_bytes(p, true, msg.kind(), bytes.clone());
+            }
+        }
+    }
+
+    fn random_peers(&mut self, n: usize, except: Option<SocketAddr>) -> Vec<SocketAddr> {
+        let mut peers: Vec<SocketAddr> = self
+            .swim
+            .active_peers()
+            .map(|id| id.addr)
+            .filter(|a| Some(*a) != except)
+            .collect();
+        // Partial Fisher-Yates: the first n are a uniform sample.
+        let n = n.min(peers.len());
+        for i in 0..n {
+            let j = self.rng.random_range(i..peers.len());
+            peers.swap(i, j);
+        }
+        peers.truncate(n);
+        peers
+    }
+
+    /// Runs every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Now) {
+        while let Some(Reverse(p)) = self.timers.peek() {
+            if p.at > now.mono_ms {
+                break;
+            }
+            let Some(Reverse(p)) = self.timers.pop() else {
+                break;
+            };
+            self.fire(p.kind, now);
+        }
+    }
+
+    fn fire(&mut self, kind: TimerKind, now: Now) {
+        match kind {
+            TimerKind::Swim(t) => {
+                if let Err(e) = self.swim.handle_timer(t) {
+                    self.drop_reason("swim_error", &e);
+                }
+                self.drain_swim(now);
+            }
+            TimerKind::Gossip => {
+                let entries: Vec<Entry> = self
+                    .rumors
+                    .values_mut()
+                    .map(|r| {
+                        r.remaining = r.remaining.saturating_sub(1);
+                        r.entry.clone()
+                    })
+                    .collect();
+                self.rumors.retain(|_, r| r.remaining > 0);
+                self.push_to_random(entries, None);
+                if !self.left {
+                    self.schedule(now, self.cfg.gossip_interval, TimerKind::Gossip);
+                }
+            }
+            TimerKind::Sync => {
+                if let Some(&peer) = self.random_peers(1, None).first() {
+                    self.stats.sync_rounds += 1;
+                    let msg = Msg::SyncReq {
+                        heads: self.state.heads(),
+                    };
+                    self.transmit(peer, true, &msg);
+                }
+                if !self.left {
+                    self.schedule(now, self.cfg.sync_interval, TimerKind::Sync);
+                }
+            }
+            TimerKind::Gc => {
+                let ttl = self.cfg.tombstone_ttl.as_millis() as u64;
+                let cutoff = Hlc::new(now.wall_ms.saturating_sub(ttl), 0);
+                self.stats.tombstones_collected += self.state.gc_tombstones(cutoff) as u64;
+                if !self.left {
+                    self.schedule(now, Duration::from_secs(60), TimerKind::Gc);
+                }
+            }
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called (monotonic ms).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.timers.peek().map(|Reverse(p)| p.at)
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// Leaves the cluster gracefully: marks `node/<name>/left`, hands every
+    /// pending change to all active peers, and tells SWIM we are going.
+    pub fn leave(&mut self, now: Now) {
+        if self.left {
+            return;
+        }
+        let key = self.node_key(LEFT_SUFFIX);
+        let stamp = now.wall_ms.to_be_bytes().to_vec();
+        let _ = self.put(&key, Some(stamp), now);
+        let entries: Vec<Entry> = self.rumors.values().map(|r| r.entry.clone()).collect();
+        let everyone: Vec<SocketAddr> = self.swim.active_peers().map(|id| id.addr).collect();
+        for chunk in chunk_entries(entries, self.cfg.push_budget) {
+            let msg = Msg::Push { entries: chunk };
+            for &p in &everyone {
+                self.transmit(p, true, &msg);
+            }
+        }
+        self.rumors.clear();
+        if let Err(e) = self.swim.leave() {
+            self.drop_reason("swim_error", &e);
+        }
+        self.left = true;
+        self.drain_swim(now);
+        self.timers.clear();
+    }
+
+    fn drain_swim(&mut self, now: Now) {
+        let mut effects = std::mem::take(&mut self.effects);
+        self.swim.drain(&mut effects);
+        for eff in effects.drain(..) {
+            match eff {
+                MemberEffect::Send(to, data) => {
+                    self.transmit(to.addr, false, &Msg::Swim(data));
+                }
+                MemberEffect::Timer(t, after) => {
+                    if !self.left {
+                        self.schedule(now, after, TimerKind::Swim(t));
+                    }
+                }
+                MemberEffect::Notify(n) => match n {
+                    OwnedNotification::MemberUp(id) | OwnedNotification::Rename(_, id) => {
+                        self.out.push_back(Output::Event(Event::MemberUp(id)));
+                    }
+                    OwnedNotification::MemberDown(id) => {
+                        self.out.push_back(Output::Event(Event::MemberDown(id)));
+                    }
+                    _ => {}
+                },
+            }
+        }
+        self.effects = effects;
+    }
+
+    fn schedule(&mut self, now: Now, after: Duration, kind: TimerKind) {
+        self.next_timer += 1;
+        self.timers.push(Reverse(Pending {
+            at: now.mono_ms + after.as_millis() as u64,
+            id: self.next_timer,
+            kind,
+        }));
+    }
+
+    fn transmit(&mut self, to: SocketAddr, reliable: bool, msg: &Msg) {
+        let bytes = wire::encode(msg);
+        self.send_bytes(to, reliable, msg.kind(), bytes);
+    }
+
+    fn send_bytes(&mut self, to: SocketAddr, reliable: bool, kind: &'static str, bytes: Vec<u8>) {
+        *self.stats.msgs_out.entry(kind).or_default() += 1;
+        self.stats.bytes_out += bytes.len() as u64;
+        self.out.push_back(Output::Transmit {
+            to,
+            reliable,
+            bytes,
+        });
+    }
+
+    fn count_drop(&mut self, reason: &'static str) {
+        *self.stats.dropped.entry(reason).or_default() += 1;
+    }
+
+    fn drop_reason(&mut self, reason: &'static str, _err: &foca::Error) {
+        self.count_drop(reason);
+    }
+}
+
+fn chunk_entries(entries: Vec<Entry>, budget: usize) -> Vec<Vec<Entry>> {
+    let mut chunks = Vec::new();
+    let mut cur = Vec::new();
+    let mut used = 0;
+    for e in entries {
+        let sz = e.approx_size();
+        if !cur.is_empty() && used + sz > budget {
+            chunks.push(std::mem::take(&mut cur));
+            used = 0;
+        }
+        used += sz;
+        cur.push(e);
+    }
+    if !cur.is_empty() {
+        chunks.push(cur);
+    }
+    chunks
+}
