@@ -9,6 +9,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Arc;
 use std::time::Duration;
 
 use foca::OwnedNotification;
@@ -57,6 +58,10 @@ pub struct Config {
     pub max_drift: Duration,
     /// Tombstones older than this are collected.
     pub tombstone_ttl: Duration,
+    /// A fixed peer list instead of SWIM. Used to measure replication alone at
+    /// sizes where running SWIM in every simulated node does not fit in memory;
+    /// agents always run SWIM.
+    pub static_peers: Option<Arc<[SocketAddr]>>,
 }
 
 /// Largest SWIM packet; stays under QUIC's datagram size on a 1200-byte path.
@@ -87,6 +92,7 @@ impl Config {
             push_budget: 64 << 10,
             max_drift: Duration::from_secs(60),
             tombstone_ttl: Duration::from_secs(24 * 3600),
+            static_peers: None,
         }
     }
 }
@@ -274,7 +280,7 @@ impl Node {
         // Clearing our own previous "left" marker cannot be refused.
         let _ = self.put(&left_key, None, now);
         for &seed in seeds {
-            if seed == self.cfg.addr {
+            if seed == self.cfg.addr || self.cfg.static_peers.is_some() {
                 continue;
             }
             if let Err(e) = self.swim.announce(NodeId::seed(seed)) {
@@ -456,7 +462,10 @@ impl Node {
     }
 
     fn retransmits(&self) -> u32 {
-        let n = (self.swim.num_active() + 1) as f64;
+        let n = match &self.cfg.static_peers {
+            Some(p) => p.len() as f64,
+            None => (self.swim.num_active() + 1) as f64,
+        };
         ((self.cfg.retransmit_mult * (n + 1.0).log10()).ceil() as u32).max(1)
     }
 
@@ -494,6 +503,9 @@ impl Node {
     }
 
     fn random_peers(&mut self, n: usize, except: Option<SocketAddr>) -> Vec<SocketAddr> {
+        if let Some(all) = self.cfg.static_peers.clone() {
+            return self.sample_static(&all, n, except);
+        }
         let mut peers: Vec<SocketAddr> = self
             .swim
             .active_peers()
@@ -508,6 +520,26 @@ impl Node {
         }
         peers.truncate(n);
         peers
+    }
+
+    /// Rejection sampling: O(n) for a small fanout even with 10,000s of peers.
+    fn sample_static(&mut self, all: &[SocketAddr], n: usize, except: Option<SocketAddr>) -> Vec<SocketAddr> {
+        let me = self.cfg.addr;
+        let eligible = if all.len() <= 64 {
+            all.iter().filter(|a| **a != me && Some(**a) != except).count()
+        } else {
+            // At most ourselves and `except` are excluded; avoid an O(N) scan.
+            all.len() - 2
+        };
+        let n = n.min(eligible);
+        let mut picked = Vec::with_capacity(n);
+        while picked.len() < n {
+            let a = all[self.rng.random_range(0..all.len())];
+            if a != me && Some(a) != except && !picked.contains(&a) {
+                picked.push(a);
+            }
+        }
+        picked
     }
 
     /// Runs every timer due at `now`.
