@@ -365,7 +365,9 @@ impl Node {
         match msg {
             Msg::Swim(packet) => {
                 match packet_sender(&packet) {
-                    Some(src) if src.name == from_name && src.addr == from => {}
+                    // The name is what the certificate vouches for; the address
+                    // may differ on multi-homed hosts, so only the name must match.
+                    Some(src) if src.name == from_name => {}
                     Some(_) => return self.count_drop("impersonation"),
                     None => return self.count_drop("swim_malformed"),
                 }

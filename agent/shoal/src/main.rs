@@ -1,1 +1,309 @@
-fn main(){}
+//! `shoal`: the agent, the CLI and the demo in one binary.
+//!
+//! `shoal agent` runs the driver that owns a sans-IO [`shoal_core::Node`],
+//! moves its frames over QUIC (`shoal-net`) and its state to disk
+//! (`shoal-store`), and serves the HTTP API. Every other subcommand is a client
+//! of that API, except `ca` (certificates, offline) and `demo` (a local mesh).
+
+mod agent;
+mod client;
+mod demo;
+mod views;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use agent::config::{AgentConfig, FileConfig};
+use client::{kv_table, nodes_table, AgentError, Client, Format};
+
+/// A masterless container orchestrator.
+#[derive(Parser)]
+#[command(name = "shoal", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Where the agent's API is and how to print answers.
+#[derive(clap::Args, Clone)]
+struct ClientArgs {
+    /// Address of an agent's HTTP API.
+    #[arg(long, env = "SHOAL_API", default_value = "http://127.0.0.1:7101", global = true)]
+    api: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
+    output: Format,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run an agent on this machine.
+    Agent(Box<AgentArgs>),
+    /// Start a throwaway local mesh of agents and show it.
+    Demo(demo::DemoArgs),
+    /// List cluster members as one agent sees them.
+    Nodes {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The cluster-wide key/value store.
+    Kv {
+        #[command(subcommand)]
+        cmd: KvCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The cluster certificate authority.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum KvCmd {
+    /// Write a key (acknowledged once on disk).
+    Put {
+        /// The key, e.g. app/color.
+        key: String,
+        /// The value (text).
+        value: String,
+    },
+    /// Read a key from the agent's replica; exits 1 if missing.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// List keys under a prefix.
+    Ls {
+        /// Key prefix (all keys when omitted).
+        prefix: Option<String>,
+    },
+    /// Delete a key; exits 1 if missing.
+    Rm {
+        /// The key.
+        key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a cluster CA (ca.pem, ca.key) in a new directory.
+    Init {
+        /// Directory to create it in.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a node certificate signed by the CA.
+    Issue {
+        /// The CA directory (with ca.pem and ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The node name the certificate binds.
+        #[arg(long)]
+        name: String,
+        /// Directory for node.pem, node.key and ca.pem.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Flags of `shoal agent`; each overrides the config file.
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// TOML config file (see examples/agent.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Node name (unique in the cluster).
+    #[arg(long)]
+    name: Option<String>,
+    /// QUIC listen address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Address peers dial, when it differs from --listen.
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
+    /// HTTP API listen address [default: 127.0.0.1:7101].
+    #[arg(long)]
+    api: Option<SocketAddr>,
+    /// Data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Directory holding ca.pem (and ca.key to self-issue a certificate).
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Node certificate from `shoal ca issue`.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Node private key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Seed address to join through (repeatable).
+    #[arg(long)]
+    join: Vec<SocketAddr>,
+    /// Label key=value (repeatable).
+    #[arg(long, value_parser = parse_label)]
+    label: Vec<(String, String)>,
+    /// Timing preset: lan or wan.
+    #[arg(long)]
+    profile: Option<String>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {s:?} must look like key=value")),
+    }
+}
+
+impl AgentArgs {
+    fn into_config(self) -> anyhow::Result<AgentConfig> {
+        let mut f = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        macro_rules! over {
+            ($($field:ident),*) => { $( if self.$field.is_some() { f.$field = self.$field; } )* };
+        }
+        over!(name, listen, advertise, api, data_dir, ca_dir, cert, key, profile);
+        if !self.join.is_empty() {
+            f.join = self.join;
+        }
+        f.labels.extend(self.label);
+        Ok(AgentConfig::validate(f)?)
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Agent(args) => {
+            init_logging("info");
+            let cfg = args.into_config()?;
+            agent::run(cfg, shutdown_signal()).await
+        }
+        Cmd::Demo(args) => {
+            init_logging("warn");
+            demo::run(args).await
+        }
+        Cmd::Nodes { client } => {
+            let c = Client::new(&client.api)?;
+            let nodes = c.nodes().await?;
+            match client.output {
+                Format::Json => print_json(&nodes),
+                Format::Table => {
+                    print!("{}", nodes_table(&nodes));
+                    Ok(())
+                }
+            }
+        }
+        Cmd::Kv { cmd, client } => {
+            let c = Client::new(&client.api)?;
+            let json = client.output == Format::Json;
+            match cmd {
+                KvCmd::Put { key, value } => {
+                    let e = c.kv_put(&key, &value).await?;
+                    if json {
+                        print_json(&e)?;
+                    }
+                    Ok(())
+                }
+                KvCmd::Get { key } => {
+                    let e = c.kv_get(&key).await?;
+                    if json {
+                        print_json(&e)
+                    } else {
+                        println!("{}", e.value);
+                        Ok(())
+                    }
+                }
+                KvCmd::Ls { prefix } => {
+                    let v = c.kv_list(prefix.as_deref().unwrap_or("")).await?;
+                    if json {
+                        print_json(&v)
+                    } else {
+                        print!("{}", kv_table(&v));
+                        Ok(())
+                    }
+                }
+                KvCmd::Rm { key } => {
+                    let v = c.kv_rm(&key).await?;
+                    if json {
+                        print_json(&v)?;
+                    }
+                    Ok(())
+                }
+            }
+        }
+        Cmd::Ca { cmd } => match cmd {
+            CaCmd::Init { out } => {
+                shoal_net::init_ca(&out).with_context(|| format!("creating a CA in {}", out.display()))?;
+                println!("cluster CA written to {} (ca.pem, ca.key: keep ca.key secret)", out.display());
+                Ok(())
+            }
+            CaCmd::Issue { ca, name, out } => {
+                shoal_net::issue(&ca, &name, &out)
+                    .with_context(|| format!("issuing a certificate for {name}"))?;
+                println!(
+                    "certificate for {name} written to {} (node.pem, node.key, ca.pem)",
+                    out.display()
+                );
+                Ok(())
+            }
+        },
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(a) = e.downcast_ref::<AgentError>() {
+                eprintln!("error: {} (HTTP {})", a.message, a.status);
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! Agent configuration: a TOML file (see `examples/agent.toml`) overridden by flags,
+//! validated once at load.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use shoal_core::Profile;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped fields.
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (names the field).
+        message: String,
+    },
+    /// A required setting is missing.
+    #[error("missing setting `{0}` (give it in the config file or as --{1})")]
+    Missing(&'static str, &'static str),
+    /// A setting has an invalid value.
+    #[error("invalid `{field}`: {reason}")]
+    Invalid {
+        /// The setting.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Timing knobs; every one has a documented default from the chosen profile.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Tuning {
+    /// Interval between pushes of pending changes (ms).
+    pub gossip_interval_ms: Option<u64>,
+    /// Peers each push goes to.
+    pub fanout: Option<usize>,
+    /// Interval between anti-entropy rounds (ms).
+    pub sync_interval_ms: Option<u64>,
+    /// Interval between host resource readings (ms).
+    pub resource_interval_ms: Option<u64>,
+    /// Expected cluster size, used to size SWIM timeouts and retransmits.
+    pub cluster_size: Option<u32>,
+}
+
+/// The agent config file, every field optional so flags can fill in.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Node name; must match the certificate when `cert` is given.
+    pub name: Option<String>,
+    /// QUIC listen address.
+    pub listen: Option<SocketAddr>,
+    /// Address peers should dial (defaults to `listen`).
+    pub advertise: Option<SocketAddr>,
+    /// HTTP API listen address.
+    pub api: Option<SocketAddr>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Directory with `ca.pem` (and `ca.key` to self-issue a certificate).
+    pub ca_dir: Option<PathBuf>,
+    /// Node certificate (PEM), from `shoal ca issue`.
+    pub cert: Option<PathBuf>,
+    /// Node private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Seed addresses to join through.
+    #[serde(default)]
+    pub join: Vec<SocketAddr>,
+    /// Labels of this node.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `lan` (default) or `wan` timing preset.
+    pub profile: Option<String>,
+    /// Timing overrides.
+    #[serde(default)]
+    pub tuning: Tuning,
+}
+
+impl FileConfig {
+    /// Reads and parses a config file; unknown fields are refused.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// How the agent gets its TLS identity.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tls {
+    /// Issue a certificate in memory from `<dir>/ca.pem` + `<dir>/ca.key`.
+    SelfIssued {
+        /// The CA directory.
+        ca_dir: PathBuf,
+    },
+    /// Use a certificate issued by `shoal ca issue`.
+    Files {
+        /// Certificate PEM.
+        cert: PathBuf,
+        /// Key PEM.
+        key: PathBuf,
+        /// CA certificate PEM.
+        ca: PathBuf,
+    },
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Node name.
+    pub name: String,
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// Address peers dial.
+    pub advertise: SocketAddr,
+    /// HTTP API address.
+    pub api: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// TLS identity source.
+    pub tls: Tls,
+    /// Seeds.
+    pub join: Vec<SocketAddr>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Timing preset.
+    pub profile: Profile,
+    /// Timing overrides.
+    pub tuning: Tuning,
+}
+
+/// Checks a node name or label key: 1..=63 of `[A-Za-z0-9._-]`.
+pub fn check_name(field: &'static str, s: &str) -> Result<(), ConfigError> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            field,
+            reason: format!("{s:?} must be 1 to 63 characters of letters, digits, '-', '_' or '.'"),
+        })
+    }
+}
+
+impl AgentConfig {
+    /// Validates a merged file + flags configuration.
+    pub fn validate(f: FileConfig) -> Result<Self, ConfigError> {
+        let name = f.name.ok_or(ConfigError::Missing("name", "name"))?;
+        check_name("name", &name)?;
+        let listen = f.listen.ok_or(ConfigError::Missing("listen", "listen"))?;
+        let advertise = match f.advertise {
+            Some(a) => a,
+            None if listen.ip().is_unspecified() => {
+                return Err(ConfigError::Invalid {
+                    field: "advertise",
+                    reason: format!(
+                        "listen address {listen} is unspecified; give --advertise with the address peers should dial"
+                    ),
+                })
+            }
+            None => listen,
+        };
+        if advertise.ip().is_unspecified() || advertise.port() == 0 {
+            return Err(ConfigError::Invalid {
+                field: "advertise",
+                reason: format!("{advertise} cannot be dialled by peers"),
+            });
+        }
+        let api = f.api.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7101)));
+        let data_dir = f.data_dir.ok_or(ConfigError::Missing("data_dir", "data-dir"))?;
+        let tls = match (f.cert, f.key, f.ca_dir) {
+            (Some(cert), Some(key), Some(ca_dir)) => Tls::Files {
+                cert,
+                key,
+                ca: ca_dir.join("ca.pem"),
+            },
+            (None, None, Some(ca_dir)) => Tls::SelfIssued { ca_dir },
+            (Some(_), None, _) | (None, Some(_), _) => {
+                return Err(ConfigError::Invalid {
+                    field: "cert",
+                    reason: "--cert and --key go together".into(),
+                })
+            }
+            (_, _, None) => return Err(ConfigError::Missing("ca_dir", "ca-dir")),
+        };
+        for (k, _) in &f.labels {
+            check_name("labels", k)?;
+        }
+        let profile = match f.profile.as_deref().unwrap_or("lan") {
+            "lan" => Profile::Lan,
+            "wan" => Profile::Wan,
+            other => {
+                return Err(ConfigError::Invalid {
+                    field: "profile",
+                    reason: format!("{other:?} is not one of \"lan\", \"wan\""),
+                })
+            }
+        };
+        let t = &f.tuning;
+        for (field, v) in [
+            ("tuning.gossip_interval_ms", t.gossip_interval_ms),
+            ("tuning.sync_interval_ms", t.sync_interval_ms),
+            ("tuning.resource_interval_ms", t.resource_interval_ms),
+        ] {
+            if v == Some(0) {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must be greater than 0".into(),
+                });
+            }
+        }
+        if t.fanout == Some(0) {
+            return Err(ConfigError::Invalid {
+                field: "tuning.fanout",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(AgentConfig {
+            name,
+            listen,
+            advertise,
+            api,
+            data_dir,
+            tls,
+            join: f.join,
+            labels: f.labels,
+            profile,
+            tuning: f.tuning,
+        })
+    }
+
+    /// The core's config for this agent.
+    pub fn core_config(&self) -> shoal_core::Config {
+        let size = self.tuning.cluster_size.unwrap_or(32);
+        let mut c = shoal_core::Config::new(self.name.clone(), self.advertise, self.profile, size);
+        if let Some(ms) = self.tuning.gossip_interval_ms {
+            c.gossip_interval = Duration::from_millis(ms);
+        }
+        if let Some(n) = self.tuning.fanout {
+            c.fanout = n;
+        }
+        if let Some(ms) = self.tuning.sync_interval_ms {
+            c.sync_interval = Duration::from_millis(ms);
+        }
+        c
+    }
+
+    /// How often host resources are read.
+    pub fn resource_interval(&self) -> Duration {
+        Duration::from_millis(self.tuning.resource_interval_ms.unwrap_or(5_000))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> FileConfig {
+        FileConfig {
+            name: Some("n1".into()),
+            listen: Some("127.0.0.1:7001".parse().unwrap()),
+            data_dir: Some("d".into()),
+            ca_dir: Some("ca".into()),
+            ..FileConfig::default()
+        }
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/agent.toml");
+        let f = FileConfig::load(&path).unwrap();
+        let c = AgentConfig::validate(f).unwrap();
+        assert_eq!(c.name, "n1");
+        assert_eq!(c.labels.get("zone").map(String::as_str), Some("a"));
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = toml::from_str::<FileConfig>("nmae = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("nmae"), "{err}");
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let mut f = base();
+        f.name = Some("bad name!".into());
+        assert!(AgentConfig::validate(f).unwrap_err().to_string().contains("`name`"));
+        let mut f = base();
+        f.listen = Some("0.0.0.0:7001".parse().unwrap());
+        assert!(AgentConfig::validate(f).unwrap_err().to_string().contains("advertise"));
+        let mut f = base();
+        f.profile = Some("moon".into());
+        assert!(AgentConfig::validate(f).unwrap_err().to_string().contains("profile"));
+        let mut f = base();
+        f.ca_dir = None;
+        assert!(AgentConfig::validate(f).unwrap_err().to_string().contains("ca_dir"));
+        let mut f = base();
+        f.tuning.fanout = Some(0);
+        assert!(AgentConfig::validate(f).unwrap_err().to_string().contains("fanout"));
+    }
+}

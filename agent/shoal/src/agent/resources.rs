@@ -1,0 +1,100 @@
+//! Real host readings (CPU count, memory, disk free) for node-owned state.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sysinfo::{Disks, System};
+
+/// What a node has, as published under `node/<name>/resources`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Logical CPUs usable by this process.
+    pub cpus: u32,
+    /// Total memory.
+    pub memory_bytes: u64,
+    /// Memory available for new work.
+    pub memory_free_bytes: u64,
+    /// Free space on the disk holding the data directory.
+    pub disk_free_bytes: u64,
+}
+
+impl Resources {
+    /// Whether `other` differs enough from `self` to be worth gossiping (over 1%).
+    pub fn differs(&self, other: &Resources) -> bool {
+        let far = |a: u64, b: u64| a.abs_diff(b) as f64 > (a.max(b) as f64) * 0.01;
+        self.cpus != other.cpus
+            || self.memory_bytes != other.memory_bytes
+            || far(self.memory_free_bytes, other.memory_free_bytes)
+            || far(self.disk_free_bytes, other.disk_free_bytes)
+    }
+}
+
+/// Reads host resources; keeps sysinfo's handles between readings.
+pub struct Probe {
+    sys: System,
+    disks: Disks,
+    data_dir: PathBuf,
+}
+
+impl Probe {
+    /// A probe for the disk that holds `data_dir`.
+    pub fn new(data_dir: &Path) -> Self {
+        Probe {
+            sys: System::new(),
+            disks: Disks::new_with_refreshed_list(),
+            data_dir: data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf()),
+        }
+    }
+
+    /// Takes a fresh reading.
+    pub fn read(&mut self) -> Resources {
+        self.sys.refresh_memory();
+        self.disks.refresh(true);
+        // The disk whose mount point is the longest prefix of the data dir.
+        let disk_free_bytes = self
+            .disks
+            .list()
+            .iter()
+            .filter(|d| self.data_dir.starts_with(d.mount_point()))
+            .max_by_key(|d| d.mount_point().as_os_str().len())
+            .map_or(0, |d| d.available_space());
+        Resources {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            memory_bytes: self.sys.total_memory(),
+            memory_free_bytes: self.sys.available_memory(),
+            disk_free_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_real_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Probe::new(dir.path()).read();
+        assert!(r.cpus >= 1);
+        assert!(r.memory_bytes > 0 && r.memory_free_bytes <= r.memory_bytes);
+        assert!(r.disk_free_bytes > 0, "the data dir's disk was not found");
+    }
+
+    #[test]
+    fn small_changes_are_not_worth_gossip() {
+        let a = Resources {
+            cpus: 2,
+            memory_bytes: 1000,
+            memory_free_bytes: 500,
+            disk_free_bytes: 10_000,
+        };
+        assert!(!a.differs(&Resources {
+            memory_free_bytes: 502,
+            ..a
+        }));
+        assert!(a.differs(&Resources {
+            memory_free_bytes: 400,
+            ..a
+        }));
+    }
+}

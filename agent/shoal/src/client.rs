@@ -1,0 +1,213 @@
+//! The CLI's side of the HTTP API: requests, error messages and output tables.
+
+use std::fmt::Write;
+
+use anyhow::{anyhow, bail, Context};
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+
+use crate::views::{ErrorView, KvView, NodeView};
+
+/// Output format of client commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Human-readable table.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// A client for one agent's API.
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// A failed request whose answer was an error from the agent.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    /// HTTP status.
+    pub status: u16,
+    /// The agent's message.
+    pub message: String,
+}
+
+impl Client {
+    /// A client for `api` (`http://host:port`; the scheme may be omitted).
+    pub fn new(api: &str) -> anyhow::Result<Self> {
+        let base = if api.contains("://") {
+            api.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{}", api.trim_end_matches('/'))
+        };
+        if !base.starts_with("http://") {
+            bail!("--api must be an http:// address, got {api:?}");
+        }
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Client { base, http })
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let resp = req.send().await.map_err(|e| {
+            anyhow!(
+                "cannot reach the shoal agent at {}: {} (is `shoal agent` running there? set --api or SHOAL_API)",
+                self.base,
+                root_cause(&e)
+            )
+        })?;
+        let status = resp.status();
+        let body = resp.bytes().await.context("reading the agent's answer")?;
+        if status != StatusCode::OK {
+            let message = serde_json::from_slice::<ErrorView>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(AgentError {
+                status: status.as_u16(),
+                message,
+            }
+            .into());
+        }
+        serde_json::from_slice(&body).context("the agent's answer is not the expected JSON")
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> anyhow::Result<Vec<NodeView>> {
+        self.send(self.http.get(format!("{}/v1/nodes", self.base))).await
+    }
+
+    /// `PUT /v1/kv/<key>`.
+    pub async fn kv_put(&self, key: &str, value: &str) -> anyhow::Result<KvView> {
+        let url = format!("{}/v1/kv/{}", self.base, key);
+        self.send(self.http.put(url).body(value.to_string())).await
+    }
+
+    /// `GET /v1/kv/<key>`.
+    pub async fn kv_get(&self, key: &str) -> anyhow::Result<KvView> {
+        self.send(self.http.get(format!("{}/v1/kv/{}", self.base, key))).await
+    }
+
+    /// `GET /v1/kv?prefix=`.
+    pub async fn kv_list(&self, prefix: &str) -> anyhow::Result<Vec<KvView>> {
+        let req = self
+            .http
+            .get(format!("{}/v1/kv", self.base))
+            .query(&[("prefix", prefix)]);
+        self.send(req).await
+    }
+
+    /// `DELETE /v1/kv/<key>`.
+    pub async fn kv_rm(&self, key: &str) -> anyhow::Result<serde_json::Value> {
+        self.send(self.http.delete(format!("{}/v1/kv/{}", self.base, key))).await
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+fn bytes_human(b: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    let b = b as f64;
+    if b >= GIB {
+        format!("{:.1}G", b / GIB)
+    } else {
+        format!("{:.0}M", b / MIB)
+    }
+}
+
+/// Renders rows as a left-aligned table with a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                let _ = write!(s, "{:<w$}  ", c, w = widths[i]);
+            }
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, header.to_vec());
+    for r in rows {
+        line(&mut out, r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// The `shoal nodes` table.
+pub fn nodes_table(nodes: &[NodeView]) -> String {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let r = n.resources;
+            vec![
+                n.name.clone(),
+                n.addr.clone(),
+                n.status.clone(),
+                r.map_or("-".into(), |r| r.cpus.to_string()),
+                r.map_or("-".into(), |r| {
+                    format!("{}/{}", bytes_human(r.memory_free_bytes), bytes_human(r.memory_bytes))
+                }),
+                r.map_or("-".into(), |r| bytes_human(r.disk_free_bytes)),
+                n.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "ADDRESS", "STATUS", "CPUS", "MEM FREE/TOTAL", "DISK FREE", "LABELS"],
+        &rows,
+    )
+}
+
+/// The `shoal kv ls` table.
+pub fn kv_table(entries: &[KvView]) -> String {
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| vec![e.key.clone(), e.value.clone(), e.writer.clone()])
+        .collect();
+    table(&["KEY", "VALUE", "WRITER"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["A", "BB"],
+            &[vec!["xxx".into(), "y".into()], vec!["z".into(), "w".into()]],
+        );
+        assert_eq!(t, "A    BB\nxxx  y\nz    w\n");
+    }
+
+    #[test]
+    fn api_address_forms() {
+        assert!(Client::new("127.0.0.1:7101").is_ok());
+        assert!(Client::new("http://127.0.0.1:7101/").is_ok());
+        let err = Client::new("https://x").err().unwrap();
+        assert!(err.to_string().contains("http://"), "{err}");
+    }
+}

@@ -1,0 +1,123 @@
+//! `shoal demo`: a throwaway CA and N agents on loopback in one process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::sync::watch;
+
+use crate::agent::config::{AgentConfig, Tls, Tuning};
+use crate::client::{nodes_table, Client};
+
+/// Options of `shoal demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// How many agents to start.
+    #[arg(long, default_value_t = 5)]
+    pub nodes: usize,
+    /// First QUIC port; agent i listens on base+i for QUIC and base+100+i for its API.
+    #[arg(long, default_value_t = 7001)]
+    pub base_port: u16,
+    /// Keep CA and data here instead of a temporary directory.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Print the table and stop (instead of running until Ctrl-C).
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// Runs the demo.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if args.nodes == 0 || args.nodes > 99 {
+        bail!("--nodes must be between 1 and 99, got {}", args.nodes);
+    }
+    if usize::from(args.base_port) + 100 + args.nodes > usize::from(u16::MAX) {
+        bail!("--base-port {} leaves no room for {} agents", args.base_port, args.nodes);
+    }
+    let tmp;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::Builder::new().prefix("shoal-demo-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let ca_dir = dir.join("ca");
+    if !ca_dir.join("ca.pem").exists() {
+        shoal_net::init_ca(&ca_dir).context("creating the demo CA")?;
+    }
+    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut apis = Vec::new();
+    for i in 0..args.nodes {
+        let quic = addr(args.base_port + i as u16);
+        let api = addr(args.base_port + 100 + i as u16);
+        let cfg = AgentConfig {
+            name: format!("n{}", i + 1),
+            listen: quic,
+            advertise: quic,
+            api,
+            data_dir: dir.join(format!("n{}", i + 1)),
+            tls: Tls::SelfIssued {
+                ca_dir: ca_dir.clone(),
+            },
+            join: if i == 0 { vec![] } else { vec![addr(args.base_port)] },
+            labels: [("zone".to_string(), ["a", "b", "c"][i % 3].to_string())].into(),
+            profile: shoal_core::Profile::Lan,
+            tuning: Tuning {
+                cluster_size: Some(args.nodes as u32),
+                ..Tuning::default()
+            },
+        };
+        let mut rx = stop_rx.clone();
+        let name = cfg.name.clone();
+        tasks.push((
+            name,
+            tokio::spawn(crate::agent::run(cfg, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })),
+        ));
+        apis.push(api);
+    }
+
+    let client = Client::new(&apis[0].to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let nodes = loop {
+        if let Some((name, t)) = tasks.iter().find(|(_, t)| t.is_finished()) {
+            bail!("agent {name} stopped during start-up (is port range {}.. in use? try --base-port): {t:?}", args.base_port);
+        }
+        if let Ok(nodes) = client.nodes().await {
+            let alive = nodes.iter().filter(|n| n.status == "alive").count();
+            if alive == args.nodes && nodes.iter().all(|n| n.resources.is_some()) {
+                break nodes;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the {} demo agents did not all see each other within 30 s", args.nodes);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("{} agents up (CA and data in {}):\n", args.nodes, dir.display());
+    print!("{}", nodes_table(&nodes));
+    println!("\nTry, in another terminal:");
+    println!("  shoal nodes --api http://{}", apis[apis.len() - 1]);
+    println!("  shoal kv put app/color blue --api http://{}", apis[0]);
+    println!("  shoal kv get app/color --api http://{}", apis[apis.len() - 1]);
+    println!("  open http://{}/ for the dashboard", apis[0]);
+
+    if !args.once {
+        println!("\nCtrl-C stops every agent (they leave the cluster gracefully).");
+        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    }
+    let _ = stop_tx.send(true);
+    for (name, t) in tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("agent {name}: {e:#}"),
+            Err(e) => eprintln!("agent {name} panicked: {e}"),
+        }
+    }
+    Ok(())
+}

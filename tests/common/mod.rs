@@ -1,0 +1,297 @@
+//! Harness for black-box tests: real `shoal` agent processes on loopback,
+//! driven and observed only through the CLI, the HTTP API and signals.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test.
+pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// A free UDP port on 127.0.0.1 (the OS picks it; it is released before use).
+pub fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Runs `shoal ARGS` to completion.
+pub fn shoal(args: &[&str]) -> Output {
+    Command::new(SHOAL)
+        .args(args)
+        .env_remove("SHOAL_API")
+        .output()
+        .expect("running shoal")
+}
+
+/// Stdout of a successful `shoal ARGS`; panics with stderr otherwise.
+pub fn shoal_ok(args: &[&str]) -> String {
+    let out = shoal(args);
+    assert!(
+        out.status.success(),
+        "shoal {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics after `limit` naming `what`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One agent process.
+pub struct Agent {
+    /// Node name.
+    pub name: String,
+    /// QUIC address.
+    pub quic: SocketAddr,
+    /// API address.
+    pub api: SocketAddr,
+    /// Data directory.
+    pub data: PathBuf,
+    /// Extra flags given at every start.
+    pub extra: Vec<String>,
+    /// Seeds.
+    pub join: Vec<SocketAddr>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// `http://<api>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.api)
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A set of agents sharing one CA, in a temporary directory.
+pub struct Cluster {
+    /// Keeps the directory alive.
+    pub dir: tempfile::TempDir,
+    /// The CA directory (ca.pem, ca.key).
+    pub ca: PathBuf,
+    /// The agents, index 0 is the first seed.
+    pub agents: Vec<Agent>,
+}
+
+impl Cluster {
+    /// A CA and `n` agent definitions (not started).
+    pub fn new(n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        shoal_ok(&["ca", "init", "--out", ca.to_str().unwrap()]);
+        let mut c = Cluster {
+            dir,
+            ca,
+            agents: Vec::new(),
+        };
+        for _ in 0..n {
+            c.add_agent(Vec::new());
+        }
+        c
+    }
+
+    /// Defines one more agent joining agent 0; returns its index.
+    pub fn add_agent(&mut self, extra: Vec<String>) -> usize {
+        let i = self.agents.len();
+        let name = format!("n{}", i + 1);
+        let join = self.agents.first().map(|a| vec![a.quic]).unwrap_or_default();
+        self.agents.push(Agent {
+            data: self.dir.path().join(&name),
+            log: self.dir.path().join(format!("{name}.log")),
+            name,
+            quic: free_udp(),
+            api: free_tcp(),
+            extra,
+            join,
+            child: None,
+        });
+        i
+    }
+
+    /// Starts `n` agents and waits until every one sees all `n` alive.
+    pub fn start(n: usize) -> Self {
+        let mut c = Cluster::new(n);
+        for i in 0..n {
+            c.spawn(i);
+        }
+        c.wait_all_alive(Duration::from_secs(20));
+        c
+    }
+
+    /// Starts (or restarts) agent `i` with its data dir.
+    pub fn spawn(&mut self, i: usize) {
+        let a = &self.agents[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&a.log)
+            .unwrap();
+        let mut cmd = Command::new(SHOAL);
+        cmd.args(["agent", "--name", &a.name])
+            .args(["--listen", &a.quic.to_string()])
+            .args(["--api", &a.api.to_string()])
+            .arg("--data-dir")
+            .arg(&a.data)
+            .arg("--ca-dir")
+            .arg(&self.ca)
+            .args(&a.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for j in &a.join {
+            cmd.args(["--join", &j.to_string()]);
+        }
+        let child = cmd.spawn().expect("starting shoal agent");
+        self.agents[i].child = Some(child);
+        let url = self.agents[i].url();
+        wait_for(&format!("agent {} API up", self.agents[i].name), Duration::from_secs(15), || {
+            self.check_running(i);
+            shoal(&["nodes", "--api", &url]).status.success().then_some(())
+        });
+    }
+
+    fn check_running(&mut self, i: usize) {
+        if let Some(c) = self.agents[i].child.as_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                panic!(
+                    "agent {} exited with {st}; log:\n{}",
+                    self.agents[i].name,
+                    self.agents[i].log()
+                );
+            }
+        }
+    }
+
+    /// SIGKILL: no goodbye.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.agents[i].child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then wait for the process to exit; returns its exit status success.
+    pub fn terminate(&mut self, i: usize) -> bool {
+        let Some(mut c) = self.agents[i].child.take() else {
+            return false;
+        };
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        let st = wait_for("agent exit after SIGTERM", Duration::from_secs(15), || {
+            c.try_wait().unwrap()
+        });
+        st.success()
+    }
+
+    /// `shoal nodes -o json` against agent `i`.
+    pub fn nodes(&self, i: usize) -> Vec<Value> {
+        let out = shoal(&["nodes", "-o", "json", "--api", &self.agents[i].url()]);
+        if !out.status.success() {
+            return Vec::new();
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    /// Status of `name` as agent `i` sees it.
+    pub fn status_of(&self, i: usize, name: &str) -> Option<String> {
+        self.nodes(i)
+            .into_iter()
+            .find(|n| n["name"] == name)
+            .and_then(|n| n["status"].as_str().map(str::to_string))
+    }
+
+    /// Waits until every running agent sees every running agent alive.
+    pub fn wait_all_alive(&mut self, limit: Duration) {
+        let running: Vec<usize> = (0..self.agents.len())
+            .filter(|&i| self.agents[i].child.is_some())
+            .collect();
+        let names: Vec<String> = running.iter().map(|&i| self.agents[i].name.clone()).collect();
+        for &i in &running {
+            let who = self.agents[i].name.clone();
+            wait_for(&format!("{who} sees {names:?} alive"), limit, || {
+                self.check_running(i);
+                let nodes = self.nodes(i);
+                names
+                    .iter()
+                    .all(|n| nodes.iter().any(|v| v["name"] == *n && v["status"] == "alive"))
+                    .then_some(())
+            });
+        }
+    }
+
+    /// `shoal kv get KEY` on agent `i`: the value, or None if it failed.
+    pub fn kv_get(&self, i: usize, key: &str) -> Option<String> {
+        let out = shoal(&["kv", "get", key, "--api", &self.agents[i].url()]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+    }
+
+    /// A metric's value on agent `i` (first line starting with `series`).
+    pub fn metric(&self, i: usize, series: &str) -> Option<f64> {
+        let text = http_get(self.agents[i].api, "/metrics")?;
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// The data directory root.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            if let Some(mut c) = a.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a TcpStream (no client library needed in tests).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
