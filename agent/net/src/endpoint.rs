@@ -407,15 +407,12 @@ impl Inner {
         };
         bump(&self.stats.handshakes_ok, 1);
         bump(&self.stats.connections_open, 1);
-        {
-            let mut conns = lock(&self.conns);
-            let keep_existing = conns
-                .get(&addr)
-                .is_some_and(|existing| existing.close_reason().is_none());
-            if !keep_existing {
-                conns.insert(addr, conn.clone());
-            }
-        }
+        // The newest connection wins the cache slot. A peer that restarted on the
+        // same address dials us afresh while our old connection to its dead
+        // process still looks open (until the idle timeout); keeping the old one
+        // would send into the void. With simultaneous dials both connections
+        // are open and read from, so either is fine to keep.
+        lock(&self.conns).insert(addr, conn.clone());
         debug!(peer = %addr, name = %name, "connection up");
         self.runtime
             .spawn(serve(self.clone(), conn.clone(), Arc::from(name), addr));
