@@ -13,22 +13,35 @@ fn five_agents_mesh_replicate_detect_failure_and_rejoin() {
 
     // Every agent reports real host resources for every member.
     for i in 0..5 {
-        let nodes = wait_for("resources of all 5 published", Duration::from_secs(10), || {
-            let n = c.nodes(i);
-            (n.len() == 5 && n.iter().all(|v| v["resources"].is_object())).then_some(n)
-        });
+        let nodes = wait_for(
+            "resources of all 5 published",
+            Duration::from_secs(10),
+            || {
+                let n = c.nodes(i);
+                (n.len() == 5 && n.iter().all(|v| v["resources"].is_object())).then_some(n)
+            },
+        );
         for n in &nodes {
             let r = &n["resources"];
             assert!(r["cpus"].as_u64().unwrap() >= 1, "{n}");
             assert!(r["memory_bytes"].as_u64().unwrap() > 0, "{n}");
-            assert!(r["memory_free_bytes"].as_u64().unwrap() <= r["memory_bytes"].as_u64().unwrap());
+            assert!(
+                r["memory_free_bytes"].as_u64().unwrap() <= r["memory_bytes"].as_u64().unwrap()
+            );
             assert!(r["disk_free_bytes"].as_u64().unwrap() > 0, "{n}");
             assert!(n["labels"].is_object() && n["addr"].is_string());
         }
     }
 
     // A write on one agent is readable on all of them.
-    shoal_ok(&["kv", "put", "app/color", "blue", "--api", &c.agents[0].url()]);
+    shoal_ok(&[
+        "kv",
+        "put",
+        "app/color",
+        "blue",
+        "--api",
+        &c.agents[0].url(),
+    ]);
     for i in 0..5 {
         let v = wait_for("app/color replicated", Duration::from_secs(10), || {
             c.kv_get(i, "app/color")
@@ -48,8 +61,14 @@ fn five_agents_mesh_replicate_detect_failure_and_rejoin() {
     shoal_ok(&["kv", "put", "app/size", "xl", "--api", &c.agents[1].url()]);
     c.spawn(4);
     c.wait_all_alive(Duration::from_secs(30));
-    assert_eq!(c.kv_get(4, "app/color").as_deref(), Some("blue"), "kept its own data");
-    let v = wait_for("missed write caught up", Duration::from_secs(15), || c.kv_get(4, "app/size"));
+    assert_eq!(
+        c.kv_get(4, "app/color").as_deref(),
+        Some("blue"),
+        "kept its own data"
+    );
+    let v = wait_for("missed write caught up", Duration::from_secs(15), || {
+        c.kv_get(4, "app/size")
+    });
     assert_eq!(v, "xl");
 }
 
@@ -73,11 +92,18 @@ fn acknowledged_writes_survive_a_restart_of_every_agent() {
     shoal_ok(&["kv", "put", "db/primary", "n2", "--api", &c.agents[1].url()]);
     shoal_ok(&["kv", "put", "db/gone", "x", "--api", &c.agents[1].url()]);
     shoal_ok(&["kv", "rm", "db/gone", "--api", &c.agents[2].url()]);
-    wait_for("write and delete replicated", Duration::from_secs(10), || {
-        (0..3)
-            .all(|i| c.kv_get(i, "db/primary").as_deref() == Some("n2") && c.kv_get(i, "db/gone").is_none())
-            .then_some(())
-    });
+    wait_for(
+        "write and delete replicated",
+        Duration::from_secs(10),
+        || {
+            (0..3)
+                .all(|i| {
+                    c.kv_get(i, "db/primary").as_deref() == Some("n2")
+                        && c.kv_get(i, "db/gone").is_none()
+                })
+                .then_some(())
+        },
+    );
     for i in 0..3 {
         c.kill9(i);
     }
@@ -107,11 +133,12 @@ fn kv_cli_contract() {
     shoal_ok(&["kv", "put", "cfg/a", "1", "--api", &api]);
     shoal_ok(&["kv", "put", "cfg/b", "two words", "--api", &api]);
     shoal_ok(&["kv", "put", "other", "x", "--api", &api]);
-    let ls: Vec<serde_json::Value> = wait_for("ls on the other agent", Duration::from_secs(10), || {
-        let out = shoal(&["kv", "ls", "cfg/", "-o", "json", "--api", &api2]);
-        let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
-        (v.len() == 2).then_some(v)
-    });
+    let ls: Vec<serde_json::Value> =
+        wait_for("ls on the other agent", Duration::from_secs(10), || {
+            let out = shoal(&["kv", "ls", "cfg/", "-o", "json", "--api", &api2]);
+            let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+            (v.len() == 2).then_some(v)
+        });
     assert_eq!(ls[0]["key"], "cfg/a");
     assert_eq!(ls[1]["value"], "two words");
     assert_eq!(ls[0]["writer"], "n1");
@@ -154,7 +181,11 @@ fn unreachable_agent_and_bad_config_are_clear_errors() {
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("agent.toml");
-    std::fs::write(&cfg, "name = \"n1\"\nlisten = \"127.0.0.1:1\"\nfanout = 3\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "name = \"n1\"\nlisten = \"127.0.0.1:1\"\nfanout = 3\n",
+    )
+    .unwrap();
     let out = shoal(&["agent", "--config", cfg.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -169,9 +200,20 @@ fn unreachable_agent_and_bad_config_are_clear_errors() {
 fn demo_starts_a_local_mesh() {
     // Pick a base port with a free range above it.
     let base = free_udp().port().clamp(20_000, 60_000);
-    let out = shoal(&["demo", "--nodes", "3", "--base-port", &base.to_string(), "--once"]);
+    let out = shoal(&[
+        "demo",
+        "--nodes",
+        "3",
+        "--base-port",
+        &base.to_string(),
+        "--once",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("3 agents up"), "{stdout}");
     assert_eq!(stdout.matches(" alive ").count(), 3, "{stdout}");
 }

@@ -21,16 +21,30 @@ fn agent_with_a_foreign_ca_is_refused_and_learns_nothing() {
     c.ca = good_ca;
 
     // The handshake is refused: n1 counts it...
-    wait_for("n1 counts a failed handshake", Duration::from_secs(15), || {
-        (c.metric(0, "shoal_handshakes_total{result=\"failed\"}")? >= 1.0).then_some(())
-    });
+    wait_for(
+        "n1 counts a failed handshake",
+        Duration::from_secs(15),
+        || (c.metric(0, "shoal_handshakes_total{result=\"failed\"}")? >= 1.0).then_some(()),
+    );
     // ...and neither side ever lists the other.
     for _ in 0..20 {
         for j in 0..2 {
-            assert!(c.status_of(j, "n3").is_none(), "intruder listed by n{}", j + 1);
+            assert!(
+                c.status_of(j, "n3").is_none(),
+                "intruder listed by n{}",
+                j + 1
+            );
         }
-        let seen: Vec<String> = c.nodes(i).iter().map(|n| n["name"].as_str().unwrap().to_string()).collect();
-        assert_eq!(seen, vec!["n3".to_string()], "the intruder learned about the cluster");
+        let seen: Vec<String> = c
+            .nodes(i)
+            .iter()
+            .map(|n| n["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            seen,
+            vec!["n3".to_string()],
+            "the intruder learned about the cluster"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -40,25 +54,55 @@ fn certificate_name_must_match_the_agent_name() {
     let c = Cluster::new(0);
     let certs = c.path().join("n7");
     let out = shoal(&[
-        "ca", "issue", "--ca", c.ca.to_str().unwrap(), "--name", "n7", "--out", certs.to_str().unwrap(),
+        "ca",
+        "issue",
+        "--ca",
+        c.ca.to_str().unwrap(),
+        "--name",
+        "n7",
+        "--out",
+        certs.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = shoal(&[
         "agent",
-        "--name", "n8",
-        "--listen", &free_udp().to_string(),
-        "--api", &free_tcp().to_string(),
-        "--data-dir", c.path().join("d").to_str().unwrap(),
-        "--ca-dir", c.ca.to_str().unwrap(),
-        "--cert", certs.join("node.pem").to_str().unwrap(),
-        "--key", certs.join("node.key").to_str().unwrap(),
+        "--name",
+        "n8",
+        "--listen",
+        &free_udp().to_string(),
+        "--api",
+        &free_tcp().to_string(),
+        "--data-dir",
+        c.path().join("d").to_str().unwrap(),
+        "--ca-dir",
+        c.ca.to_str().unwrap(),
+        "--cert",
+        certs.join("node.pem").to_str().unwrap(),
+        "--key",
+        certs.join("node.key").to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("issued to \"n7\"") && err.contains("\"n8\""), "{err}");
+    assert!(
+        err.contains("issued to \"n7\"") && err.contains("\"n8\""),
+        "{err}"
+    );
 
     // A bad name is refused by `ca issue`.
-    let out = shoal(&["ca", "issue", "--ca", c.ca.to_str().unwrap(), "--name", "bad name", "--out", "/tmp/x"]);
+    let out = shoal(&[
+        "ca",
+        "issue",
+        "--ca",
+        c.ca.to_str().unwrap(),
+        "--name",
+        "bad name",
+        "--out",
+        "/tmp/x",
+    ]);
     assert_eq!(out.status.code(), Some(1));
 }
 
@@ -67,7 +111,14 @@ fn production_certificates_from_ca_issue_work() {
     let mut c = Cluster::start(1);
     let certs = c.path().join("n2-certs");
     shoal_ok(&[
-        "ca", "issue", "--ca", c.ca.to_str().unwrap(), "--name", "n2", "--out", certs.to_str().unwrap(),
+        "ca",
+        "issue",
+        "--ca",
+        c.ca.to_str().unwrap(),
+        "--name",
+        "n2",
+        "--out",
+        certs.to_str().unwrap(),
     ]);
     let i = c.add_agent(vec![
         "--cert".into(),
@@ -107,7 +158,8 @@ fn garbage_to_the_quic_port_leaves_agents_working() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let id = shoal_net::Identity::self_issued(&c.ca, "prober").unwrap();
-        let (net, _rx) = shoal_net::Net::bind(free_udp(), &id, shoal_net::NetConfig::default()).unwrap();
+        let (net, _rx) =
+            shoal_net::Net::bind(free_udp(), &id, shoal_net::NetConfig::default()).unwrap();
         let good = wire::encode(&Msg::SyncReq { heads: vec![] });
         let mut bad_version = good.clone();
         bad_version[2] = 200;
@@ -122,14 +174,27 @@ fn garbage_to_the_quic_port_leaves_agents_working() {
 
     for reason in ["garbage", "version", "truncated"] {
         let series = format!("shoal_dropped_frames_total{{reason=\"{reason}\"}}");
-        wait_for(&format!("{reason} frames counted"), Duration::from_secs(10), || {
-            (c.metric(0, &series)? >= 1.0).then_some(())
-        });
+        wait_for(
+            &format!("{reason} frames counted"),
+            Duration::from_secs(10),
+            || (c.metric(0, &series)? >= 1.0).then_some(()),
+        );
     }
 
     // The agents still work: replication and membership are intact.
-    shoal_ok(&["kv", "put", "after/garbage", "ok", "--api", &c.agents[0].url()]);
-    let v = wait_for("write replicated after garbage", Duration::from_secs(10), || c.kv_get(1, "after/garbage"));
+    shoal_ok(&[
+        "kv",
+        "put",
+        "after/garbage",
+        "ok",
+        "--api",
+        &c.agents[0].url(),
+    ]);
+    let v = wait_for(
+        "write replicated after garbage",
+        Duration::from_secs(10),
+        || c.kv_get(1, "after/garbage"),
+    );
     assert_eq!(v, "ok");
     assert_eq!(c.status_of(1, "n1").as_deref(), Some("alive"));
 }

@@ -15,12 +15,18 @@ pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 
 /// A free UDP port on 127.0.0.1 (the OS picks it; it is released before use).
 pub fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// Runs `shoal ARGS` to completion.
@@ -123,7 +129,11 @@ impl Cluster {
     pub fn add_agent(&mut self, extra: Vec<String>) -> usize {
         let i = self.agents.len();
         let name = format!("n{}", i + 1);
-        let join = self.agents.first().map(|a| vec![a.quic]).unwrap_or_default();
+        let join = self
+            .agents
+            .first()
+            .map(|a| vec![a.quic])
+            .unwrap_or_default();
         self.agents.push(Agent {
             data: self.dir.path().join(&name),
             log: self.dir.path().join(format!("{name}.log")),
@@ -173,10 +183,17 @@ impl Cluster {
         let child = cmd.spawn().expect("starting shoal agent");
         self.agents[i].child = Some(child);
         let url = self.agents[i].url();
-        wait_for(&format!("agent {} API up", self.agents[i].name), Duration::from_secs(15), || {
-            self.check_running(i);
-            shoal(&["nodes", "--api", &url]).status.success().then_some(())
-        });
+        wait_for(
+            &format!("agent {} API up", self.agents[i].name),
+            Duration::from_secs(15),
+            || {
+                self.check_running(i);
+                shoal(&["nodes", "--api", &url])
+                    .status
+                    .success()
+                    .then_some(())
+            },
+        );
     }
 
     fn check_running(&mut self, i: usize) {
@@ -236,7 +253,10 @@ impl Cluster {
         let running: Vec<usize> = (0..self.agents.len())
             .filter(|&i| self.agents[i].child.is_some())
             .collect();
-        let names: Vec<String> = running.iter().map(|&i| self.agents[i].name.clone()).collect();
+        let names: Vec<String> = running
+            .iter()
+            .map(|&i| self.agents[i].name.clone())
+            .collect();
         for &i in &running {
             let who = self.agents[i].name.clone();
             wait_for(&format!("{who} sees {names:?} alive"), limit, || {
@@ -244,7 +264,11 @@ impl Cluster {
                 let nodes = self.nodes(i);
                 names
                     .iter()
-                    .all(|n| nodes.iter().any(|v| v["name"] == *n && v["status"] == "alive"))
+                    .all(|n| {
+                        nodes
+                            .iter()
+                            .any(|v| v["name"] == *n && v["status"] == "alive")
+                    })
                     .then_some(())
             });
         }
@@ -289,7 +313,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let (head, body) = buf.split_once("\r\n\r\n")?;

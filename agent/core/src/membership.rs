@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut};
-use foca::{AccumulatingRuntime, Codec, Foca, Header, Member, NoCustomBroadcast, OwnedNotification};
+use foca::{
+    AccumulatingRuntime, Codec, Foca, Header, Member, NoCustomBroadcast, OwnedNotification,
+};
 use rand::rngs::SmallRng;
 use serde::{Deserialize, Serialize};
 
@@ -77,7 +79,11 @@ fn decode_one<T: for<'de> Deserialize<'de>>(mut buf: impl Buf) -> Result<T, Code
 impl Codec<NodeId> for CborCodec {
     type Error = CodecError;
 
-    fn encode_header(&mut self, header: &Header<NodeId>, buf: impl BufMut) -> Result<(), CodecError> {
+    fn encode_header(
+        &mut self,
+        header: &Header<NodeId>,
+        buf: impl BufMut,
+    ) -> Result<(), CodecError> {
         serde_cbor::to_writer(buf.writer(), header).map_err(|e| CodecError(e.to_string()))
     }
 
@@ -85,7 +91,11 @@ impl Codec<NodeId> for CborCodec {
         decode_one(buf)
     }
 
-    fn encode_member(&mut self, member: &Member<NodeId>, buf: impl BufMut) -> Result<(), CodecError> {
+    fn encode_member(
+        &mut self,
+        member: &Member<NodeId>,
+        buf: impl BufMut,
+    ) -> Result<(), CodecError> {
         serde_cbor::to_writer(buf.writer(), member).map_err(|e| CodecError(e.to_string()))
     }
 

@@ -69,7 +69,12 @@ pub const SWIM_PACKET_SIZE: usize = 1024;
 
 impl Config {
     /// A config from a timing preset, sized for about `cluster_size` nodes.
-    pub fn new(name: impl Into<String>, addr: SocketAddr, profile: Profile, cluster_size: u32) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        addr: SocketAddr,
+        profile: Profile,
+        cluster_size: u32,
+    ) -> Self {
         let size = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
         let mut swim = match profile {
             Profile::Lan => foca::Config::new_lan(size),
@@ -212,7 +217,11 @@ impl Node {
             addr: cfg.addr,
             gen,
         };
-        let swim = Membership::new(id, cfg.swim.clone(), SmallRng::seed_from_u64(seed ^ 0x5157_494d));
+        let swim = Membership::new(
+            id,
+            cfg.swim.clone(),
+            SmallRng::seed_from_u64(seed ^ 0x5157_494d),
+        );
         let mut node = Node {
             writer: WriterId {
                 node: cfg.name.clone(),
@@ -234,9 +243,13 @@ impl Node {
             cfg,
         };
         // Random first ticks keep nodes started together from acting in lockstep.
-        let g = node.rng.random_range(0..=node.cfg.gossip_interval.as_millis() as u64);
+        let g = node
+            .rng
+            .random_range(0..=node.cfg.gossip_interval.as_millis() as u64);
         node.schedule(now, Duration::from_millis(g), TimerKind::Gossip);
-        let s = node.rng.random_range(0..=node.cfg.sync_interval.as_millis() as u64);
+        let s = node
+            .rng
+            .random_range(0..=node.cfg.sync_interval.as_millis() as u64);
         node.schedule(now, Duration::from_millis(s), TimerKind::Sync);
         node.schedule(now, Duration::from_secs(60), TimerKind::Gc);
         node
@@ -330,7 +343,11 @@ impl Node {
         let mut all = self.swim.members();
         all.push((
             self.id().clone(),
-            if self.left { Status::Left } else { Status::Alive },
+            if self.left {
+                Status::Left
+            } else {
+                Status::Alive
+            },
         ));
         for (id, st) in &mut all {
             if *st == Status::Down
@@ -391,7 +408,11 @@ impl Node {
                 };
                 self.transmit(from, true, &reply);
             }
-            Msg::SyncResp { heads, delta, reply } => {
+            Msg::SyncResp {
+                heads,
+                delta,
+                reply,
+            } => {
                 let mut ok = Vec::with_capacity(delta.entries.len());
                 for e in delta.entries {
                     if self.clock_accepts(&e, now) {
@@ -525,10 +546,17 @@ impl Node {
     }
 
     /// Rejection sampling: O(n) for a small fanout even with 10,000s of peers.
-    fn sample_static(&mut self, all: &[SocketAddr], n: usize, except: Option<SocketAddr>) -> Vec<SocketAddr> {
+    fn sample_static(
+        &mut self,
+        all: &[SocketAddr],
+        n: usize,
+        except: Option<SocketAddr>,
+    ) -> Vec<SocketAddr> {
         let me = self.cfg.addr;
         let eligible = if all.len() <= 64 {
-            all.iter().filter(|a| **a != me && Some(**a) != except).count()
+            all.iter()
+                .filter(|a| **a != me && Some(**a) != except)
+                .count()
         } else {
             // At most ourselves and `except` are excluded; avoid an O(N) scan.
             all.len() - 2

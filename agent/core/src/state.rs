@@ -226,7 +226,10 @@ impl State {
     /// Live (non-deleted) entries whose key starts with `prefix`, in key order.
     pub fn scan_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
         self.entries
-            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(move |(k, _)| k.starts_with(prefix))
             .map(|(_, e)| e)
             .filter(|e| !e.is_tombstone())
@@ -376,7 +379,9 @@ mod tests {
     #[test]
     fn node_owned_keys_only_by_owner() {
         let mut s = State::new();
-        assert!(s.apply(entry("node/n1/info", Some("x"), 1, "n1", 1)).is_ok());
+        assert!(s
+            .apply(entry("node/n1/info", Some("x"), 1, "n1", 1))
+            .is_ok());
         let err = s
             .apply(entry("node/n1/info", Some("evil"), 9, "n2", 1))
             .unwrap_err();
@@ -405,7 +410,8 @@ mod tests {
     fn truncated_delta_claims_only_what_it_carries() {
         let mut a = State::new();
         for i in 1..=10u64 {
-            a.apply(entry(&format!("k{i}"), Some("v"), i, "n1", i)).unwrap();
+            a.apply(entry(&format!("k{i}"), Some("v"), i, "n1", i))
+                .unwrap();
         }
         let mut b = State::new();
         let d = a.delta_for(&b.heads(), 200);

@@ -76,7 +76,8 @@ impl Client {
 
     /// `GET /v1/nodes`.
     pub async fn nodes(&self) -> anyhow::Result<Vec<NodeView>> {
-        self.send(self.http.get(format!("{}/v1/nodes", self.base))).await
+        self.send(self.http.get(format!("{}/v1/nodes", self.base)))
+            .await
     }
 
     /// `PUT /v1/kv/<key>`.
@@ -87,7 +88,8 @@ impl Client {
 
     /// `GET /v1/kv/<key>`.
     pub async fn kv_get(&self, key: &str) -> anyhow::Result<KvView> {
-        self.send(self.http.get(format!("{}/v1/kv/{}", self.base, key))).await
+        self.send(self.http.get(format!("{}/v1/kv/{}", self.base, key)))
+            .await
     }
 
     /// `GET /v1/kv?prefix=`.
@@ -101,7 +103,8 @@ impl Client {
 
     /// `DELETE /v1/kv/<key>`.
     pub async fn kv_rm(&self, key: &str) -> anyhow::Result<serde_json::Value> {
-        self.send(self.http.delete(format!("{}/v1/kv/{}", self.base, key))).await
+        self.send(self.http.delete(format!("{}/v1/kv/{}", self.base, key)))
+            .await
     }
 }
 
@@ -164,7 +167,11 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
                 n.status.clone(),
                 r.map_or("-".into(), |r| r.cpus.to_string()),
                 r.map_or("-".into(), |r| {
-                    format!("{}/{}", bytes_human(r.memory_free_bytes), bytes_human(r.memory_bytes))
+                    format!(
+                        "{}/{}",
+                        bytes_human(r.memory_free_bytes),
+                        bytes_human(r.memory_bytes)
+                    )
                 }),
                 r.map_or("-".into(), |r| bytes_human(r.disk_free_bytes)),
                 n.labels
@@ -176,7 +183,15 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
         })
         .collect();
     table(
-        &["NAME", "ADDRESS", "STATUS", "CPUS", "MEM FREE/TOTAL", "DISK FREE", "LABELS"],
+        &[
+            "NAME",
+            "ADDRESS",
+            "STATUS",
+            "CPUS",
+            "MEM FREE/TOTAL",
+            "DISK FREE",
+            "LABELS",
+        ],
         &rows,
     )
 }

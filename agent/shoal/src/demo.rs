@@ -33,7 +33,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bail!("--nodes must be between 1 and 99, got {}", args.nodes);
     }
     if usize::from(args.base_port) + 100 + args.nodes > usize::from(u16::MAX) {
-        bail!("--base-port {} leaves no room for {} agents", args.base_port, args.nodes);
+        bail!(
+            "--base-port {} leaves no room for {} agents",
+            args.base_port,
+            args.nodes
+        );
     }
     let tmp;
     let dir = match &args.dir {
@@ -63,7 +67,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             tls: Tls::SelfIssued {
                 ca_dir: ca_dir.clone(),
             },
-            join: if i == 0 { vec![] } else { vec![addr(args.base_port)] },
+            join: if i == 0 {
+                vec![]
+            } else {
+                vec![addr(args.base_port)]
+            },
             labels: [("zone".to_string(), ["a", "b", "c"][i % 3].to_string())].into(),
             profile: shoal_core::Profile::Lan,
             tuning: Tuning {
@@ -95,21 +103,33 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             }
         }
         if Instant::now() > deadline {
-            bail!("the {} demo agents did not all see each other within 30 s", args.nodes);
+            bail!(
+                "the {} demo agents did not all see each other within 30 s",
+                args.nodes
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    println!("{} agents up (CA and data in {}):\n", args.nodes, dir.display());
+    println!(
+        "{} agents up (CA and data in {}):\n",
+        args.nodes,
+        dir.display()
+    );
     print!("{}", nodes_table(&nodes));
     println!("\nTry, in another terminal:");
     println!("  shoal nodes --api http://{}", apis[apis.len() - 1]);
     println!("  shoal kv put app/color blue --api http://{}", apis[0]);
-    println!("  shoal kv get app/color --api http://{}", apis[apis.len() - 1]);
+    println!(
+        "  shoal kv get app/color --api http://{}",
+        apis[apis.len() - 1]
+    );
     println!("  open http://{}/ for the dashboard", apis[0]);
 
     if !args.once {
         println!("\nCtrl-C stops every agent (they leave the cluster gracefully).");
-        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
     }
     let _ = stop_tx.send(true);
     for (name, t) in tasks {

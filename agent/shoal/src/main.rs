@@ -6,6 +6,7 @@
 //! of that API, except `ca` (certificates, offline) and `demo` (a local mesh).
 
 mod agent;
+mod bench;
 mod client;
 mod demo;
 mod views;
@@ -32,7 +33,12 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct ClientArgs {
     /// Address of an agent's HTTP API.
-    #[arg(long, env = "SHOAL_API", default_value = "http://127.0.0.1:7101", global = true)]
+    #[arg(
+        long,
+        env = "SHOAL_API",
+        default_value = "http://127.0.0.1:7101",
+        global = true
+    )]
     api: String,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
@@ -62,6 +68,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaCmd,
     },
+    /// Benchmarks measured on this machine.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Real agent processes on loopback: membership and change convergence, idle traffic.
+    Mesh(bench::MeshBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -267,10 +284,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Bench { cmd } => match cmd {
+            BenchCmd::Mesh(args) => {
+                init_logging("warn");
+                bench::run(args).await
+            }
+        },
         Cmd::Ca { cmd } => match cmd {
             CaCmd::Init { out } => {
-                shoal_net::init_ca(&out).with_context(|| format!("creating a CA in {}", out.display()))?;
-                println!("cluster CA written to {} (ca.pem, ca.key: keep ca.key secret)", out.display());
+                shoal_net::init_ca(&out)
+                    .with_context(|| format!("creating a CA in {}", out.display()))?;
+                println!(
+                    "cluster CA written to {} (ca.pem, ca.key: keep ca.key secret)",
+                    out.display()
+                );
                 Ok(())
             }
             CaCmd::Issue { ca, name, out } => {
@@ -288,7 +315,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

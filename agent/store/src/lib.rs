@@ -100,10 +100,11 @@ impl Persist for RedbStore {
         let mut out = Vec::new();
         for row in table.iter().map_err(redb::Error::from)? {
             let (k, v) = row.map_err(redb::Error::from)?;
-            let e: Entry = serde_cbor::from_slice(v.value()).map_err(|err| StoreError::Corrupt {
-                key: k.value().to_string(),
-                reason: err.to_string(),
-            })?;
+            let e: Entry =
+                serde_cbor::from_slice(v.value()).map_err(|err| StoreError::Corrupt {
+                    key: k.value().to_string(),
+                    reason: err.to_string(),
+                })?;
             out.push(e);
         }
         Ok(out)
@@ -159,7 +160,10 @@ mod tests {
         let got = store.load().unwrap();
         assert_eq!(
             got,
-            vec![entry("app/color", Some("green"), 4), entry("app/gone", None, 2)],
+            vec![
+                entry("app/color", Some("green"), 4),
+                entry("app/gone", None, 2)
+            ],
             "latest value per key and tombstones are kept; node-owned entries are not"
         );
     }
@@ -186,7 +190,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("no/such/dir/state.redb");
         let err = RedbStore::open(&path).err().expect("must fail");
-        assert!(err.to_string().contains("cannot open state database"), "{err}");
+        assert!(
+            err.to_string().contains("cannot open state database"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,13 +25,21 @@ impl IntoResponse for ApiError {
             ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         };
-        (code, Json(ErrorView { error: self.to_string() })).into_response()
+        (
+            code,
+            Json(ErrorView {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
     }
 }
 
 async fn ask<T>(tx: &Tx, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ApiError> {
     let (reply, rx) = oneshot::channel();
-    tx.send(make(reply)).await.map_err(|_| ApiError::Unavailable)?;
+    tx.send(make(reply))
+        .await
+        .map_err(|_| ApiError::Unavailable)?;
     rx.await.map_err(|_| ApiError::Unavailable)
 }
 
@@ -60,7 +68,11 @@ async fn kv_get(State(tx): State<Tx>, Path(key): Path<String>) -> Result<Respons
     }
 }
 
-async fn kv_put(State(tx): State<Tx>, Path(key): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn kv_put(
+    State(tx): State<Tx>,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     if std::str::from_utf8(&body).is_err() {
         return Err(ApiError::BadRequest("value must be UTF-8 text".into()));
     }

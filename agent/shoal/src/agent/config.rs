@@ -152,7 +152,8 @@ pub struct AgentConfig {
 pub fn check_name(field: &'static str, s: &str) -> Result<(), ConfigError> {
     let ok = !s.is_empty()
         && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok {
         Ok(())
     } else {
@@ -187,8 +188,12 @@ impl AgentConfig {
                 reason: format!("{advertise} cannot be dialled by peers"),
             });
         }
-        let api = f.api.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7101)));
-        let data_dir = f.data_dir.ok_or(ConfigError::Missing("data_dir", "data-dir"))?;
+        let api = f
+            .api
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7101)));
+        let data_dir = f
+            .data_dir
+            .ok_or(ConfigError::Missing("data_dir", "data-dir"))?;
         let tls = match (f.cert, f.key, f.ca_dir) {
             (Some(cert), Some(key), Some(ca_dir)) => Tls::Files {
                 cert,
@@ -204,7 +209,7 @@ impl AgentConfig {
             }
             (_, _, None) => return Err(ConfigError::Missing("ca_dir", "ca-dir")),
         };
-        for (k, _) in &f.labels {
+        for k in f.labels.keys() {
             check_name("labels", k)?;
         }
         let profile = match f.profile.as_deref().unwrap_or("lan") {
@@ -305,18 +310,33 @@ mod tests {
     fn refusals_name_the_field() {
         let mut f = base();
         f.name = Some("bad name!".into());
-        assert!(AgentConfig::validate(f).unwrap_err().to_string().contains("`name`"));
+        assert!(AgentConfig::validate(f)
+            .unwrap_err()
+            .to_string()
+            .contains("`name`"));
         let mut f = base();
         f.listen = Some("0.0.0.0:7001".parse().unwrap());
-        assert!(AgentConfig::validate(f).unwrap_err().to_string().contains("advertise"));
+        assert!(AgentConfig::validate(f)
+            .unwrap_err()
+            .to_string()
+            .contains("advertise"));
         let mut f = base();
         f.profile = Some("moon".into());
-        assert!(AgentConfig::validate(f).unwrap_err().to_string().contains("profile"));
+        assert!(AgentConfig::validate(f)
+            .unwrap_err()
+            .to_string()
+            .contains("profile"));
         let mut f = base();
         f.ca_dir = None;
-        assert!(AgentConfig::validate(f).unwrap_err().to_string().contains("ca_dir"));
+        assert!(AgentConfig::validate(f)
+            .unwrap_err()
+            .to_string()
+            .contains("ca_dir"));
         let mut f = base();
         f.tuning.fanout = Some(0);
-        assert!(AgentConfig::validate(f).unwrap_err().to_string().contains("fanout"));
+        assert!(AgentConfig::validate(f)
+            .unwrap_err()
+            .to_string()
+            .contains("fanout"));
     }
 }

@@ -28,26 +28,61 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 /// Renders the Prometheus text format.
 pub fn render(s: &Snapshot<'_>) -> String {
     let mut o = String::new();
-    family(&mut o, "shoal_members", "gauge", "Cluster members by status, as seen by this agent.");
+    family(
+        &mut o,
+        "shoal_members",
+        "gauge",
+        "Cluster members by status, as seen by this agent.",
+    );
     for st in [Status::Alive, Status::Suspect, Status::Down, Status::Left] {
         let n = s.members.get(&st).copied().unwrap_or(0);
         let _ = writeln!(o, "shoal_members{{status=\"{}\"}} {n}", st.as_str());
     }
-    family(&mut o, "shoal_messages_in_total", "counter", "Valid frames received, by kind.");
+    family(
+        &mut o,
+        "shoal_messages_in_total",
+        "counter",
+        "Valid frames received, by kind.",
+    );
     for (k, v) in &s.core.msgs_in {
         let _ = writeln!(o, "shoal_messages_in_total{{kind=\"{k}\"}} {v}");
     }
-    family(&mut o, "shoal_messages_out_total", "counter", "Frames sent, by kind.");
+    family(
+        &mut o,
+        "shoal_messages_out_total",
+        "counter",
+        "Frames sent, by kind.",
+    );
     for (k, v) in &s.core.msgs_out {
         let _ = writeln!(o, "shoal_messages_out_total{{kind=\"{k}\"}} {v}");
     }
-    family(&mut o, "shoal_bytes_in_total", "counter", "Bytes received over QUIC.");
+    family(
+        &mut o,
+        "shoal_bytes_in_total",
+        "counter",
+        "Bytes received over QUIC.",
+    );
     let _ = writeln!(o, "shoal_bytes_in_total {}", s.net.bytes_in);
-    family(&mut o, "shoal_bytes_out_total", "counter", "Bytes sent over QUIC.");
+    family(
+        &mut o,
+        "shoal_bytes_out_total",
+        "counter",
+        "Bytes sent over QUIC.",
+    );
     let _ = writeln!(o, "shoal_bytes_out_total {}", s.net.bytes_out);
-    family(&mut o, "shoal_sync_rounds_total", "counter", "Anti-entropy rounds started.");
+    family(
+        &mut o,
+        "shoal_sync_rounds_total",
+        "counter",
+        "Anti-entropy rounds started.",
+    );
     let _ = writeln!(o, "shoal_sync_rounds_total {}", s.core.sync_rounds);
-    family(&mut o, "shoal_dropped_frames_total", "counter", "Frames or entries dropped, by reason.");
+    family(
+        &mut o,
+        "shoal_dropped_frames_total",
+        "counter",
+        "Frames or entries dropped, by reason.",
+    );
     let mut dropped: BTreeMap<&str, u64> = s.core.dropped.iter().map(|(k, v)| (*k, *v)).collect();
     *dropped.entry("oversized").or_default() += s.net.oversized_streams;
     *dropped.entry("datagram_too_large").or_default() += s.net.datagrams_too_large;
@@ -58,16 +93,53 @@ pub fn render(s: &Snapshot<'_>) -> String {
     for (k, v) in &dropped {
         let _ = writeln!(o, "shoal_dropped_frames_total{{reason=\"{k}\"}} {v}");
     }
-    family(&mut o, "shoal_handshakes_total", "counter", "QUIC/TLS handshakes by result.");
-    let _ = writeln!(o, "shoal_handshakes_total{{result=\"ok\"}} {}", s.net.handshakes_ok);
-    let _ = writeln!(o, "shoal_handshakes_total{{result=\"failed\"}} {}", s.net.handshakes_failed);
-    family(&mut o, "shoal_send_errors_total", "counter", "Sends that failed (peer unreachable, connection lost).");
+    family(
+        &mut o,
+        "shoal_handshakes_total",
+        "counter",
+        "QUIC/TLS handshakes by result.",
+    );
+    let _ = writeln!(
+        o,
+        "shoal_handshakes_total{{result=\"ok\"}} {}",
+        s.net.handshakes_ok
+    );
+    let _ = writeln!(
+        o,
+        "shoal_handshakes_total{{result=\"failed\"}} {}",
+        s.net.handshakes_failed
+    );
+    family(
+        &mut o,
+        "shoal_send_errors_total",
+        "counter",
+        "Sends that failed (peer unreachable, connection lost).",
+    );
     let _ = writeln!(o, "shoal_send_errors_total {}", s.net.send_errors);
-    family(&mut o, "shoal_kv_keys", "gauge", "Keys in the local replica, tombstones included.");
+    family(
+        &mut o,
+        "shoal_kv_keys",
+        "gauge",
+        "Keys in the local replica, tombstones included.",
+    );
     let _ = writeln!(o, "shoal_kv_keys {}", s.keys);
-    family(&mut o, "shoal_persist_errors_total", "counter", "Failed writes to the state database.");
+    family(
+        &mut o,
+        "shoal_persist_errors_total",
+        "counter",
+        "Failed writes to the state database.",
+    );
     let _ = writeln!(o, "shoal_persist_errors_total {}", s.persist_errors);
-    family(&mut o, "shoal_tombstones_collected_total", "counter", "Tombstones garbage-collected.");
-    let _ = writeln!(o, "shoal_tombstones_collected_total {}", s.core.tombstones_collected);
+    family(
+        &mut o,
+        "shoal_tombstones_collected_total",
+        "counter",
+        "Tombstones garbage-collected.",
+    );
+    let _ = writeln!(
+        o,
+        "shoal_tombstones_collected_total {}",
+        s.core.tombstones_collected
+    );
     o
 }

@@ -190,8 +190,10 @@ impl Driver {
             .members()
             .into_iter()
             .map(|(id, status)| {
-                let read = |suffix: &str| state.value(&format!("{NODE_PREFIX}{}/{suffix}", id.name));
-                let info: Option<NodeInfo> = read("info").and_then(|b| serde_json::from_slice(b).ok());
+                let read =
+                    |suffix: &str| state.value(&format!("{NODE_PREFIX}{}/{suffix}", id.name));
+                let info: Option<NodeInfo> =
+                    read("info").and_then(|b| serde_json::from_slice(b).ok());
                 let resources: Option<Resources> =
                     read("resources").and_then(|b| serde_json::from_slice(b).ok());
                 NodeView {
@@ -247,7 +249,12 @@ impl Driver {
                 let _ = reply.send(res);
             }
             Command::Get { key, reply } => {
-                let e = self.node.state().get(&key).filter(|e| !e.is_tombstone()).cloned();
+                let e = self
+                    .node
+                    .state()
+                    .get(&key)
+                    .filter(|e| !e.is_tombstone())
+                    .cloned();
                 let _ = reply.send(e);
             }
             Command::List { prefix, reply } => {
@@ -268,7 +275,9 @@ fn load_identity(cfg: &AgentConfig) -> anyhow::Result<Identity> {
     let id = match &cfg.tls {
         Tls::SelfIssued { ca_dir } => Identity::self_issued(ca_dir, &cfg.name)
             .with_context(|| format!("issuing a certificate from {}", ca_dir.display()))?,
-        Tls::Files { cert, key, ca } => Identity::load(cert, key, ca).context("loading the node certificate")?,
+        Tls::Files { cert, key, ca } => {
+            Identity::load(cert, key, ca).context("loading the node certificate")?
+        }
     };
     if id.name != cfg.name {
         bail!(
@@ -297,15 +306,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let gen = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| d.as_micros() as u64);
-    let seed = gen ^ cfg.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let seed = gen
+        ^ cfg.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
     let now = Now {
         mono_ms: 0,
         wall_ms: wall_ms(),
     };
     let mut node = Node::new(cfg.core_config(), gen, seed, now);
-    let restored = node.restore(store.load()?).context("restoring persisted state")?;
+    let restored = node
+        .restore(store.load()?)
+        .context("restoring persisted state")?;
     let probe = Probe::new(&cfg.data_dir);
     let mut d = Driver {
         node,

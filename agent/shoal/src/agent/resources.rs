@@ -42,7 +42,9 @@ impl Probe {
         Probe {
             sys: System::new(),
             disks: Disks::new_with_refreshed_list(),
-            data_dir: data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf()),
+            data_dir: data_dir
+                .canonicalize()
+                .unwrap_or_else(|_| data_dir.to_path_buf()),
         }
     }
 
