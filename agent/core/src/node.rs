@@ -163,6 +163,8 @@ enum TimerKind {
     Gossip,
     Sync,
     Gc,
+    /// Re-announce to the seeds while we know no peer (seeds may start after us).
+    Rejoin(Duration),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +208,7 @@ pub struct Node {
     effects: Vec<MemberEffect>,
     stats: Stats,
     left: bool,
+    seeds: Vec<SocketAddr>,
 }
 
 impl Node {
@@ -240,6 +243,7 @@ impl Node {
             effects: Vec::new(),
             stats: Stats::default(),
             left: false,
+            seeds: Vec::new(),
             cfg,
         };
         // Random first ticks keep nodes started together from acting in lockstep.
@@ -287,15 +291,26 @@ impl Node {
     }
 
     /// Asks the nodes at `seeds` to let us into their cluster; also clears a
-    /// `left` marker from an earlier run.
+    /// `left` marker from an earlier run. Until some peer answers, the
+    /// announcement is repeated with backoff (1 s doubling to 30 s), so agents
+    /// may start in any order.
     pub fn join(&mut self, seeds: &[SocketAddr], now: Now) {
         let left_key = self.node_key(LEFT_SUFFIX);
         // Clearing our own previous "left" marker cannot be refused.
         let _ = self.put(&left_key, None, now);
-        for &seed in seeds {
-            if seed == self.cfg.addr || self.cfg.static_peers.is_some() {
-                continue;
-            }
+        if self.cfg.static_peers.is_some() {
+            return;
+        }
+        self.seeds = seeds.iter().copied().filter(|s| *s != self.cfg.addr).collect();
+        self.announce_to_seeds(now);
+        if !self.seeds.is_empty() {
+            let first = Duration::from_secs(1);
+            self.schedule(now, first, TimerKind::Rejoin(first));
+        }
+    }
+
+    fn announce_to_seeds(&mut self, now: Now) {
+        for seed in self.seeds.clone() {
             if let Err(e) = self.swim.announce(NodeId::seed(seed)) {
                 self.drop_reason("swim_error", &e);
             }
@@ -497,6 +512,11 @@ impl Node {
         if self.fresh.is_empty() {
             return;
         }
+        if self.random_peers_available() == 0 {
+            // Nobody to tell yet: keep the rumors whole for the gossip tick.
+            self.fresh.clear();
+            return;
+        }
         let mut keys = std::mem::take(&mut self.fresh);
         keys.sort();
         keys.dedup();
@@ -543,6 +563,13 @@ impl Node {
         }
         peers.truncate(n);
         peers
+    }
+
+    fn random_peers_available(&self) -> usize {
+        match &self.cfg.static_peers {
+            Some(p) => p.len().saturating_sub(1),
+            None => self.swim.num_active(),
+        }
     }
 
     /// Rejection sampling: O(n) for a small fanout even with 10,000s of peers.
@@ -593,6 +620,11 @@ impl Node {
                 }
                 self.drain_swim(now);
             }
+            TimerKind::Gossip if self.random_peers_available() == 0 => {
+                if !self.left {
+                    self.schedule(now, self.cfg.gossip_interval, TimerKind::Gossip);
+                }
+            }
             TimerKind::Gossip => {
                 let entries: Vec<Entry> = self
                     .rumors
@@ -618,6 +650,13 @@ impl Node {
                 }
                 if !self.left {
                     self.schedule(now, self.cfg.sync_interval, TimerKind::Sync);
+                }
+            }
+            TimerKind::Rejoin(after) => {
+                if self.swim.num_active() == 0 && !self.left {
+                    self.announce_to_seeds(now);
+                    let next = (after * 2).min(Duration::from_secs(30));
+                    self.schedule(now, next, TimerKind::Rejoin(next));
                 }
             }
             TimerKind::Gc => {
