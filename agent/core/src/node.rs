@@ -136,6 +136,15 @@ pub enum Event {
     MemberDown(NodeId),
     /// An entry became the current value of its key (local write, push or sync).
     Changed(Entry),
+    /// A blob-transfer payload arrived from an authenticated peer.
+    Blob {
+        /// The sender's certificate name.
+        from_name: String,
+        /// The sender's address.
+        from: SocketAddr,
+        /// The `shoal-blob` message bytes.
+        payload: Vec<u8>,
+    },
 }
 
 /// Counters the driver exports as metrics.
@@ -407,6 +416,13 @@ impl Node {
                     self.drop_reason("swim_error", &e);
                 }
                 self.drain_swim(now);
+            }
+            Msg::Blob(payload) => {
+                self.out.push_back(Output::Event(Event::Blob {
+                    from_name: from_name.to_string(),
+                    from,
+                    payload,
+                }));
             }
             Msg::Push { entries } => {
                 for e in entries {

@@ -40,6 +40,9 @@ pub enum Msg {
         /// Whether the receiver should answer with its own delta.
         reply: bool,
     },
+    /// A blob-transfer message (`shoal-blob`'s wire format), carried opaquely:
+    /// the core hands it to the driver as [`crate::Event::Blob`].
+    Blob(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 impl Msg {
@@ -50,6 +53,7 @@ impl Msg {
             Msg::Push { .. } => "push",
             Msg::SyncReq { .. } => "sync_req",
             Msg::SyncResp { .. } => "sync_resp",
+            Msg::Blob(_) => "blob",
         }
     }
 }

@@ -55,6 +55,8 @@ pub struct Tuning {
     pub resource_interval_ms: Option<u64>,
     /// Expected cluster size, used to size SWIM timeouts and retransmits.
     pub cluster_size: Option<u32>,
+    /// Cap on blob upload to peers, bytes per second (0: no cap; default 64 MiB/s).
+    pub upload_bytes_per_sec: Option<u64>,
 }
 
 /// The agent config file, every field optional so flags can fill in.
@@ -269,6 +271,11 @@ impl AgentConfig {
             c.sync_interval = Duration::from_millis(ms);
         }
         c
+    }
+
+    /// Blob upload cap in bytes per second (0: none).
+    pub fn upload_rate(&self) -> u64 {
+        self.tuning.upload_bytes_per_sec.unwrap_or(64 << 20)
     }
 
     /// How often host resources are read.

@@ -6,6 +6,7 @@
 //! write is acknowledged), events become logs and metrics.
 
 pub mod api;
+pub mod blobs;
 pub mod config;
 pub mod metrics;
 pub mod resources;
@@ -15,6 +16,7 @@ use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use shoal_core::wire::{self, Msg};
 use shoal_core::{Entry, Event, Node, Now, Output, Status, NODE_PREFIX};
 use shoal_net::{Identity, Incoming, Net, NetConfig};
 use shoal_store::{Persist, RedbStore};
@@ -94,6 +96,7 @@ struct Driver {
     published: Option<(Resources, Instant)>,
     persist_errors: u64,
     pending: Vec<Entry>,
+    blobs: blobs::Blobs,
 }
 
 impl Driver {
@@ -126,8 +129,27 @@ impl Driver {
                 Output::Event(Event::MemberDown(id)) => {
                     tracing::info!(peer = %id.name, addr = %id.addr, "member down");
                 }
+                Output::Event(Event::Blob {
+                    from_name,
+                    from,
+                    payload,
+                }) => {
+                    let now = self.now().mono_ms;
+                    // Chunk reads and writes hit the disk.
+                    let answer = tokio::task::block_in_place(|| {
+                        self.blobs.on_message(&from_name, &payload, now)
+                    });
+                    match answer {
+                        Ok(Some(reply)) => {
+                            sends.push((from, true, wire::encode(&Msg::Blob(reply))));
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::debug!(peer = %from_name, "bad blob message: {e}"),
+                    }
+                }
             }
         }
+        self.pump_blobs(&mut sends);
         let result = if self.pending.is_empty() {
             Ok(())
         } else {
@@ -145,6 +167,45 @@ impl Driver {
             self.net.send(to, reliable, bytes);
         }
         result
+    }
+
+    /// Sends pending download requests and handles finished downloads.
+    fn pump_blobs(&mut self, sends: &mut Vec<(std::net::SocketAddr, bool, Vec<u8>)>) {
+        let now = self.now();
+        let requests = self.blobs.poll_requests(now.mono_ms);
+        if !requests.is_empty() {
+            let addrs: BTreeMap<String, std::net::SocketAddr> = self
+                .node
+                .members()
+                .into_iter()
+                .filter(|(_, st)| matches!(st, Status::Alive | Status::Suspect))
+                .map(|(id, _)| (id.name, id.addr))
+                .collect();
+            for (peer, payload) in requests {
+                match addrs.get(&peer) {
+                    Some(&addr) => sends.push((addr, true, wire::encode(&Msg::Blob(payload)))),
+                    None => self.blobs.send_failed(&peer, &payload, now.mono_ms),
+                }
+            }
+        }
+        for done in self.blobs.take_finished() {
+            match done.result {
+                Ok(()) => {
+                    tracing::info!(blob = %done.id, "blob fetched and verified");
+                    self.advertise_blob(&done.id);
+                }
+                Err(reason) => tracing::warn!(blob = %done.id, "blob fetch failed: {reason}"),
+            }
+        }
+    }
+
+    /// Tells the cluster this node holds `id`.
+    fn advertise_blob(&mut self, id: &shoal_blob::BlobId) {
+        let key = blobs::advert_key(&self.cfg.name, id);
+        let now = self.now();
+        if let Err(e) = self.node.put(&key, Some(Vec::new()), now) {
+            tracing::warn!("advertising blob {id} failed: {e}");
+        }
     }
 
     fn publish_info(&mut self) -> anyhow::Result<()> {
@@ -319,6 +380,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         .restore(store.load()?)
         .context("restoring persisted state")?;
     let probe = Probe::new(&cfg.data_dir);
+    let blobs = blobs::Blobs::open(&cfg.data_dir.join("blobs"), cfg.upload_rate(), seed)
+        .context("opening the blob store")?;
     let mut d = Driver {
         node,
         net,
@@ -328,10 +391,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         published: None,
         persist_errors: 0,
         pending: Vec::new(),
+        blobs,
         cfg,
     };
     d.publish_info()?;
     d.refresh_resources();
+    // Node-owned state is rebuilt on start: advertise every blob we hold.
+    for id in d.blobs.store().list().context("listing held blobs")? {
+        d.advertise_blob(&id);
+    }
     let now = d.now();
     let seeds = d.cfg.join.clone();
     d.node.join(&seeds, now);
@@ -349,9 +417,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     res_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
-        let wake = d
-            .node
-            .poll_timeout()
+        let wake = [d.node.poll_timeout(), d.blobs.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
             .map(|ms| tokio::time::Instant::from_std(d.start + Duration::from_millis(ms)));
         let sleep = async {
             match wake {
@@ -371,6 +440,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             () = sleep => {
                 let now = d.now();
                 d.node.handle_timeout(now);
+                tokio::task::block_in_place(|| d.blobs.handle_timeout(now.mono_ms));
             }
             _ = res_tick.tick() => d.refresh_resources(),
         }
