@@ -310,7 +310,11 @@ impl Node {
         if self.cfg.static_peers.is_some() {
             return;
         }
-        self.seeds = seeds.iter().copied().filter(|s| *s != self.cfg.addr).collect();
+        self.seeds = seeds
+            .iter()
+            .copied()
+            .filter(|s| *s != self.cfg.addr)
+            .collect();
         self.announce_to_seeds(now);
         if !self.seeds.is_empty() {
             let first = Duration::from_secs(1);

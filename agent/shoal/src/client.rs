@@ -101,6 +101,58 @@ impl Client {
         self.send(req).await
     }
 
+    /// `POST /v1/plugins`: upload and bind a plugin.
+    pub async fn plugin_install(
+        &self,
+        kind: &str,
+        name: Option<&str>,
+        service: Option<&str>,
+        wasm: Vec<u8>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut q = vec![("kind", kind)];
+        if let Some(n) = name {
+            q.push(("name", n));
+        }
+        if let Some(s) = service {
+            q.push(("service", s));
+        }
+        let req = self
+            .http
+            .post(format!("{}/v1/plugins", self.base))
+            .query(&q)
+            .timeout(std::time::Duration::from_secs(120))
+            .body(wasm);
+        self.send(req).await
+    }
+
+    /// `GET /v1/plugins[?all=true]`.
+    pub async fn plugin_list(&self, all: bool) -> anyhow::Result<Vec<serde_json::Value>> {
+        let req = self
+            .http
+            .get(format!("{}/v1/plugins", self.base))
+            .query(&[("all", all)]);
+        self.send(req).await
+    }
+
+    /// `DELETE /v1/plugins/<kind>[?service=]`.
+    pub async fn plugin_remove(
+        &self,
+        kind: &str,
+        service: Option<&str>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut req = self.http.delete(format!("{}/v1/plugins/{kind}", self.base));
+        if let Some(s) = service {
+            req = req.query(&[("service", s)]);
+        }
+        self.send(req).await
+    }
+
+    /// `GET /v1/snapshot`: the scheduler's view of the cluster.
+    pub async fn snapshot(&self) -> anyhow::Result<serde_json::Value> {
+        self.send(self.http.get(format!("{}/v1/snapshot", self.base)))
+            .await
+    }
+
     /// `DELETE /v1/kv/<key>`.
     pub async fn kv_rm(&self, key: &str) -> anyhow::Result<serde_json::Value> {
         self.send(self.http.delete(format!("{}/v1/kv/{}", self.base, key)))
@@ -191,6 +243,32 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
             "MEM FREE/TOTAL",
             "DISK FREE",
             "LABELS",
+        ],
+        &rows,
+    )
+}
+
+/// The `shoal plugin ls` table.
+pub fn plugins_table(rows: &[serde_json::Value]) -> String {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let hash = s(&r["hash"]);
+            vec![
+                s(&r["agent"]),
+                s(&r["kind"]),
+                r["service"].as_str().unwrap_or("(default)").to_string(),
+                s(&r["name"]),
+                hash.chars().take(12).collect(),
+                s(&r["state"]),
+                r["failures"].as_u64().unwrap_or(0).to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "AGENT", "KIND", "SERVICE", "NAME", "HASH", "STATE", "FAILURES",
         ],
         &rows,
     )

@@ -9,6 +9,7 @@ mod agent;
 mod bench;
 mod client;
 mod demo;
+mod plugin_cli;
 mod views;
 
 use std::net::SocketAddr;
@@ -53,6 +54,16 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// List cluster members as one agent sees them.
     Nodes {
+        /// Print the scheduler's snapshot (JSON) instead, for `shoal plugin eval --snapshot`.
+        #[arg(long)]
+        snapshot: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Policy plugins (WebAssembly components).
+    Plugin {
+        #[command(subcommand)]
+        cmd: plugin_cli::PluginCmd,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -235,7 +246,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging("warn");
             demo::run(args).await
         }
-        Cmd::Nodes { client } => {
+        Cmd::Plugin { cmd, client } => plugin_cli::run(cmd, &client.api, client.output).await,
+        Cmd::Nodes {
+            snapshot: true,
+            client,
+        } => print_json(&Client::new(&client.api)?.snapshot().await?),
+        Cmd::Nodes { client, .. } => {
             let c = Client::new(&client.api)?;
             let nodes = c.nodes().await?;
             match client.output {

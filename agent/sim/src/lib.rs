@@ -58,10 +58,14 @@ pub struct SimConfig {
     /// Adjusts node `i`'s core config before it starts (to compare settings);
     /// `None` runs the core's defaults.
     pub tune: Option<fn(usize, &mut Config)>,
+    /// How often (virtual ms) [`Sim::step_until`] evaluates its predicate;
+    /// times it reports are multiples of this.
+    pub check_every_ms: u64,
 }
 
 impl SimConfig {
-    /// `nodes` LAN nodes, 1-5 ms latency, no loss, SWIM membership, no clock skew.
+    /// `nodes` LAN nodes, 1-5 ms latency, no loss, SWIM membership, no clock
+    /// skew, core defaults, predicates checked every 10 virtual ms.
     pub fn new(nodes: usize, seed: u64) -> Self {
         SimConfig {
             nodes,
@@ -72,6 +76,7 @@ impl SimConfig {
             static_peers: false,
             clock_skew_ms: 0,
             tune: None,
+            check_every_ms: 10,
         }
     }
 
@@ -122,7 +127,10 @@ impl std::error::Error for SimFailure {}
 
 /// The seeds a test should run: `SHOAL_SIM_SEED` alone if set, else `1..=count`.
 pub fn test_seeds(count: u64) -> Vec<u64> {
-    match std::env::var(SEED_ENV).ok().and_then(|s| s.trim().parse().ok()) {
+    match std::env::var(SEED_ENV)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+    {
         Some(seed) => vec![seed],
         None => (1..=count).collect(),
     }
@@ -156,12 +164,20 @@ pub enum FrameKind {
     Push,
     /// Anti-entropy request or answer.
     Sync,
+    /// Blob-transfer payload.
+    Blob,
     /// Anything the simulator could not classify.
     Other,
 }
 
 impl FrameKind {
-    const ALL: [FrameKind; 4] = [FrameKind::Swim, FrameKind::Push, FrameKind::Sync, FrameKind::Other];
+    const ALL: [FrameKind; 5] = [
+        FrameKind::Swim,
+        FrameKind::Push,
+        FrameKind::Sync,
+        FrameKind::Blob,
+        FrameKind::Other,
+    ];
 
     /// Classifies a frame by peeking at the CBOR variant name, without decoding it.
     ///
@@ -181,6 +197,7 @@ impl FrameKind {
             (0x60, Some(b"Swim")) => FrameKind::Swim,
             (0x60, Some(b"Push")) => FrameKind::Push,
             (0x60, Some(b"SyncReq" | b"SyncResp")) => FrameKind::Sync,
+            (0x60, Some(b"Blob")) => FrameKind::Blob,
             _ => FrameKind::Other,
         }
     }
@@ -195,6 +212,7 @@ impl FrameKind {
             FrameKind::Swim => "swim",
             FrameKind::Push => "push",
             FrameKind::Sync => "sync",
+            FrameKind::Blob => "blob",
             FrameKind::Other => "other",
         }
     }
@@ -216,7 +234,7 @@ pub struct NetStats {
     /// Frames addressed to an address that is no simulated node.
     pub unroutable: u64,
     /// Bytes sent, by [`FrameKind`] (indexed in declaration order).
-    pub bytes_by_kind: [u64; 4],
+    pub bytes_by_kind: [u64; 5],
 }
 
 impl NetStats {
@@ -234,6 +252,17 @@ impl NetStats {
     pub fn by_kind(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         FrameKind::ALL.iter().map(|k| (k.as_str(), self.bytes(*k)))
     }
+}
+
+/// Core events seen across all nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventCounts {
+    /// `MemberUp` events (a node started seeing a member as active).
+    pub member_up: u64,
+    /// `MemberDown` events (a node declared a member down).
+    pub member_down: u64,
+    /// `Changed` events (an entry became current on a node).
+    pub changed: u64,
 }
 
 /// First arrival of one watched `(key, value)` at each node.
@@ -257,14 +286,8 @@ struct Slot {
 }
 
 enum Job {
-    Deliver {
-        from: u32,
-        to: u32,
-        bytes: Vec<u8>,
-    },
-    Timer {
-        node: u32,
-    },
+    Deliver { from: u32, to: u32, bytes: Vec<u8> },
+    Timer { node: u32 },
 }
 
 struct Queued {
@@ -299,6 +322,7 @@ pub struct Sim {
     queue: BinaryHeap<Reverse<Queued>>,
     next_seq: u64,
     net: NetStats,
+    events: EventCounts,
     watch: Option<Watch>,
 }
 
@@ -322,7 +346,11 @@ impl Sim {
             }
             let gen: u64 = rng.random();
             let seed: u64 = rng.random();
-            let skew_ms = if skew > 0 { rng.random_range(-skew..=skew) } else { 0 };
+            let skew_ms = if skew > 0 {
+                rng.random_range(-skew..=skew)
+            } else {
+                0
+            };
             let now = wall(0, skew_ms);
             slots.push(Slot {
                 node: Node::new(ncfg, gen, seed, now),
@@ -341,6 +369,7 @@ impl Sim {
             queue: BinaryHeap::new(),
             next_seq: 0,
             net: NetStats::default(),
+            events: EventCounts::default(),
             watch: None,
         };
         for i in 0..n {
@@ -374,6 +403,11 @@ impl Sim {
     /// The run's configuration.
     pub fn config(&self) -> &SimConfig {
         &self.cfg
+    }
+
+    /// Changes how often (virtual ms) [`step_until`](Self::step_until) checks its predicate.
+    pub fn set_check_every(&mut self, ms: u64) {
+        self.cfg.check_every_ms = ms.max(1);
     }
 
     /// The run's seed.
@@ -418,7 +452,10 @@ impl Sim {
 
     /// Number of running nodes.
     pub fn live_count(&self) -> usize {
-        self.slots.iter().filter(|s| s.life == Life::Running).count()
+        self.slots
+            .iter()
+            .filter(|s| s.life == Life::Running)
+            .count()
     }
 
     /// Bytes node `i` has sent since the start.
@@ -433,12 +470,20 @@ impl Sim {
 
     /// Bytes sent by each node since the start, in node order.
     pub fn bytes_sent_per_node(&self) -> Vec<u64> {
-        self.slots.iter().map(|s| s.node.stats().bytes_out).collect()
+        self.slots
+            .iter()
+            .map(|s| s.node.stats().bytes_out)
+            .collect()
     }
 
     /// What the network did so far.
     pub fn net_stats(&self) -> &NetStats {
         &self.net
+    }
+
+    /// Core events counted so far, over all nodes.
+    pub fn event_counts(&self) -> &EventCounts {
+        &self.events
     }
 
     /// The `Now` node `i` sees at the current virtual time.
@@ -457,7 +502,11 @@ impl Sim {
     }
 
     fn write(&mut self, i: usize, key: &str, value: Option<Vec<u8>>) -> Result<Entry, Reject> {
-        assert!(self.is_live(i), "put on node {i}, which is {:?}", self.slots[i].life);
+        assert!(
+            self.is_live(i),
+            "put on node {i}, which is {:?}",
+            self.slots[i].life
+        );
         let now = self.now_of(i);
         let res = self.slots[i].node.put(key, value, now);
         self.drain(i);
@@ -547,11 +596,10 @@ impl Sim {
 
     /// Whether every running node's `members()` shows exactly `n` alive members (itself included).
     pub fn all_see_alive(&self, n: usize) -> bool {
-        // Cheap pre-check first: members() clones every identity.
-        let quick = self
-            .live()
-            .all(|i| self.slots[i].node.num_active_peers() + 1 >= n);
-        quick
+        // members() clones every identity, so first make sure every node at
+        // least has n active (alive or suspect) members, which is O(1) each.
+        self.live()
+            .all(|i| self.slots[i].node.num_active_peers() + 1 >= n)
             && self.live().all(|i| {
                 let alive = self.slots[i]
                     .node
@@ -561,6 +609,15 @@ impl Sim {
                     .count();
                 alive == n
             })
+    }
+
+    /// The smallest membership view among running nodes: active peers (alive
+    /// or suspect) plus itself. Cheap; useful as a warm-up condition.
+    pub fn min_view(&self) -> usize {
+        self.live()
+            .map(|i| self.slots[i].node.num_active_peers() + 1)
+            .min()
+            .unwrap_or(0)
     }
 
     /// Whether every running node other than `target` sees `target` (its newest identity) as `status`.
@@ -610,42 +667,33 @@ impl Sim {
         })
     }
 
-    /// Runs every event up to and including `deadline_ms`, checking `pred` after
-    /// each virtual millisecond in which something happened. Stops as soon as
-    /// `pred` holds and returns true; otherwise stops at the deadline (now = deadline).
+    /// Runs every event up to `deadline_ms`, checking `pred` every
+    /// [`SimConfig::check_every_ms`] of virtual time. Stops as soon as `pred`
+    /// holds and returns true; otherwise returns false with now = deadline.
     pub fn step_until(&mut self, deadline_ms: u64, mut pred: impl FnMut(&Sim) -> bool) -> bool {
         if pred(self) {
             return true;
         }
-        loop {
-            let next = match self.queue.peek() {
-                Some(Reverse(q)) if q.at <= deadline_ms => q.at,
-                _ => {
-                    self.now = self.now.max(deadline_ms);
-                    return pred(self);
-                }
-            };
-            self.now = next;
-            while let Some(Reverse(q)) = self.queue.peek() {
-                if q.at != next {
-                    break;
-                }
-                let Some(Reverse(q)) = self.queue.pop() else {
-                    break;
-                };
-                self.execute(q.job);
-            }
+        let step = self.cfg.check_every_ms.max(1);
+        while self.now < deadline_ms {
+            let until = self.now.saturating_add(step).min(deadline_ms);
+            self.advance_to(until);
             if pred(self) {
                 return true;
             }
         }
+        false
     }
 
     /// Runs until `pred` holds; returns the virtual ms that took, or a
     /// [`SimFailure`] (carrying the seed) after `timeout_ms`.
-    pub fn run_until(&mut self, pred: impl FnMut(&Sim) -> bool, timeout_ms: u64) -> Result<u64, SimFailure> {
+    pub fn run_until(
+        &mut self,
+        pred: impl FnMut(&Sim) -> bool,
+        timeout_ms: u64,
+    ) -> Result<u64, SimFailure> {
         let start = self.now;
-        if self.step_until(start + timeout_ms, pred) {
+        if self.step_until(start.saturating_add(timeout_ms), pred) {
             Ok(self.now - start)
         } else {
             Err(SimFailure {
@@ -658,8 +706,22 @@ impl Sim {
 
     /// Runs for `ms` virtual milliseconds.
     pub fn run_for(&mut self, ms: u64) {
-        let deadline = self.now + ms;
-        self.step_until(deadline, |_| false);
+        self.advance_to(self.now.saturating_add(ms));
+    }
+
+    /// Executes every queued event due at or before `t`, then sets now = `t`.
+    fn advance_to(&mut self, t: u64) {
+        while let Some(Reverse(q)) = self.queue.peek() {
+            if q.at > t {
+                break;
+            }
+            let Some(Reverse(q)) = self.queue.pop() else {
+                break;
+            };
+            self.now = q.at;
+            self.execute(q.job);
+        }
+        self.now = self.now.max(t);
     }
 
     fn execute(&mut self, job: Job) {
@@ -698,7 +760,11 @@ impl Sim {
     fn drain(&mut self, i: usize) {
         while let Some(out) = self.slots[i].node.poll_output() {
             match out {
-                Output::Transmit { to, reliable, bytes } => self.send(i, to, reliable, bytes),
+                Output::Transmit {
+                    to,
+                    reliable,
+                    bytes,
+                } => self.send(i, to, reliable, bytes),
                 Output::Event(ev) => self.observe(i, &ev),
             }
         }
@@ -716,8 +782,15 @@ impl Sim {
     }
 
     fn observe(&mut self, i: usize, ev: &Event) {
+        match ev {
+            Event::MemberUp(_) => self.events.member_up += 1,
+            Event::MemberDown(_) => self.events.member_down += 1,
+            Event::Changed(_) => self.events.changed += 1,
+            _ => {}
+        }
         if let (Event::Changed(e), Some(w)) = (ev, self.watch.as_mut()) {
-            if w.arrivals[i].is_none() && e.key == w.key && e.value.as_deref() == Some(&w.value[..]) {
+            if w.arrivals[i].is_none() && e.key == w.key && e.value.as_deref() == Some(&w.value[..])
+            {
                 w.arrivals[i] = Some(self.now);
                 w.count += 1;
             }
@@ -735,12 +808,19 @@ impl Sim {
             self.net.partitioned += 1;
             return;
         }
-        if !reliable && self.cfg.datagram_loss > 0.0 && self.rng.random_bool(self.cfg.datagram_loss.min(1.0)) {
+        if !reliable
+            && self.cfg.datagram_loss > 0.0
+            && self.rng.random_bool(self.cfg.datagram_loss.min(1.0))
+        {
             self.net.lost += 1;
             return;
         }
         let (lo, hi) = self.cfg.latency_ms;
-        let delay = if hi > lo { self.rng.random_range(lo..=hi) } else { lo };
+        let delay = if hi > lo {
+            self.rng.random_range(lo..=hi)
+        } else {
+            lo
+        };
         self.enqueue(
             self.now + delay,
             Job::Deliver {
@@ -776,7 +856,9 @@ impl Sim {
 fn wall(mono_ms: u64, skew_ms: i64) -> Now {
     Now {
         mono_ms,
-        wall_ms: BASE_WALL_MS.saturating_add(mono_ms).saturating_add_signed(skew_ms),
+        wall_ms: BASE_WALL_MS
+            .saturating_add(mono_ms)
+            .saturating_add_signed(skew_ms),
     }
 }
 
@@ -798,8 +880,14 @@ mod tests {
             node: "n1".into(),
             gen: 1,
         };
-        assert_eq!(FrameKind::of(&encode(&Msg::Swim(vec![1, 2, 3]))), FrameKind::Swim);
-        assert_eq!(FrameKind::of(&encode(&Msg::Push { entries: vec![] })), FrameKind::Push);
+        assert_eq!(
+            FrameKind::of(&encode(&Msg::Swim(vec![1, 2, 3]))),
+            FrameKind::Swim
+        );
+        assert_eq!(
+            FrameKind::of(&encode(&Msg::Push { entries: vec![] })),
+            FrameKind::Push
+        );
         assert_eq!(
             FrameKind::of(&encode(&Msg::SyncReq {
                 heads: vec![(w.clone(), 3)]
@@ -812,6 +900,10 @@ mod tests {
             reply: true,
         };
         assert_eq!(FrameKind::of(&encode(&resp)), FrameKind::Sync);
+        assert_eq!(
+            FrameKind::of(&encode(&Msg::Blob(vec![7; 40]))),
+            FrameKind::Blob
+        );
         assert_eq!(FrameKind::of(b"SH\x01"), FrameKind::Other);
         assert_eq!(FrameKind::of(b""), FrameKind::Other);
     }
@@ -849,6 +941,9 @@ mod tests {
             .map(|i| sim.now_of(i).wall_ms as i64 - BASE_WALL_MS as i64)
             .collect();
         assert!(skews.iter().all(|s| s.abs() <= 500));
-        assert!(skews.iter().any(|&s| s != 0), "skew was configured but never applied");
+        assert!(
+            skews.iter().any(|&s| s != 0),
+            "skew was configured but never applied"
+        );
     }
 }

@@ -1,31 +1,299 @@
-use shoal_sim::*;
-use std::num::NonZeroU8;
-fn main() {
-    let n: usize = std::env::args().nth(1).unwrap().parse().unwrap();
-    let mode: u32 = std::env::args().nth(2).unwrap().parse().unwrap();
-    for seed in 1..=6 {
-    let t = std::time::Instant::now();
-    let mut cfg = SimConfig::new(n, seed);
-    cfg.tune = match mode { 
-      1 => Some(|_, c| { c.swim.max_transmissions = NonZeroU8::new(c.swim.max_transmissions.get()*2).unwrap(); }),
-      _ => None };
+//! `shoal-sim bench`: how fast one change reaches every node, and what it costs.
+//!
+//! For each cluster size it runs the deterministic simulator in static-peer
+//! mode (replication alone) and, up to `--swim-max` nodes, with full SWIM
+//! membership; puts one change on a random node after warm-up; and reports
+//! the virtual time until 99%, 99.9% and 100% of nodes hold it, the bytes per
+//! second each agent sends while it spreads, and the background rate of an
+//! idle cluster. Medians over `--runs` seeds.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use serde_json::json;
+use shoal_sim::{needed, FrameKind, Sim, SimConfig};
+
+#[derive(Parser)]
+#[command(name = "shoal-sim", about = "Deterministic simulator for shoal cores")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure convergence time and bandwidth of one change.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Cluster sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    nodes: Vec<usize>,
+    /// Seed of the first run; run r uses seed + r.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Runs per configuration; the report shows medians.
+    #[arg(long, default_value_t = 3)]
+    runs: u64,
+    /// Largest size also run with full SWIM membership (foca in every node).
+    #[arg(long, default_value_t = 1000)]
+    swim_max: usize,
+    /// Virtual seconds of idle cluster over which the background rate is measured.
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
+    /// Print JSON instead of a markdown table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Virtual ms to wait for the change to reach everyone before giving up.
+const SPREAD_TIMEOUT_MS: u64 = 120_000;
+/// Warm-up limit for SWIM: every node should know 99% of the cluster by then.
+const SWIM_WARMUP_MS: u64 = 120_000;
+/// After the put, how long push retransmits are counted.
+const RUMOR_LIFE_MS: u64 = 5_000;
+/// Extra settling after warm-up, so join-time rumors are gone before measuring.
+const SETTLE_MS: u64 = 5_000;
+
+#[derive(Debug, Clone)]
+struct RunResult {
+    t99: Option<u64>,
+    t999: Option<u64>,
+    t100: Option<u64>,
+    /// kbit/s per agent, all frames, from the put until 99.9% held it.
+    spread_kbps: f64,
+    /// kbit/s per agent, push frames only, same window.
+    spread_push_kbps: f64,
+    /// Push bytes per agent for the whole life of the change (retransmits included).
+    push_bytes_per_agent: f64,
+    /// kbit/s per agent while idle, by kind.
+    idle_swim_kbps: f64,
+    idle_sync_kbps: f64,
+    /// Virtual ms of warm-up and the smallest membership view after it.
+    warmup_ms: u64,
+    min_view: usize,
+    wall_s: f64,
+}
+
+fn kbps(bytes: u64, nodes: usize, ms: u64) -> f64 {
+    if ms == 0 || nodes == 0 {
+        return 0.0;
+    }
+    bytes as f64 * 8.0 / nodes as f64 / ms as f64 // bits per ms = kbit/s
+}
+
+fn one_run(nodes: usize, static_peers: bool, seed: u64, idle_secs: u64) -> RunResult {
+    let started = Instant::now();
+    let cfg = SimConfig {
+        static_peers,
+        ..SimConfig::new(nodes, seed)
+    };
     let mut sim = Sim::new(cfg);
     sim.join_all();
-    let r = sim.run_until(|s| s.all_see_alive(n), 600_000).unwrap();
-    let a: Vec<usize> = (0..n/2).collect(); let b: Vec<usize> = (n/2..n).collect();
-    sim.partition(&[a, b]);
-    let d = sim.run_until(|s| s.all_see_alive(n/2), 600_000);
-    for i in (0..n).step_by(10) { sim.put(i, &format!("k/{i}"), b"x").unwrap(); }
-    sim.put(3, "conflict", b"A").unwrap();
-    sim.run_for(1);
-    sim.put(n-3, "conflict", b"B").unwrap();
-    sim.run_for(10_000);
-    let f = sim.converged_on("conflict", b"A");
-    sim.heal();
-    let t0 = sim.now();
-    let eq = sim.run_until(|s| s.states_equal(), 900_000);
-    let t1 = sim.now() - t0;
-    let h = sim.run_until(|s| s.all_see_alive(n), 900_000);
-    println!("n={n} seed={seed} alive {r} split {d:?} fA {f} equal {eq:?} alive-again {:?} wall {:?} ", h.map(|x| x + t1), t.elapsed());
+    let warm_start = sim.now();
+    if !static_peers {
+        let want = needed(0.99, nodes);
+        // A slow warm-up is reported (min_view), not fatal.
+        let _ = sim.run_until(|s| s.min_view() >= want, SWIM_WARMUP_MS);
     }
+    sim.run_for(SETTLE_MS);
+    let warmup_ms = sim.now() - warm_start;
+    let min_view = sim.min_view();
+
+    let idle_ms = idle_secs * 1000;
+    let before = sim.net_stats().clone();
+    sim.run_for(idle_ms);
+    let after = sim.net_stats().clone();
+    let idle = |k: FrameKind| kbps(after.bytes(k) - before.bytes(k), nodes, idle_ms);
+    let (idle_swim_kbps, idle_sync_kbps) = (idle(FrameKind::Swim), idle(FrameKind::Sync));
+
+    let mut pick = SmallRng::seed_from_u64(seed ^ 0xbe7c);
+    let origin = pick.random_range(0..nodes);
+    let value = vec![0x5a; 64];
+    sim.watch("bench/change", &value);
+    sim.set_check_every(1);
+    let put_at = sim.now();
+    let at_put = sim.net_stats().clone();
+    if let Err(e) = sim.put(origin, "bench/change", &value) {
+        panic!("bench put refused: {e}");
+    }
+    let need999 = needed(0.999, nodes);
+    let reached = sim.step_until(put_at + SPREAD_TIMEOUT_MS, |s| s.watch_count() >= need999);
+    let window = sim.now() - put_at;
+    let at999 = sim.net_stats().clone();
+    if reached {
+        sim.step_until(put_at + SPREAD_TIMEOUT_MS, |s| s.watch_count() >= nodes);
+    }
+    // Rumors live ~ceil(2·log10 N) gossip ticks; by then every retransmit is out.
+    sim.run_for((put_at + RUMOR_LIFE_MS).saturating_sub(sim.now()));
+    let push_total = sim.net_stats().bytes(FrameKind::Push) - at_put.bytes(FrameKind::Push);
+    RunResult {
+        t99: sim.watch_time_to(0.99),
+        t999: sim.watch_time_to(0.999),
+        t100: sim.watch_time_to(1.0),
+        spread_kbps: kbps(at999.total_bytes() - at_put.total_bytes(), nodes, window),
+        spread_push_kbps: kbps(
+            at999.bytes(FrameKind::Push) - at_put.bytes(FrameKind::Push),
+            nodes,
+            window,
+        ),
+        push_bytes_per_agent: push_total as f64 / nodes as f64,
+        idle_swim_kbps,
+        idle_sync_kbps,
+        warmup_ms,
+        min_view,
+        wall_s: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// Runs every seed, at most as many at once as there are cores.
+fn runs(nodes: usize, static_peers: bool, args: &BenchArgs) -> Vec<RunResult> {
+    let seeds: Vec<u64> = (0..args.runs).map(|r| args.seed + r).collect();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut out = Vec::with_capacity(seeds.len());
+    for batch in seeds.chunks(workers.max(1)) {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|&seed| s.spawn(move || one_run(nodes, static_peers, seed, args.idle_secs)))
+                .collect();
+            for h in handles {
+                match h.join() {
+                    Ok(r) => out.push(r),
+                    Err(_) => {
+                        panic!("a benchmark run panicked (nodes {nodes}, static {static_peers})")
+                    }
+                }
+            }
+        });
+    }
+    out
+}
+
+fn median_f(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Median of optional times; a run that never got there counts as infinitely slow.
+fn median_t(v: impl Iterator<Item = Option<u64>>) -> Option<u64> {
+    let mut v: Vec<u64> = v.map(|t| t.unwrap_or(u64::MAX)).collect();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().filter(|&t| t != u64::MAX)
+}
+
+struct Row {
+    mode: &'static str,
+    nodes: usize,
+    runs: Vec<RunResult>,
+}
+
+impl Row {
+    fn t(&self, f: impl Fn(&RunResult) -> Option<u64>) -> Option<u64> {
+        median_t(self.runs.iter().map(f))
+    }
+    fn m(&self, f: impl Fn(&RunResult) -> f64) -> f64 {
+        median_f(self.runs.iter().map(f).collect())
+    }
+}
+
+fn fmt_t(t: Option<u64>) -> String {
+    t.map_or_else(|| "timeout".to_string(), |t| t.to_string())
+}
+
+fn main() -> ExitCode {
+    let Cmd::Bench(args) = Cli::parse().cmd;
+    let total = Instant::now();
+    let mut rows = Vec::new();
+    for &n in &args.nodes {
+        if n < 2 {
+            eprintln!("--nodes: every size must be at least 2, got {n}");
+            return ExitCode::FAILURE;
+        }
+        rows.push(Row {
+            mode: "static",
+            nodes: n,
+            runs: runs(n, true, &args),
+        });
+        if n <= args.swim_max {
+            rows.push(Row {
+                mode: "swim",
+                nodes: n,
+                runs: runs(n, false, &args),
+            });
+        }
+    }
+    let model = SimConfig::new(0, args.seed).describe();
+    let model = model.trim_end_matches(", SWIM membership");
+    if args.json {
+        let out: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "mode": r.mode,
+                    "nodes": r.nodes,
+                    "runs": r.runs.len(),
+                    "t99_ms": r.t(|x| x.t99),
+                    "t999_ms": r.t(|x| x.t999),
+                    "t100_ms": r.t(|x| x.t100),
+                    "spread_kbit_s_per_agent": r.m(|x| x.spread_kbps),
+                    "spread_push_kbit_s_per_agent": r.m(|x| x.spread_push_kbps),
+                    "push_bytes_per_agent_per_change": r.m(|x| x.push_bytes_per_agent),
+                    "idle_swim_kbit_s_per_agent": r.m(|x| x.idle_swim_kbps),
+                    "idle_sync_kbit_s_per_agent": r.m(|x| x.idle_sync_kbps),
+                    "warmup_ms": r.m(|x| x.warmup_ms as f64),
+                    "min_view": r.m(|x| x.min_view as f64),
+                    "wall_s_per_run": r.m(|x| x.wall_s),
+                })
+            })
+            .collect();
+        let doc = json!({
+            "model": model,
+            "seed": args.seed,
+            "runs": args.runs,
+            "results": out,
+            "wall_s": total.elapsed().as_secs_f64(),
+        });
+        println!("{doc:#}");
+        return ExitCode::SUCCESS;
+    }
+    println!("Network model: {model}. One 64-byte change put on a random node after warm-up;");
+    println!(
+        "times are virtual ms from the put; bandwidth is kbit/s sent per agent. Medians of {} run(s), seeds {}..{}.",
+        args.runs,
+        args.seed,
+        args.seed + args.runs.saturating_sub(1)
+    );
+    println!();
+    println!("| mode | nodes | 99% ms | 99.9% ms | 100% ms | spread kbit/s (all / push) | push B/agent | idle kbit/s (swim / sync) | min view | wall s/run |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.1} / {:.1} | {:.0} | {:.1} / {:.1} | {} | {:.1} |",
+            r.mode,
+            r.nodes,
+            fmt_t(r.t(|x| x.t99)),
+            fmt_t(r.t(|x| x.t999)),
+            fmt_t(r.t(|x| x.t100)),
+            r.m(|x| x.spread_kbps),
+            r.m(|x| x.spread_push_kbps),
+            r.m(|x| x.push_bytes_per_agent),
+            r.m(|x| x.idle_swim_kbps),
+            r.m(|x| x.idle_sync_kbps),
+            if r.mode == "static" {
+                "-".to_string()
+            } else {
+                format!("{:.0}", r.m(|x| x.min_view as f64))
+            },
+            r.m(|x| x.wall_s),
+        );
+    }
+    println!();
+    println!("total wall time {:.1} s", total.elapsed().as_secs_f64());
+    ExitCode::SUCCESS
 }

@@ -51,7 +51,11 @@ pub fn advertisers(state: &State, id: &BlobId, me: &str) -> Vec<String> {
 
 impl Blobs {
     /// Opens the store in `dir`; uploads are capped at `upload_bytes_per_sec` (0: no cap).
-    pub fn open(dir: &Path, upload_bytes_per_sec: u64, seed: u64) -> Result<Self, shoal_blob::StoreError> {
+    pub fn open(
+        dir: &Path,
+        upload_bytes_per_sec: u64,
+        seed: u64,
+    ) -> Result<Self, shoal_blob::StoreError> {
         let store = BlobStore::open(dir)?;
         let limiter = RateLimiter::new(upload_bytes_per_sec, upload_bytes_per_sec.max(8 << 20));
         Ok(Blobs {
@@ -66,11 +70,6 @@ impl Blobs {
     /// The store.
     pub fn store(&self) -> &BlobStore {
         &self.store
-    }
-
-    /// Whether a download of `id` is running.
-    pub fn is_fetching(&self, id: &BlobId) -> bool {
-        self.fetches.contains_key(id)
     }
 
     /// Starts downloading `id` from `peers` unless it is present or already running.
@@ -98,7 +97,12 @@ impl Blobs {
     }
 
     /// Handles a transfer message from `from`; returns the answer to send back, if any.
-    pub fn on_message(&mut self, from: &str, payload: &[u8], now_ms: u64) -> Result<Option<Vec<u8>>, String> {
+    pub fn on_message(
+        &mut self,
+        from: &str,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Result<Option<Vec<u8>>, String> {
         let msg = BlobMsg::decode(payload).map_err(|e| e.to_string())?;
         if msg.is_request() {
             return self
@@ -177,10 +181,5 @@ impl Blobs {
     pub fn take_finished(&mut self) -> Vec<Finished> {
         self.collect_finished();
         std::mem::take(&mut self.finished)
-    }
-
-    /// `(chunks present, total)` of a running download.
-    pub fn progress(&self, id: &BlobId) -> Option<(u32, Option<u32>)> {
-        self.fetches.get(id).map(Fetch::progress)
     }
 }

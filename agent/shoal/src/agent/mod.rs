@@ -9,16 +9,19 @@ pub mod api;
 pub mod blobs;
 pub mod config;
 pub mod metrics;
+pub mod plugins;
 pub mod resources;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use shoal_core::wire::{self, Msg};
 use shoal_core::{Entry, Event, Node, Now, Output, Status, NODE_PREFIX};
 use shoal_net::{Identity, Incoming, Net, NetConfig};
+use shoal_policy::{HostConfig, PolicyHost, PolicyKind};
 use shoal_store::{Persist, RedbStore};
 use tokio::sync::{mpsc, oneshot};
 
@@ -61,6 +64,48 @@ pub enum Command {
         /// Answer.
         reply: oneshot::Sender<String>,
     },
+    /// Store a validated plugin as a blob and bind it cluster-wide.
+    InstallPlugin {
+        /// The world.
+        kind: PolicyKind,
+        /// Service scope (`None`: cluster default).
+        service: Option<String>,
+        /// Name.
+        name: String,
+        /// The component.
+        wasm: Vec<u8>,
+        /// Answer.
+        reply: oneshot::Sender<Result<plugins::Binding, ApiError>>,
+    },
+    /// Remove a binding (revert to the built-in or cluster default).
+    RemovePlugin {
+        /// The world.
+        kind: PolicyKind,
+        /// Service scope.
+        service: Option<String>,
+        /// Answer.
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    /// Plugin states: this agent's, or every agent's as published.
+    Plugins {
+        /// Every agent's rows.
+        all: bool,
+        /// Answer.
+        reply: oneshot::Sender<Vec<plugins::PluginRow>>,
+    },
+    /// The scheduler's view of the cluster.
+    Snapshot {
+        /// Answer.
+        reply: oneshot::Sender<shoal_policy::Snapshot>,
+    },
+}
+
+/// A component compiled off the driver task.
+pub struct Compiled {
+    key: String,
+    blob: String,
+    wasm: Vec<u8>,
+    result: Result<(), String>,
 }
 
 /// Why an API request failed.
@@ -97,6 +142,11 @@ struct Driver {
     persist_errors: u64,
     pending: Vec<Entry>,
     blobs: blobs::Blobs,
+    host: Arc<PolicyHost>,
+    plugins: plugins::Plugins,
+    kv: plugins::KvMirror,
+    compiled_tx: mpsc::Sender<Compiled>,
+    published_plugins: Option<Vec<u8>>,
 }
 
 impl Driver {
@@ -119,6 +169,7 @@ impl Driver {
                     bytes,
                 } => sends.push((to, reliable, bytes)),
                 Output::Event(Event::Changed(e)) => {
+                    self.on_changed(&e);
                     if !e.is_node_owned() {
                         self.pending.push(e);
                     }
@@ -189,14 +240,285 @@ impl Driver {
             }
         }
         for done in self.blobs.take_finished() {
+            let waiting = self.plugins.waiting_for(&done.id);
             match done.result {
                 Ok(()) => {
                     tracing::info!(blob = %done.id, "blob fetched and verified");
                     self.advertise_blob(&done.id);
+                    for key in waiting {
+                        self.start_compile(&key, done.id);
+                    }
                 }
-                Err(reason) => tracing::warn!(blob = %done.id, "blob fetch failed: {reason}"),
+                Err(reason) => {
+                    tracing::warn!(blob = %done.id, "blob fetch failed: {reason}");
+                    for key in waiting {
+                        self.fail_plugin(&key, format!("fetching blob {}: {reason}", done.id));
+                    }
+                }
             }
         }
+    }
+
+    /// Reacts to a replicated change: plugin bindings, blob advertisements, kv for plugins.
+    fn on_changed(&mut self, e: &Entry) {
+        self.kv.apply(e);
+        if e.key.starts_with(plugins::PLUGIN_PREFIX) {
+            self.binding_changed(e);
+        } else if let Some((owner, id)) = e
+            .key
+            .strip_prefix(NODE_PREFIX)
+            .and_then(|rest| rest.split_once(blobs::BLOB_INFIX))
+        {
+            if owner != self.cfg.name && !e.is_tombstone() {
+                if let Ok(id) = id.parse::<shoal_blob::BlobId>() {
+                    self.blobs.add_peer(&id, owner);
+                }
+            }
+        }
+    }
+
+    fn binding_changed(&mut self, e: &Entry) {
+        let Some(value) = e.value.as_deref() else {
+            if let Some((b, _)) = self.plugins.bindings.remove(&e.key) {
+                self.host.remove(b.kind, b.service.as_deref());
+            }
+            return;
+        };
+        let binding: plugins::Binding = match serde_json::from_slice(value) {
+            Ok(b) => b,
+            Err(err) => {
+                tracing::warn!(key = %e.key, "ignoring unreadable plugin binding: {err}");
+                return;
+            }
+        };
+        if let Some((old, _)) = self.plugins.bindings.get(&e.key) {
+            if old.blob == binding.blob {
+                return;
+            }
+        }
+        tracing::info!(kind = %binding.kind, name = %binding.name, hash = %binding.hash, "plugin binding changed");
+        self.plugins
+            .bindings
+            .insert(e.key.clone(), (binding, plugins::Local::Fetching));
+        self.ensure_plugin(&e.key);
+    }
+
+    /// Moves a binding towards installed: fetch its blob, or compile it if present.
+    fn ensure_plugin(&mut self, key: &str) {
+        let Some((b, _)) = self.plugins.bindings.get(key) else {
+            return;
+        };
+        let id = match b.blob.parse::<shoal_blob::BlobId>() {
+            Ok(id) => id,
+            Err(e) => {
+                self.set_local(
+                    key,
+                    plugins::Local::Failed {
+                        reason: e.to_string(),
+                        attempts: 1,
+                    },
+                );
+                return;
+            }
+        };
+        if self.blobs.store().has(&id) {
+            self.start_compile(key, id);
+        } else {
+            let peers = blobs::advertisers(self.node.state(), &id, &self.cfg.name);
+            self.set_local(key, plugins::Local::Fetching);
+            self.blobs.want(id, peers);
+        }
+    }
+
+    fn set_local(&mut self, key: &str, local: plugins::Local) {
+        if let Some(entry) = self.plugins.bindings.get_mut(key) {
+            entry.1 = local;
+        }
+    }
+
+    fn start_compile(&mut self, key: &str, id: shoal_blob::BlobId) {
+        let Some((b, _)) = self.plugins.bindings.get(key).cloned() else {
+            return;
+        };
+        let wasm = match tokio::task::block_in_place(|| self.blobs.store().read_all(&id)) {
+            Ok(w) => w,
+            Err(e) => {
+                self.fail_plugin(key, format!("reading blob {id}: {e}"));
+                return;
+            }
+        };
+        self.set_local(key, plugins::Local::Compiling);
+        let host = self.host.clone();
+        let tx = self.compiled_tx.clone();
+        let key = key.to_string();
+        // Compiling takes Cranelift a while; the driver keeps serving meanwhile.
+        // `validate` leaves the compiled artifact in the cache, so the install
+        // on the driver task afterwards is a quick load.
+        tokio::task::spawn_blocking(move || {
+            let result = host.validate(b.kind, &wasm).map_err(|e| e.to_string());
+            let _ = tx.blocking_send(Compiled {
+                key,
+                blob: b.blob,
+                wasm,
+                result,
+            });
+        });
+    }
+
+    fn fail_plugin(&mut self, key: &str, reason: String) {
+        tracing::warn!(binding = key, "plugin not activated: {reason}");
+        let attempts = match self.plugins.bindings.get(key) {
+            Some((_, plugins::Local::Failed { attempts, .. })) => attempts + 1,
+            _ => 1,
+        };
+        self.set_local(key, plugins::Local::Failed { reason, attempts });
+    }
+
+    fn on_compiled(&mut self, c: Compiled) {
+        let Some((b, _)) = self.plugins.bindings.get(&c.key).cloned() else {
+            return;
+        };
+        if b.blob != c.blob {
+            return; // A newer binding replaced this one while it compiled.
+        }
+        let installed = c.result.and_then(|()| {
+            tokio::task::block_in_place(|| {
+                self.host
+                    .install(b.kind, b.service.as_deref(), &b.name, &c.wasm)
+                    .map_err(|e| e.to_string())
+            })
+        });
+        match installed {
+            Ok(hash) => {
+                tracing::info!(kind = %b.kind, name = %b.name, %hash, "plugin active");
+                self.set_local(&c.key, plugins::Local::Installed);
+            }
+            Err(reason) => self.fail_plugin(&c.key, reason),
+        }
+        self.publish_plugins();
+    }
+
+    /// Retries failed bindings (a peer may have come back) a bounded number of times.
+    fn retry_plugins(&mut self) {
+        let retry: Vec<String> = self
+            .plugins
+            .bindings
+            .iter()
+            .filter(|(_, (_, l))| matches!(l, plugins::Local::Failed { attempts, .. } if *attempts < 10))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in retry {
+            self.ensure_plugin(&key);
+        }
+    }
+
+    /// Publishes this agent's plugin states when they changed.
+    fn publish_plugins(&mut self) {
+        let rows = self.plugins.rows(&self.cfg.name, &self.host);
+        let Ok(json) = serde_json::to_vec(&rows) else {
+            return;
+        };
+        if self.published_plugins.as_ref() == Some(&json) {
+            return;
+        }
+        let key = self.node.node_key(plugins::PLUGINS_SUFFIX);
+        let now = self.now();
+        if self.node.put(&key, Some(json.clone()), now).is_ok() {
+            self.published_plugins = Some(json);
+        }
+    }
+
+    fn install_plugin(
+        &mut self,
+        kind: PolicyKind,
+        service: Option<String>,
+        name: String,
+        wasm: Vec<u8>,
+    ) -> Result<plugins::Binding, ApiError> {
+        let id = tokio::task::block_in_place(|| self.blobs.store().put_bytes(&wasm))
+            .map_err(|e| ApiError::Storage(format!("storing the plugin blob: {e}")))?;
+        self.advertise_blob(&id);
+        let binding = plugins::Binding {
+            kind,
+            service: service.clone(),
+            name,
+            blob: id.to_string(),
+            hash: blake3::hash(&wasm).to_hex().to_string(),
+            size: wasm.len() as u64,
+            installed_by: self.cfg.name.clone(),
+            installed_ms: wall_ms(),
+        };
+        let value = serde_json::to_vec(&binding).map_err(|e| ApiError::Storage(e.to_string()))?;
+        let key = plugins::binding_key(kind, service.as_deref());
+        let now = self.now();
+        self.node
+            .put(&key, Some(value), now)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        self.flush().map_err(|e| {
+            ApiError::Storage(format!("binding applied in memory but not persisted: {e}"))
+        })?;
+        Ok(binding)
+    }
+
+    fn plugin_rows(&self, all: bool) -> Vec<plugins::PluginRow> {
+        if !all {
+            return self.plugins.rows(&self.cfg.name, &self.host);
+        }
+        let mut rows = Vec::new();
+        for (id, status) in self.node.members() {
+            if matches!(status, Status::Down | Status::Left) {
+                continue;
+            }
+            if id.name == self.cfg.name {
+                rows.extend(self.plugins.rows(&self.cfg.name, &self.host));
+                continue;
+            }
+            let key = format!("{NODE_PREFIX}{}/{}", id.name, plugins::PLUGINS_SUFFIX);
+            if let Some(v) = self.node.state().value(&key) {
+                if let Ok(r) = serde_json::from_slice::<Vec<plugins::PluginRow>>(v) {
+                    rows.extend(r);
+                }
+            }
+        }
+        rows
+    }
+
+    /// The scheduler's view: every member with labels and capacity. Nothing is
+    /// allocated yet, so free equals capacity.
+    fn snapshot(&self) -> shoal_policy::Snapshot {
+        let nodes = self
+            .nodes()
+            .into_iter()
+            .map(|n| {
+                let r = n.resources.unwrap_or(Resources {
+                    cpus: 0,
+                    memory_bytes: 0,
+                    memory_free_bytes: 0,
+                    disk_free_bytes: 0,
+                });
+                let capacity = shoal_policy::Resources {
+                    cpu_millis: u64::from(r.cpus) * 1000,
+                    memory_bytes: r.memory_bytes,
+                    disk_bytes: r.disk_free_bytes,
+                };
+                shoal_policy::Node {
+                    name: n.name,
+                    labels: n.labels,
+                    status: match n.status.as_str() {
+                        "alive" => shoal_policy::NodeStatus::Alive,
+                        "suspect" => shoal_policy::NodeStatus::Suspect,
+                        "left" => shoal_policy::NodeStatus::Left,
+                        _ => shoal_policy::NodeStatus::Down,
+                    },
+                    capacity,
+                    free: capacity,
+                    ports_in_use: Vec::new(),
+                    images: Vec::new(),
+                    allocations: BTreeMap::new(),
+                }
+            })
+            .collect();
+        shoal_policy::Snapshot { nodes }
     }
 
     /// Tells the cluster this node holds `id`.
@@ -328,6 +650,42 @@ impl Driver {
             Command::Metrics { reply } => {
                 let _ = reply.send(self.metrics());
             }
+            Command::InstallPlugin {
+                kind,
+                service,
+                name,
+                wasm,
+                reply,
+            } => {
+                let res = self.install_plugin(kind, service, name, wasm);
+                let _ = reply.send(res);
+            }
+            Command::RemovePlugin {
+                kind,
+                service,
+                reply,
+            } => {
+                let key = plugins::binding_key(kind, service.as_deref());
+                let res = if self.node.state().value(&key).is_none() {
+                    Err(ApiError::NotFound(format!(
+                        "no {kind} plugin is installed{}",
+                        service.map_or(String::new(), |s| format!(" for service {s}"))
+                    )))
+                } else {
+                    let now = self.now();
+                    match self.node.put(&key, None, now) {
+                        Err(e) => Err(ApiError::BadRequest(e.to_string())),
+                        Ok(_) => self.flush().map_err(|e| ApiError::Storage(e.to_string())),
+                    }
+                };
+                let _ = reply.send(res);
+            }
+            Command::Plugins { all, reply } => {
+                let _ = reply.send(self.plugin_rows(all));
+            }
+            Command::Snapshot { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
         }
     }
 }
@@ -382,6 +740,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let probe = Probe::new(&cfg.data_dir);
     let blobs = blobs::Blobs::open(&cfg.data_dir.join("blobs"), cfg.upload_rate(), seed)
         .context("opening the blob store")?;
+    let kv = plugins::KvMirror::default();
+    let host_cfg = HostConfig {
+        cache_dir: Some(cfg.data_dir.join("policy-cache")),
+        ..HostConfig::default()
+    };
+    let host = tokio::task::block_in_place(|| PolicyHost::new(host_cfg))
+        .context("starting the policy host")?
+        .with_kv(Arc::new(kv.clone()));
+    let (compiled_tx, mut compiled_rx) = mpsc::channel::<Compiled>(16);
     let mut d = Driver {
         node,
         net,
@@ -392,8 +759,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         persist_errors: 0,
         pending: Vec::new(),
         blobs,
+        host: Arc::new(host),
+        plugins: plugins::Plugins::default(),
+        kv,
+        compiled_tx,
+        published_plugins: None,
         cfg,
     };
+    // Bindings and kv restored from disk take effect as if they had just arrived.
+    let restored_entries: Vec<Entry> = d.node.state().entries().cloned().collect();
+    for e in &restored_entries {
+        d.on_changed(e);
+    }
     d.publish_info()?;
     d.refresh_resources();
     // Node-owned state is rebuilt on start: advertise every blob we hold.
@@ -405,9 +782,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     d.node.join(&seeds, now);
     d.flush()?;
 
+    d.publish_plugins();
+    d.flush()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(256);
     let (api_stop_tx, api_stop_rx) = oneshot::channel::<()>();
-    let api_task = tokio::spawn(api::serve(listener, cmd_tx, api_stop_rx));
+    let api_task = tokio::spawn(api::serve(listener, cmd_tx, d.host.clone(), api_stop_rx));
     tracing::info!(
         name = %d.cfg.name, quic = %d.cfg.listen, api = %d.cfg.api, restored,
         "agent started"
@@ -442,7 +821,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 d.node.handle_timeout(now);
                 tokio::task::block_in_place(|| d.blobs.handle_timeout(now.mono_ms));
             }
-            _ = res_tick.tick() => d.refresh_resources(),
+            Some(c) = compiled_rx.recv() => d.on_compiled(c),
+            _ = res_tick.tick() => {
+                d.refresh_resources();
+                d.retry_plugins();
+                d.publish_plugins();
+            }
         }
         // A failed persist is counted, logged and retried on the next flush;
         // it must not stop the agent.

@@ -1,0 +1,41 @@
+//! The narrow trait every runtime driver implements.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::DriverError;
+use crate::spec::{Usage, WorkloadSpec, WorkloadStatus};
+
+/// Starts, stops and observes the workloads of one node.
+///
+/// Object-safe (`Arc<dyn Driver>`) and its futures are `Send`, so the agent can pick a
+/// driver at run time and call it from spawned tasks. All methods are safe to call
+/// concurrently, and concurrent starts of one alloc id never run it twice (the second
+/// one returns the first's workload or fails).
+#[async_trait]
+pub trait Driver: Send + Sync {
+    /// Short name: `docker`, `process` or `mem`.
+    fn name(&self) -> &'static str;
+
+    /// Starts the workload. If one for `spec.alloc_id` is already running it is
+    /// returned as is (start is idempotent); one that has ended is replaced.
+    async fn start(&self, spec: &WorkloadSpec) -> Result<WorkloadStatus, DriverError>;
+
+    /// Asks the workload to stop, kills it after `grace`, and removes it with its logs
+    /// and records. Stopping a workload that does not exist is `Ok`.
+    async fn stop(&self, alloc_id: &str, grace: Duration) -> Result<(), DriverError>;
+
+    /// The workload's current status, or `None` if this node has none for `alloc_id`.
+    async fn status(&self, alloc_id: &str) -> Result<Option<WorkloadStatus>, DriverError>;
+
+    /// Every workload this node's shoal started and has not stopped, running or ended:
+    /// what a restarted agent adopts, and what orphan cleanup stops.
+    async fn list(&self) -> Result<Vec<WorkloadStatus>, DriverError>;
+
+    /// Resource use, or `None` if the workload does not exist or is not running.
+    async fn usage(&self, alloc_id: &str) -> Result<Option<Usage>, DriverError>;
+
+    /// Captured stdout and stderr, interleaved; the last `tail` lines if given.
+    async fn logs(&self, alloc_id: &str, tail: Option<usize>) -> Result<Vec<u8>, DriverError>;
+}

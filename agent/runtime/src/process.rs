@@ -1,0 +1,865 @@
+//! The `process` driver: workloads as plain processes, for hosts without Docker.
+//!
+//! Layout of the state dir:
+//! - `allocs/<alloc_id>.json` — what was started: pid, the process's start time (from
+//!   `/proc/<pid>/stat`), the boot id, ports, and the exit status once known. This is
+//!   the pid file: a restarted agent re-adopts a process only if a process with that
+//!   pid exists *and* has the recorded start time in the same boot, so a reused pid is
+//!   never mistaken for (or signalled as) the workload.
+//! - `logs/<alloc_id>.log` — stdout and stderr, interleaved. Not rotated.
+//!
+//! Each workload gets its own process group (leader = the spawned program), so `stop`
+//! signals everything it forked: SIGTERM to the group, SIGKILL after the grace period.
+//!
+//! Environment: the workload sees only `PATH` from the agent, then the spec's `env`,
+//! then `SHOAL_ALLOC_ID`, `SHOAL_SERVICE`, `SHOAL_SLOT`, `SHOAL_VERSION`, and for every
+//! port `PORT_<NAME>` (see [`crate::port_env_name`]) with its host port, plus `PORT` for
+//! the first port. A process has no port mapping: it must listen on the host port
+//! (`container_port` is not used). A dynamic port is found by binding port 0 and
+//! releasing it, so another program may take it before the workload binds it; the
+//! workload then fails and is restarted by the agent on a new port.
+//!
+//! Not done here: `cpu_millis` and `memory_bytes` are not enforced (no cgroups); a
+//! descendant that leaves the group (`setsid`, daemonising) escapes `stop` and usage;
+//! the working directory is the agent's; logs are not rotated.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::driver::Driver;
+use crate::error::DriverError;
+use crate::procfs;
+use crate::spec::{
+    check_alloc_id, port_env_name, tail_lines, Protocol, RunState, Usage, WorkloadKind,
+    WorkloadSpec, WorkloadStatus,
+};
+
+const NAME: &str = "process";
+/// How long to wait for a group to vanish after SIGKILL before reporting it stuck
+/// (processes in uninterruptible sleep can outlive SIGKILL for a while).
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// Used when the agent itself has no PATH.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Runs workloads as process groups and adopts them again after an agent restart.
+pub struct ProcessDriver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    allocs_dir: PathBuf,
+    logs_dir: PathBuf,
+    boot_id: Option<String>,
+    ticks_per_sec: u64,
+    page_size: u64,
+    /// What this instance learnt in memory; the files stay the source of truth.
+    live: Mutex<HashMap<String, Live>>,
+    /// One async lock per alloc id, so start/stop/exit-recording of one alloc never
+    /// interleave while different allocs proceed in parallel.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+#[derive(Default)]
+struct Live {
+    /// Pid of the child this instance spawned and whose exit a watcher task awaits.
+    watched_pid: Option<i32>,
+    /// Exit of that child, once the watcher reaped it: (pid, exit).
+    exit: Option<(i32, ExitRecord)>,
+    /// Previous CPU reading, for `usage` deltas.
+    cpu: Option<CpuSample>,
+}
+
+#[derive(Clone, Copy)]
+struct CpuSample {
+    pid: i32,
+    ticks: u64,
+    at: Instant,
+}
+
+/// The per-alloc file. Changing it needs a migration: live agents' files outlive them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AllocRecord {
+    alloc_id: String,
+    service: String,
+    slot: u32,
+    version: u64,
+    command: Vec<String>,
+    pid: i32,
+    start_ticks: u64,
+    boot_id: Option<String>,
+    started_at_ms: u64,
+    ports: Vec<(String, u16)>,
+    #[serde(default)]
+    exit: Option<ExitRecord>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct ExitRecord {
+    code: Option<i32>,
+    signal: Option<i32>,
+}
+
+impl ExitRecord {
+    fn from_status(st: std::process::ExitStatus) -> Self {
+        ExitRecord {
+            code: st.code(),
+            signal: st.signal(),
+        }
+    }
+
+    fn from_wait_status(status: libc::c_int) -> Self {
+        if libc::WIFEXITED(status) {
+            ExitRecord {
+                code: Some(libc::WEXITSTATUS(status)),
+                signal: None,
+            }
+        } else if libc::WIFSIGNALED(status) {
+            ExitRecord {
+                code: None,
+                signal: Some(libc::WTERMSIG(status)),
+            }
+        } else {
+            ExitRecord {
+                code: None,
+                signal: None,
+            }
+        }
+    }
+
+    fn state(self) -> RunState {
+        match (self.code, self.signal) {
+            (Some(code), _) => RunState::Exited { code: Some(code) },
+            (None, Some(sig)) => RunState::Failed {
+                reason: format!("killed by signal {sig}{}", signal_name(sig)),
+            },
+            (None, None) => RunState::Exited { code: None },
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => " (SIGHUP)",
+        libc::SIGINT => " (SIGINT)",
+        libc::SIGABRT => " (SIGABRT)",
+        libc::SIGKILL => " (SIGKILL, e.g. out of memory)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        libc::SIGPIPE => " (SIGPIPE)",
+        libc::SIGTERM => " (SIGTERM)",
+        _ => "",
+    }
+}
+
+/// Whether the recorded leader process is still the one we started.
+enum Leader {
+    Alive,
+    /// Gone, exited (maybe as a zombie), or its pid now belongs to someone else.
+    Gone(Option<ExitRecord>),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DriverError + 'a {
+    move |source| DriverError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl ProcessDriver {
+    /// Opens (creating if needed) the driver's state under `state_dir`. Workloads
+    /// recorded there by an earlier instance are adopted, not restarted.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Result<Self, DriverError> {
+        let state_dir = state_dir.into();
+        let allocs_dir = state_dir.join("allocs");
+        let logs_dir = state_dir.join("logs");
+        for dir in [&allocs_dir, &logs_dir] {
+            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        }
+        Ok(ProcessDriver {
+            inner: Arc::new(Inner {
+                allocs_dir,
+                logs_dir,
+                boot_id: procfs::boot_id(),
+                ticks_per_sec: procfs::ticks_per_sec(),
+                page_size: procfs::page_size(),
+                live: Mutex::new(HashMap::new()),
+                locks: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Path of the log file of `alloc_id` (it may not exist).
+    pub fn log_path(&self, alloc_id: &str) -> PathBuf {
+        self.inner.log_path(alloc_id)
+    }
+}
+
+impl Inner {
+    fn record_path(&self, alloc_id: &str) -> PathBuf {
+        self.allocs_dir.join(format!("{alloc_id}.json"))
+    }
+
+    fn log_path(&self, alloc_id: &str) -> PathBuf {
+        self.logs_dir.join(format!("{alloc_id}.log"))
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        // A panic elsewhere while holding the lock leaves plain data behind: keep going.
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn lock(&self, alloc_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(alloc_id.to_string()).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+
+    /// Drops the lock of a stopped alloc unless someone else holds or awaits it, so the
+    /// map does not grow with every alloc ever run.
+    fn forget_lock(&self, alloc_id: &str) {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Two references: the map's and the caller's guard.
+        if locks
+            .get(alloc_id)
+            .is_some_and(|m| Arc::strong_count(m) <= 2)
+        {
+            locks.remove(alloc_id);
+        }
+    }
+
+    fn read_record(&self, alloc_id: &str) -> Result<Option<AllocRecord>, DriverError> {
+        let path = self.record_path(alloc_id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("read alloc record", &path)(e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| DriverError::CorruptRecord {
+                path,
+                reason: e.to_string(),
+            })
+    }
+
+    fn write_record(&self, rec: &AllocRecord) -> Result<(), DriverError> {
+        let path = self.record_path(&rec.alloc_id);
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(rec).map_err(|e| DriverError::Io {
+            what: "encode alloc record",
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        // Write-then-rename: a crash leaves the old record or the new one, never half.
+        (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        })()
+        .map_err(io_err("write alloc record", &path))
+    }
+
+    fn remove_files(&self, alloc_id: &str) -> Result<(), DriverError> {
+        for path in [self.record_path(alloc_id), self.log_path(alloc_id)] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove", &path)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn same_boot(&self, rec: &AllocRecord) -> bool {
+        match (&rec.boot_id, &self.boot_id) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
+    }
+
+    fn leader(&self, rec: &AllocRecord) -> Leader {
+        if !self.same_boot(rec) {
+            return Leader::Gone(None);
+        }
+        let Some(st) = procfs::read_stat(rec.pid) else {
+            return Leader::Gone(None);
+        };
+        if st.start_ticks != rec.start_ticks {
+            return Leader::Gone(None); // the pid was reused by another process
+        }
+        if st.is_alive() {
+            return Leader::Alive;
+        }
+        // A zombie. If it is our child and no watcher task of this instance will reap
+        // it (e.g. the agent re-exec'd itself), reap it here to learn its exit status.
+        let watched = self
+            .live()
+            .get(&rec.alloc_id)
+            .is_some_and(|l| l.watched_pid == Some(rec.pid));
+        if watched {
+            // The watcher reaps it within moments and records the real exit status.
+            return Leader::Alive;
+        }
+        if st.ppid == std::process::id() as i32 {
+            let mut status: libc::c_int = 0;
+            // SAFETY: plain syscall on a pid we started; WNOHANG never blocks.
+            let r = unsafe { libc::waitpid(rec.pid, &mut status, libc::WNOHANG) };
+            if r == rec.pid {
+                return Leader::Gone(Some(ExitRecord::from_wait_status(status)));
+            }
+        }
+        Leader::Gone(None)
+    }
+
+    fn status_of(&self, rec: &AllocRecord) -> WorkloadStatus {
+        let remembered = self
+            .live()
+            .get(&rec.alloc_id)
+            .and_then(|l| l.exit)
+            .filter(|(pid, _)| *pid == rec.pid)
+            .map(|(_, e)| e);
+        let state = match remembered.or(rec.exit) {
+            Some(exit) => exit.state(),
+            None => match self.leader(rec) {
+                Leader::Alive => RunState::Running,
+                Leader::Gone(Some(exit)) => {
+                    self.remember_exit(&rec.alloc_id, rec.pid, exit);
+                    exit.state()
+                }
+                Leader::Gone(None) => RunState::Exited { code: None },
+            },
+        };
+        WorkloadStatus {
+            alloc_id: rec.alloc_id.clone(),
+            service: rec.service.clone(),
+            slot: rec.slot,
+            version: rec.version,
+            handle: rec.pid.to_string(),
+            state,
+            ports: rec.ports.clone(),
+            started_at_ms: rec.started_at_ms,
+        }
+    }
+
+    fn remember_exit(&self, alloc_id: &str, pid: i32, exit: ExitRecord) {
+        self.live().entry(alloc_id.to_string()).or_default().exit = Some((pid, exit));
+    }
+
+    /// Records a child's exit in memory and in its file, unless the alloc was stopped
+    /// (file removed) or restarted (other pid) in the meantime.
+    async fn record_exit(&self, alloc_id: &str, pid: i32, exit: ExitRecord) {
+        self.remember_exit(alloc_id, pid, exit);
+        let _guard = self.lock(alloc_id).await;
+        match self.read_record(alloc_id) {
+            Ok(Some(mut rec)) if rec.pid == pid && rec.exit.is_none() => {
+                rec.exit = Some(exit);
+                if let Err(e) = self.write_record(&rec) {
+                    tracing::warn!(alloc_id, error = %e, "cannot record workload exit");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(alloc_id, error = %e, "cannot record workload exit"),
+        }
+    }
+
+    /// True if signalling process group `rec.pid` can only reach our workload.
+    fn may_signal_group(&self, rec: &AllocRecord) -> bool {
+        if !self.same_boot(rec) || rec.pid <= 1 {
+            return false;
+        }
+        match procfs::read_stat(rec.pid) {
+            // Our leader, alive or a zombie: the group is ours.
+            Some(st) if st.start_ticks == rec.start_ticks => true,
+            // Another process holds the pid now; it may lead a group of the same id.
+            Some(_) => false,
+            // Leader gone; members left in its group are its descendants (a group id is
+            // not reused while the group has members).
+            None => procfs::group_members(rec.pid).is_ok_and(|m| !m.is_empty()),
+        }
+    }
+
+    /// SIGTERM, wait up to `grace`, SIGKILL, wait; Ok once no live process is left.
+    async fn kill_group(&self, rec: &AllocRecord, grace: Duration) -> Result<(), DriverError> {
+        if !self.may_signal_group(rec) {
+            return Ok(());
+        }
+        let pgid = rec.pid;
+        if !grace.is_zero() {
+            signal_group(pgid, libc::SIGTERM);
+            if wait_group_gone(pgid, grace).await {
+                return Ok(());
+            }
+        }
+        signal_group(pgid, libc::SIGKILL);
+        if wait_group_gone(pgid, KILL_WAIT).await {
+            return Ok(());
+        }
+        Err(DriverError::StillRunning {
+            alloc_id: rec.alloc_id.clone(),
+            pids: procfs::group_members(pgid)
+                .unwrap_or_default()
+                .iter()
+                .map(|p| p.pid)
+                .collect(),
+        })
+    }
+
+    fn usage_of(&self, rec: &AllocRecord) -> Usage {
+        let members = procfs::group_members(rec.pid).unwrap_or_default();
+        let ticks: u64 = members.iter().map(|m| m.cpu_ticks).sum();
+        let memory_bytes = members
+            .iter()
+            .filter_map(|m| procfs::rss_bytes(m.pid, self.page_size))
+            .sum();
+        let now = Instant::now();
+        let tps = self.ticks_per_sec as f64;
+        let mut live = self.live();
+        let entry = live.entry(rec.alloc_id.clone()).or_default();
+        let cpu_percent = match entry.cpu.filter(|c| c.pid == rec.pid) {
+            Some(prev) => {
+                let secs = now.duration_since(prev.at).as_secs_f64();
+                // Members that exit take their ticks with them: never report negative.
+                let delta = ticks.saturating_sub(prev.ticks) as f64 / tps;
+                if secs > 0.0 {
+                    delta / secs * 100.0
+                } else {
+                    0.0
+                }
+            }
+            None => {
+                let since_start = procfs::uptime_secs()
+                    .map(|up| up - rec.start_ticks as f64 / tps)
+                    .unwrap_or(0.0);
+                if since_start > 0.0 {
+                    ticks as f64 / tps / since_start * 100.0
+                } else {
+                    0.0
+                }
+            }
+        };
+        entry.cpu = Some(CpuSample {
+            pid: rec.pid,
+            ticks,
+            at: now,
+        });
+        Usage {
+            cpu_percent,
+            memory_bytes,
+        }
+    }
+}
+
+fn signal_group(pgid: i32, sig: libc::c_int) {
+    // kill(0) and kill(-1) would hit the agent's own group or every process it may
+    // signal: never let a bad pid get there.
+    if pgid <= 1 {
+        return;
+    }
+    // SAFETY: plain syscall. A negative pid addresses the group; ESRCH (no member left)
+    // is the outcome we want anyway, so the result is not needed.
+    unsafe {
+        libc::kill(-pgid, sig);
+    }
+}
+
+/// Polls until group `pgid` has no live member; false if `within` passes first.
+async fn wait_group_gone(pgid: i32, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut step = Duration::from_millis(5);
+    loop {
+        match procfs::group_members(pgid) {
+            Ok(m) if m.is_empty() => return true,
+            _ => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep(step.min(deadline - now)).await;
+        step = (step * 2).min(Duration::from_millis(100));
+    }
+}
+
+fn pick_port(proto: Protocol) -> io::Result<u16> {
+    let any = SocketAddr::from(([0, 0, 0, 0], 0));
+    match proto {
+        Protocol::Tcp => TcpListener::bind(any)?.local_addr().map(|a| a.port()),
+        Protocol::Udp => UdpSocket::bind(any)?.local_addr().map(|a| a.port()),
+    }
+}
+
+/// Reads the whole file, or only its last `tail` lines without reading all of it.
+fn read_log(path: &Path, tail: Option<usize>) -> io::Result<Vec<u8>> {
+    let mut f = File::open(path)?;
+    let Some(n) = tail else {
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        return Ok(buf);
+    };
+    let len = f.metadata()?.len();
+    let mut chunk: u64 = 64 * 1024;
+    loop {
+        let start = len.saturating_sub(chunk);
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        let lines = buf.iter().filter(|b| **b == b'\n').count();
+        // One more newline than lines wanted guarantees the first line is whole.
+        if start == 0 || lines > n {
+            let tail = tail_lines(&buf, n);
+            return Ok(tail.to_vec());
+        }
+        chunk = chunk.saturating_mul(4);
+    }
+}
+
+#[async_trait]
+impl Driver for ProcessDriver {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn start(&self, spec: &WorkloadSpec) -> Result<WorkloadStatus, DriverError> {
+        spec.validate()?;
+        let WorkloadKind::Process { command } = &spec.kind else {
+            return Err(DriverError::Unsupported {
+                driver: NAME,
+                what: "a docker image (use the docker driver)".into(),
+            });
+        };
+        let inner = &self.inner;
+        let alloc_id = spec.alloc_id.as_str();
+        let _guard = inner.lock(alloc_id).await;
+
+        if let Some(old) = inner.read_record(alloc_id)? {
+            let status = inner.status_of(&old);
+            if status.state.is_live() {
+                return Ok(status);
+            }
+            // It ended; whatever it forked must not outlive it into the new run.
+            inner.kill_group(&old, Duration::ZERO).await?;
+            inner.remove_files(alloc_id)?;
+            inner.live().remove(alloc_id);
+        }
+
+        let mut ports = Vec::with_capacity(spec.ports.len());
+        for p in &spec.ports {
+            let host = match p.host_port {
+                Some(h) => h,
+                None => pick_port(p.protocol).map_err(|source| DriverError::PortUnavailable {
+                    alloc_id: alloc_id.to_string(),
+                    port: p.name.clone(),
+                    source,
+                })?,
+            };
+            ports.push((p.name.clone(), host));
+        }
+
+        let log_path = inner.log_path(alloc_id);
+        let log = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&log_path)
+            .map_err(io_err("open log file", &log_path))?;
+        // stdout and stderr share one open file (and so one offset): lines interleave
+        // in the order they were written and never overwrite each other.
+        let log2 = log
+            .try_clone()
+            .map_err(io_err("open log file", &log_path))?;
+
+        let mut cmd = tokio::process::Command::new(&command[0]);
+        cmd.args(&command[1..])
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+            )
+            .envs(&spec.env)
+            .env("SHOAL_ALLOC_ID", alloc_id)
+            .env("SHOAL_SERVICE", &spec.service)
+            .env("SHOAL_SLOT", spec.slot.to_string())
+            .env("SHOAL_VERSION", spec.version.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            // Own group: stop reaches everything the workload forks, and a Ctrl-C
+            // aimed at the agent's terminal group does not reach the workload.
+            .process_group(0)
+            // The workload must survive the agent (it is adopted after a restart).
+            .kill_on_drop(false);
+        for (i, (name, host)) in ports.iter().enumerate() {
+            cmd.env(port_env_name(name), host.to_string());
+            if i == 0 {
+                cmd.env("PORT", host.to_string());
+            }
+        }
+
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(source) => {
+                let _ = fs::remove_file(&log_path);
+                return Err(DriverError::Spawn {
+                    alloc_id: alloc_id.to_string(),
+                    program: command[0].clone(),
+                    source,
+                });
+            }
+        };
+        let started_at_ms = now_ms();
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        // Until we wait on it the child cannot be reaped, so its stat is readable even
+        // if it already exited.
+        let start_ticks = procfs::read_stat(pid).map(|s| s.start_ticks).unwrap_or(0);
+        let rec = AllocRecord {
+            alloc_id: alloc_id.to_string(),
+            service: spec.service.clone(),
+            slot: spec.slot,
+            version: spec.version,
+            command: command.clone(),
+            pid,
+            start_ticks,
+            boot_id: inner.boot_id.clone(),
+            started_at_ms,
+            ports,
+            exit: None,
+        };
+        if let Err(e) = inner.write_record(&rec) {
+            // Without its record the workload could never be adopted or found again.
+            signal_group(pid, libc::SIGKILL);
+            let _ = child.wait().await;
+            let _ = fs::remove_file(&log_path);
+            return Err(e);
+        }
+        inner.live().insert(
+            alloc_id.to_string(),
+            Live {
+                watched_pid: Some(pid),
+                ..Live::default()
+            },
+        );
+
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let watched_alloc = alloc_id.to_string();
+        tokio::spawn(async move {
+            // Reaps the child (no zombie) whatever happens to the driver.
+            let res = child.wait().await;
+            let Some(inner) = weak.upgrade() else { return };
+            match res {
+                Ok(st) => {
+                    inner
+                        .record_exit(&watched_alloc, pid, ExitRecord::from_status(st))
+                        .await
+                }
+                Err(e) => {
+                    tracing::warn!(alloc_id = %watched_alloc, pid, error = %e, "cannot wait for workload")
+                }
+            }
+        });
+        tracing::info!(alloc_id, pid, program = %command[0], "started process workload");
+        Ok(inner.status_of(&rec))
+    }
+
+    async fn stop(&self, alloc_id: &str, grace: Duration) -> Result<(), DriverError> {
+        check_alloc_id(alloc_id)?;
+        let inner = &self.inner;
+        let _guard = inner.lock(alloc_id).await;
+        let rec = match inner.read_record(alloc_id) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Ok(()),
+            Err(e @ DriverError::CorruptRecord { .. }) => {
+                // Unreadable record: the pid cannot be trusted, so nothing is signalled;
+                // removing the files lets the slot be started afresh.
+                tracing::warn!(alloc_id, error = %e, "removing unreadable alloc record");
+                inner.remove_files(alloc_id)?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        inner.kill_group(&rec, grace).await?;
+        inner.remove_files(alloc_id)?;
+        inner.live().remove(alloc_id);
+        inner.forget_lock(alloc_id);
+        tracing::info!(alloc_id, pid = rec.pid, "stopped process workload");
+        Ok(())
+    }
+
+    async fn status(&self, alloc_id: &str) -> Result<Option<WorkloadStatus>, DriverError> {
+        check_alloc_id(alloc_id)?;
+        Ok(self
+            .inner
+            .read_record(alloc_id)?
+            .map(|rec| self.inner.status_of(&rec)))
+    }
+
+    async fn list(&self) -> Result<Vec<WorkloadStatus>, DriverError> {
+        let inner = &self.inner;
+        let dir = &inner.allocs_dir;
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
+            let entry = entry.map_err(io_err("list", dir))?;
+            let name = entry.file_name();
+            let Some(alloc_id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue; // temp files of an interrupted write
+            };
+            match inner.read_record(alloc_id) {
+                Ok(Some(rec)) => out.push(inner.status_of(&rec)),
+                Ok(None) => {} // stopped meanwhile
+                // One bad file must not hide every other workload from adoption.
+                Err(e) => tracing::warn!(alloc_id, error = %e, "skipping unreadable alloc record"),
+            }
+        }
+        out.sort_by(|a, b| a.alloc_id.cmp(&b.alloc_id));
+        Ok(out)
+    }
+
+    async fn usage(&self, alloc_id: &str) -> Result<Option<Usage>, DriverError> {
+        check_alloc_id(alloc_id)?;
+        let inner = &self.inner;
+        let Some(rec) = inner.read_record(alloc_id)? else {
+            return Ok(None);
+        };
+        if !inner.status_of(&rec).state.is_live() {
+            return Ok(None);
+        }
+        Ok(Some(inner.usage_of(&rec)))
+    }
+
+    async fn logs(&self, alloc_id: &str, tail: Option<usize>) -> Result<Vec<u8>, DriverError> {
+        check_alloc_id(alloc_id)?;
+        let inner = &self.inner;
+        if inner.read_record(alloc_id)?.is_none() {
+            return Err(DriverError::NotFound {
+                driver: NAME,
+                alloc_id: alloc_id.to_string(),
+            });
+        }
+        let path = inner.log_path(alloc_id);
+        match read_log(&path, tail) {
+            Ok(b) => Ok(b),
+            // A workload started by hand-edited state may never have had a log.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io_err("read log", &path)(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::tests::spec;
+
+    /// Stale records must not be adopted: the pid is gone, or belongs to a stranger.
+    #[tokio::test]
+    async fn stale_records_are_not_adopted_and_strangers_are_not_signalled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = ProcessDriver::new(dir.path()).expect("driver");
+
+        // A stranger: not started by the driver; its pid is put in a forged record.
+        let mut stranger = std::process::Command::new("sleep")
+            .arg("300")
+            .spawn()
+            .expect("spawn sleep");
+        let stranger_pid = stranger.id() as i32;
+        let real = procfs::read_stat(stranger_pid).expect("stranger stat");
+
+        // A process that has exited and been reaped: its pid names nobody now.
+        let mut gone = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let gone_pid = gone.id() as i32;
+        gone.wait().expect("wait true");
+
+        let forge = |alloc: &str, pid: i32, start_ticks: u64| AllocRecord {
+            alloc_id: alloc.into(),
+            service: "web".into(),
+            slot: 0,
+            version: 1,
+            command: vec!["sleep".into(), "300".into()],
+            pid,
+            start_ticks,
+            boot_id: driver.inner.boot_id.clone(),
+            started_at_ms: 1,
+            ports: vec![],
+            exit: None,
+        };
+        driver
+            .inner
+            .write_record(&forge("reused", stranger_pid, real.start_ticks + 1))
+            .expect("write");
+        driver
+            .inner
+            .write_record(&forge("gone", gone_pid, 1))
+            .expect("write");
+
+        let again = ProcessDriver::new(dir.path()).expect("driver");
+        let listed = again.list().await.expect("list");
+        assert_eq!(listed.len(), 2);
+        for st in &listed {
+            assert_eq!(st.state, RunState::Exited { code: None }, "{st:?}");
+        }
+        assert_eq!(again.usage("reused").await.expect("usage"), None);
+
+        // Starting the stale alloc anew must not touch the stranger either.
+        let restarted = again
+            .start(&spec("reused", &["sleep", "300"]))
+            .await
+            .expect("start");
+        assert_ne!(restarted.handle, stranger_pid.to_string());
+
+        again
+            .stop("reused", Duration::from_millis(100))
+            .await
+            .expect("stop");
+        again
+            .stop("gone", Duration::from_millis(100))
+            .await
+            .expect("stop");
+        assert!(again.list().await.expect("list").is_empty());
+        let st = procfs::read_stat(stranger_pid).expect("stranger still exists");
+        assert!(st.is_alive(), "the stranger was signalled");
+
+        stranger.kill().expect("kill stranger");
+        stranger.wait().expect("reap stranger");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_does_not_hide_others_and_stop_clears_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = ProcessDriver::new(dir.path()).expect("driver");
+        fs::write(dir.path().join("allocs/bad.json"), b"{not json").expect("write");
+        driver
+            .start(&spec("good", &["sleep", "300"]))
+            .await
+            .expect("start");
+        let listed = driver.list().await.expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].alloc_id, "good");
+        driver.stop("bad", Duration::ZERO).await.expect("stop bad");
+        assert!(!dir.path().join("allocs/bad.json").exists());
+        driver
+            .stop("good", Duration::from_secs(1))
+            .await
+            .expect("stop good");
+    }
+}

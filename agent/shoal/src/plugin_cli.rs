@@ -1,0 +1,224 @@
+//! `shoal plugin ...`: install, list, remove and dry-run policy plugins.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::de::DeserializeOwned;
+use shoal_policy::{
+    DiscoveryInput, HostConfig, PlacementRequest, PolicyHost, PolicyKind, ScaleInput, Snapshot,
+};
+
+use crate::client::{plugins_table, Client, Format};
+
+/// `shoal plugin` subcommands.
+#[derive(clap::Subcommand)]
+pub enum PluginCmd {
+    /// Validate a component on the agent, store it, and bind it on every agent.
+    Install {
+        /// World the component implements.
+        #[arg(long)]
+        kind: PolicyKind,
+        /// The `.wasm` component.
+        file: PathBuf,
+        /// Name shown in `plugin ls` [default: <kind>-plugin].
+        #[arg(long)]
+        name: Option<String>,
+        /// Bind it to one service only (default: the cluster-wide default).
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Active plugin per kind on the agent (or on every agent with --all).
+    Ls {
+        /// Every agent's view, as each publishes it.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove a binding: back to the built-in (or to the cluster default for --service).
+    Rm {
+        /// World of the binding.
+        #[arg(long)]
+        kind: PolicyKind,
+        /// The service binding to remove (default: the cluster-wide one).
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Dry-run a component against the live cluster or a saved snapshot.
+    Eval {
+        /// World the component implements.
+        #[arg(long)]
+        kind: PolicyKind,
+        /// The `.wasm` component.
+        file: PathBuf,
+        /// JSON input: placement request(s) for a scheduler, a scale input, or a discovery input.
+        #[arg(long)]
+        request: PathBuf,
+        /// Snapshot JSON (from `shoal nodes --snapshot`); default: the live cluster behind --api.
+        #[arg(long)]
+        snapshot: Option<PathBuf>,
+    },
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path, what: &str) -> anyhow::Result<T> {
+    let text = std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("{what} {} is not valid", path.display()))
+}
+
+fn read_wasm(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading plugin {}", path.display()))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Runs a `shoal plugin` subcommand.
+pub async fn run(cmd: PluginCmd, api: &str, output: Format) -> anyhow::Result<()> {
+    let json = output == Format::Json;
+    match cmd {
+        PluginCmd::Install {
+            kind,
+            file,
+            name,
+            service,
+        } => {
+            let wasm = read_wasm(&file)?;
+            let c = Client::new(api)?;
+            let b = c
+                .plugin_install(kind.as_str(), name.as_deref(), service.as_deref(), wasm)
+                .await?;
+            if json {
+                print_json(&b)
+            } else {
+                println!(
+                    "installed {} plugin {} (blake3 {}); every agent fetches and activates it — see `shoal plugin ls --all`",
+                    kind,
+                    b["name"].as_str().unwrap_or("?"),
+                    b["hash"].as_str().unwrap_or("?")
+                );
+                Ok(())
+            }
+        }
+        PluginCmd::Ls { all } => {
+            let rows = Client::new(api)?.plugin_list(all).await?;
+            if json {
+                print_json(&rows)
+            } else {
+                print!("{}", plugins_table(&rows));
+                Ok(())
+            }
+        }
+        PluginCmd::Rm { kind, service } => {
+            Client::new(api)?
+                .plugin_remove(kind.as_str(), service.as_deref())
+                .await?;
+            if !json {
+                println!("removed the {kind} plugin binding; agents revert to the built-in");
+            }
+            Ok(())
+        }
+        PluginCmd::Eval {
+            kind,
+            file,
+            request,
+            snapshot,
+        } => eval(kind, &file, &request, snapshot.as_deref(), api, json).await,
+    }
+}
+
+async fn eval(
+    kind: PolicyKind,
+    file: &Path,
+    request: &Path,
+    snapshot: Option<&Path>,
+    api: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let wasm = read_wasm(file)?;
+    let host = tokio::task::spawn_blocking(|| PolicyHost::new(HostConfig::default()))
+        .await?
+        .context("starting the policy host")?;
+    host.install(kind, None, "eval", &wasm)
+        .with_context(|| format!("loading {}", file.display()))?;
+    match kind {
+        PolicyKind::Scheduler => {
+            let requests: Vec<PlacementRequest> =
+                match read_json::<serde_json::Value>(request, "request")? {
+                    serde_json::Value::Array(_) => read_json(request, "request")?,
+                    _ => vec![read_json(request, "request")?],
+                };
+            let snap: Snapshot = match snapshot {
+                Some(p) => read_json(p, "snapshot")?,
+                None => serde_json::from_value(Client::new(api)?.snapshot().await?)
+                    .context("the agent's snapshot is not the expected JSON")?,
+            };
+            if snap.nodes.is_empty() {
+                bail!("the snapshot has no nodes");
+            }
+            let outcomes = host.schedule(&snap, &requests);
+            if json {
+                return print_json(&outcomes);
+            }
+            for (req, o) in requests.iter().zip(&outcomes) {
+                println!(
+                    "{}: {}/{} placed{}{}",
+                    o.service,
+                    o.nodes.len(),
+                    req.replicas,
+                    if o.nodes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" on {}", o.nodes.join(", "))
+                    },
+                    o.unplaced
+                        .as_ref()
+                        .map_or(String::new(), |u| format!("; unplaced: {u}")),
+                );
+                println!("  decided by: {}", decided(&o.decided_by));
+                if let Some(r) = &o.fallback_reason {
+                    println!("  the plugin's answer was not used: {r}");
+                }
+            }
+            Ok(())
+        }
+        PolicyKind::Scaler => {
+            let input: ScaleInput = read_json(request, "scale input")?;
+            let d = host.scale(&input);
+            if json {
+                print_json(&d)
+            } else {
+                println!(
+                    "{}: desired {} (from {}): {}",
+                    input.service, d.replicas, input.current, d.reason
+                );
+                Ok(())
+            }
+        }
+        PolicyKind::Discovery => {
+            let input: DiscoveryInput = read_json(request, "discovery input")?;
+            let eps = host.discover(&input);
+            if json {
+                print_json(&eps)
+            } else {
+                for e in &eps {
+                    println!(
+                        "{}  weight {}",
+                        serde_json::to_string(&e.endpoint)?,
+                        e.weight
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn decided(d: &shoal_policy::DecidedBy) -> String {
+    match d {
+        shoal_policy::DecidedBy::Plugin { name, hash } => {
+            format!("plugin {name} ({})", &hash[..hash.len().min(12)])
+        }
+        shoal_policy::DecidedBy::Builtin => "built-in policy (fallback)".into(),
+        shoal_policy::DecidedBy::Native => "native built-in policy (fallback)".into(),
+    }
+}
