@@ -70,63 +70,85 @@ struct Row {
     idle_bps: f64,
 }
 
-async fn measure(n: usize, args: &MeshBenchArgs) -> anyhow::Result<Row> {
-    let dir = tempfile::Builder::new().prefix("shoal-bench-").tempdir()?;
-    let ca = dir.path().join("ca");
-    shoal_net::init_ca(&ca)?;
-    let exe = std::env::current_exe().context("locating the shoal binary")?;
-    let quic = |i: usize| SocketAddr::from(([127, 0, 0, 1], args.base_port + i as u16));
-    let api = |i: usize| SocketAddr::from(([127, 0, 0, 1], args.base_port + 1000 + i as u16));
-    let start = Instant::now();
-    let mut procs = Procs(Vec::new());
-    for i in 0..n {
-        let log = std::fs::File::create(dir.path().join(format!("n{i}.log")))?;
-        let mut cmd = Command::new(&exe);
-        cmd.args(["agent", "--name", &format!("n{i}")])
-            .args([
-                "--listen",
-                &quic(i).to_string(),
-                "--api",
-                &api(i).to_string(),
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join(format!("n{i}")))
-            .arg("--ca-dir")
-            .arg(&ca)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log);
-        if i > 0 {
-            cmd.args(["--join", &quic(0).to_string()]);
-        }
-        procs.0.push(cmd.spawn().context("starting an agent")?);
-    }
-    let clients: Vec<Client> = (0..n)
-        .map(|i| Client::new(&api(i).to_string()))
-        .collect::<anyhow::Result<_>>()?;
+/// N agent processes on loopback with a throwaway CA; killed on drop.
+struct Mesh {
+    dir: tempfile::TempDir,
+    // Held for its Drop: the agents die with the mesh.
+    _procs: Procs,
+    clients: Vec<Client>,
+    apis: Vec<SocketAddr>,
+    /// Time from spawning until every agent saw all N alive.
+    membership: Duration,
+}
 
-    // Membership: every agent sees n alive.
-    let deadline = start + Duration::from_secs(120);
-    loop {
-        for (i, c) in procs.0.iter_mut().enumerate() {
-            if let Some(st) = c.try_wait()? {
-                bail!("agent n{i} exited with {st}; see {}", dir.path().display());
+impl Mesh {
+    async fn start(n: usize, base_port: u16) -> anyhow::Result<Mesh> {
+        let dir = tempfile::Builder::new().prefix("shoal-bench-").tempdir()?;
+        let ca = dir.path().join("ca");
+        shoal_net::init_ca(&ca)?;
+        let exe = std::env::current_exe().context("locating the shoal binary")?;
+        let quic = |i: usize| SocketAddr::from(([127, 0, 0, 1], base_port + i as u16));
+        let api = |i: usize| SocketAddr::from(([127, 0, 0, 1], base_port + 1000 + i as u16));
+        let start = Instant::now();
+        let mut procs = Procs(Vec::new());
+        for i in 0..n {
+            let log = std::fs::File::create(dir.path().join(format!("n{i}.log")))?;
+            let mut cmd = Command::new(&exe);
+            cmd.args(["agent", "--name", &format!("n{i}")])
+                .args(["--listen", &quic(i).to_string(), "--api", &api(i).to_string()])
+                .arg("--data-dir")
+                .arg(dir.path().join(format!("n{i}")))
+                .arg("--ca-dir")
+                .arg(&ca)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(log);
+            if i > 0 {
+                cmd.args(["--join", &quic(0).to_string()]);
             }
+            procs.0.push(cmd.spawn().context("starting an agent")?);
         }
-        let views = join_all(clients.iter().map(|c| c.nodes())).await;
-        let done = views.iter().all(|v| {
-            v.as_ref()
-                .is_ok_and(|nodes| nodes.iter().filter(|x| x.status == "alive").count() == n)
-        });
-        if done {
-            break;
+        let apis: Vec<SocketAddr> = (0..n).map(api).collect();
+        let clients: Vec<Client> = apis
+            .iter()
+            .map(|a| Client::new(&a.to_string()))
+            .collect::<anyhow::Result<_>>()?;
+        // Membership: every agent sees n alive.
+        let deadline = start + Duration::from_secs(120);
+        loop {
+            for (i, c) in procs.0.iter_mut().enumerate() {
+                if let Some(st) = c.try_wait()? {
+                    bail!("agent n{i} exited with {st}; see {}", dir.path().display());
+                }
+            }
+            let views = join_all(clients.iter().map(|c| c.nodes())).await;
+            let done = views.iter().all(|v| {
+                v.as_ref()
+                    .is_ok_and(|nodes| nodes.iter().filter(|x| x.status == "alive").count() == n)
+            });
+            if done {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{n} agents did not converge within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if Instant::now() > deadline {
-            bail!("{n} agents did not converge within 120 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(Mesh {
+            dir,
+            _procs: procs,
+            clients,
+            apis,
+            membership: start.elapsed(),
+        })
     }
-    let membership = start.elapsed();
+}
+
+async fn measure(n: usize, args: &MeshBenchArgs) -> anyhow::Result<Row> {
+    let mesh = Mesh::start(n, args.base_port).await?;
+    let clients = &mesh.clients;
+    let api = |i: usize| mesh.apis[i];
+    let membership = mesh.membership;
 
     // Changes: put on agent k, poll all until every one has it.
     let mut times = Vec::new();
@@ -157,7 +179,7 @@ async fn measure(n: usize, args: &MeshBenchArgs) -> anyhow::Result<Row> {
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let after = sum(join_all((0..n).map(|i| bytes_out(&http, api(i)))).await);
     let idle_bps = (after - before) / t0.elapsed().as_secs_f64() / n as f64;
-    drop(procs);
+    drop(mesh);
     Ok(Row {
         n,
         membership,
@@ -165,6 +187,75 @@ async fn measure(n: usize, args: &MeshBenchArgs) -> anyhow::Result<Row> {
         change_max,
         idle_bps,
     })
+}
+
+/// Options of `shoal bench plugin`.
+#[derive(Debug, clap::Args)]
+pub struct PluginBenchArgs {
+    /// The component to install (a scheduler).
+    pub file: std::path::PathBuf,
+    /// Agents in the mesh.
+    #[arg(long, default_value_t = 5)]
+    pub agents: usize,
+    /// Installs timed (a fresh name each; the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// First port, as for `bench mesh`.
+    #[arg(long, default_value_t = 29001)]
+    pub base_port: u16,
+}
+
+/// Times `plugin install` on one agent until every agent reports it active.
+pub async fn run_plugin(args: PluginBenchArgs) -> anyhow::Result<()> {
+    let wasm = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let mesh = Mesh::start(args.agents, args.base_port).await?;
+    let mut times = Vec::new();
+    for run in 0..args.runs {
+        // Each run installs a different blob (a custom section changes the bytes
+        // but not the component), so nothing is cached anywhere.
+        let mut bytes = wasm.clone();
+        let section = format!("shoal-bench-{run}-{}", mesh.dir.path().display());
+        bytes.push(0); // custom section id
+        bytes.push((section.len() + 1) as u8);
+        bytes.push(section.len() as u8);
+        bytes.extend_from_slice(section.as_bytes());
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        let t0 = Instant::now();
+        mesh.clients[run % args.agents]
+            .plugin_install("scheduler", Some(&format!("bench{run}")), None, bytes)
+            .await?;
+        loop {
+            let rows = join_all(mesh.clients.iter().map(|c| c.plugin_list(false))).await;
+            let active = rows.iter().filter(|r| {
+                r.as_ref().is_ok_and(|rows| {
+                    rows.iter().any(|x| x["kind"] == "scheduler" && x["hash"] == hash.as_str() && x["state"] == "active")
+                })
+            });
+            if active.count() == args.agents {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("plugin not active on all {} agents within 120 s", args.agents);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        times.push(t0.elapsed());
+    }
+    let max = times.iter().max().copied().unwrap_or_default();
+    let med = median(times);
+    println!(
+        "{}",
+        table(
+            &["AGENTS", "WASM BYTES", "INSTALL TO ACTIVE EVERYWHERE (MEDIAN)", "MAX"],
+            &[vec![
+                args.agents.to_string(),
+                wasm.len().to_string(),
+                format!("{:.0} ms", med.as_secs_f64() * 1e3),
+                format!("{:.0} ms", max.as_secs_f64() * 1e3),
+            ]]
+        )
+    );
+    Ok(())
 }
 
 /// Runs the loopback mesh benchmark and prints a markdown table.

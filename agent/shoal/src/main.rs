@@ -90,6 +90,8 @@ enum Cmd {
 enum BenchCmd {
     /// Real agent processes on loopback: membership and change convergence, idle traffic.
     Mesh(bench::MeshBenchArgs),
+    /// Time from `plugin install` on one agent to active on every agent.
+    Plugin(bench::PluginBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -304,6 +306,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCmd::Mesh(args) => {
                 init_logging("warn");
                 bench::run(args).await
+            }
+            BenchCmd::Plugin(args) => {
+                init_logging("warn");
+                bench::run_plugin(args).await
             }
         },
         Cmd::Ca { cmd } => match cmd {
