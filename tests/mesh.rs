@@ -217,3 +217,26 @@ fn demo_starts_a_local_mesh() {
     assert!(stdout.contains("3 agents up"), "{stdout}");
     assert_eq!(stdout.matches(" alive ").count(), 3, "{stdout}");
 }
+
+#[test]
+fn workload_http_serves_root_health_and_burn_and_stops_on_sigterm() {
+    let addr = free_tcp();
+    let mut child = std::process::Command::new(SHOAL)
+        .args(["workload", "http", "--port", &addr.port().to_string()])
+        .env("SHOAL_SERVICE", "web")
+        .env("SHOAL_SLOT", "2")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let root = wait_for("workload answers", Duration::from_secs(10), || http_get(addr, "/"));
+    assert!(root.starts_with("hello from web slot 2"), "{root}");
+    assert_eq!(http_get(addr, "/healthz").as_deref(), Some("ok\n"));
+    let burned = http_get(addr, "/burn?ms=20").unwrap();
+    assert!(burned.starts_with("burned 20 ms"), "{burned}");
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let st = wait_for("workload exits on SIGTERM", Duration::from_secs(10), || child.try_wait().unwrap());
+    assert!(st.success());
+}

@@ -11,6 +11,7 @@ mod client;
 mod demo;
 mod plugin_cli;
 mod views;
+mod workload;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -79,11 +80,22 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaCmd,
     },
+    /// Built-in workloads for demos and tests.
+    Workload {
+        #[command(subcommand)]
+        cmd: WorkloadCmd,
+    },
     /// Benchmarks measured on this machine.
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum WorkloadCmd {
+    /// An HTTP server with `/`, `/healthz` and `/burn?ms=N`.
+    Http(workload::HttpArgs),
 }
 
 #[derive(Subcommand)]
@@ -302,6 +314,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Workload {
+            cmd: WorkloadCmd::Http(args),
+        } => workload::run(args).await,
         Cmd::Bench { cmd } => match cmd {
             BenchCmd::Mesh(args) => {
                 init_logging("warn");
