@@ -35,6 +35,8 @@ use shoal_core::{Config, Entry, Event, Node, NodeId, Now, Output, Profile, Rejec
 pub const BASE_WALL_MS: u64 = 1_700_000_000_000;
 /// UDP/QUIC port every simulated node pretends to listen on.
 pub const SIM_PORT: u16 = 7000;
+/// Most nodes one simulation can address (`127.1.x.y`).
+pub const MAX_NODES: usize = 1 << 16;
 /// Environment variable that pins [`test_seeds`] to one seed, to replay a failure.
 pub const SEED_ENV: &str = "SHOAL_SIM_SEED";
 
@@ -328,7 +330,25 @@ pub struct Sim {
 
 impl Sim {
     /// Builds `cfg.nodes` nodes at virtual time 0; call [`join_all`](Self::join_all) next.
+    ///
+    /// Panics if the config is impossible: more than [`MAX_NODES`] nodes,
+    /// latency `min > max`, or a loss probability outside `0..=1`.
     pub fn new(cfg: SimConfig) -> Self {
+        assert!(
+            cfg.nodes <= MAX_NODES,
+            "at most {MAX_NODES} simulated nodes, got {}",
+            cfg.nodes
+        );
+        assert!(
+            cfg.latency_ms.0 <= cfg.latency_ms.1,
+            "latency range {:?} has min > max",
+            cfg.latency_ms
+        );
+        assert!(
+            (0.0..=1.0).contains(&cfg.datagram_loss),
+            "datagram loss {} is not a probability",
+            cfg.datagram_loss
+        );
         let mut rng = SmallRng::seed_from_u64(cfg.seed);
         let n = cfg.nodes;
         let hint = u32::try_from(n).unwrap_or(u32::MAX);
@@ -390,7 +410,7 @@ impl Sim {
         }
     }
 
-    /// Node `i` joins through the nodes at `seeds` (indices are not needed: any address works).
+    /// Node `i` joins through the nodes at `seeds` (addresses, see [`node_addr`]).
     pub fn join(&mut self, i: usize, seeds: &[SocketAddr]) {
         if self.slots[i].life != Life::Running {
             return;

@@ -46,6 +46,9 @@ struct BenchArgs {
     /// Virtual seconds of idle cluster over which the background rate is measured.
     #[arg(long, default_value_t = 10)]
     idle_secs: u64,
+    /// Per-frame latency range in ms, MIN,MAX (uniform).
+    #[arg(long, default_value = "1,5", value_parser = parse_range)]
+    latency_ms: (u64, u64),
     /// Print JSON instead of a markdown table.
     #[arg(long)]
     json: bool,
@@ -87,10 +90,11 @@ fn kbps(bytes: u64, nodes: usize, ms: u64) -> f64 {
     bytes as f64 * 8.0 / nodes as f64 / ms as f64 // bits per ms = kbit/s
 }
 
-fn one_run(nodes: usize, static_peers: bool, seed: u64, idle_secs: u64) -> RunResult {
+fn one_run(nodes: usize, static_peers: bool, seed: u64, args: &BenchArgs) -> RunResult {
     let started = Instant::now();
     let cfg = SimConfig {
         static_peers,
+        latency_ms: args.latency_ms,
         ..SimConfig::new(nodes, seed)
     };
     let mut sim = Sim::new(cfg);
@@ -105,7 +109,7 @@ fn one_run(nodes: usize, static_peers: bool, seed: u64, idle_secs: u64) -> RunRe
     let warmup_ms = sim.now() - warm_start;
     let min_view = sim.min_view();
 
-    let idle_ms = idle_secs * 1000;
+    let idle_ms = args.idle_secs * 1000;
     let before = sim.net_stats().clone();
     sim.run_for(idle_ms);
     let after = sim.net_stats().clone();
@@ -160,7 +164,7 @@ fn runs(nodes: usize, static_peers: bool, args: &BenchArgs) -> Vec<RunResult> {
         std::thread::scope(|s| {
             let handles: Vec<_> = batch
                 .iter()
-                .map(|&seed| s.spawn(move || one_run(nodes, static_peers, seed, args.idle_secs)))
+                .map(|&seed| s.spawn(move || one_run(nodes, static_peers, seed, args)))
                 .collect();
             for h in handles {
                 match h.join() {
@@ -173,6 +177,19 @@ fn runs(nodes: usize, static_peers: bool, args: &BenchArgs) -> Vec<RunResult> {
         });
     }
     out
+}
+
+/// Parses `MIN,MAX` with MIN <= MAX.
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (lo, hi) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected MIN,MAX, got {s:?}"))?;
+    let num = |v: &str| v.trim().parse::<u64>().map_err(|e| format!("{v:?}: {e}"));
+    let (lo, hi) = (num(lo)?, num(hi)?);
+    if lo > hi {
+        return Err(format!("MIN {lo} exceeds MAX {hi}"));
+    }
+    Ok((lo, hi))
 }
 
 fn median_f(mut v: Vec<f64>) -> f64 {
@@ -210,9 +227,13 @@ fn main() -> ExitCode {
     let Cmd::Bench(args) = Cli::parse().cmd;
     let total = Instant::now();
     let mut rows = Vec::new();
+    let (lo, hi) = args.latency_ms;
     for &n in &args.nodes {
-        if n < 2 {
-            eprintln!("--nodes: every size must be at least 2, got {n}");
+        if !(2..=shoal_sim::MAX_NODES).contains(&n) {
+            eprintln!(
+                "--nodes: every size must be 2..={}, got {n}",
+                shoal_sim::MAX_NODES
+            );
             return ExitCode::FAILURE;
         }
         rows.push(Row {
@@ -228,7 +249,11 @@ fn main() -> ExitCode {
             });
         }
     }
-    let model = SimConfig::new(0, args.seed).describe();
+    let model = SimConfig {
+        latency_ms: (lo, hi),
+        ..SimConfig::new(0, args.seed)
+    }
+    .describe();
     let model = model.trim_end_matches(", SWIM membership");
     if args.json {
         let out: Vec<_> = rows
