@@ -160,7 +160,10 @@ fn garbage_to_the_quic_port_leaves_agents_working() {
         let id = shoal_net::Identity::self_issued(&c.ca, "prober").unwrap();
         let (net, _rx) =
             shoal_net::Net::bind(free_udp(), &id, shoal_net::NetConfig::default()).unwrap();
-        let good = wire::encode(&Msg::SyncReq { heads: vec![] });
+        let good = wire::encode(&Msg::SyncReq {
+            digest: 0,
+            heads: None,
+        });
         let mut bad_version = good.clone();
         bad_version[2] = 200;
         let truncated = wire::encode(&Msg::Push { entries: vec![] });

@@ -177,6 +177,26 @@ pub struct State {
     /// Live (winning) entries by writer and sequence number: what a delta serves.
     by_writer: BTreeMap<WriterId, BTreeMap<u64, String>>,
     heads: BTreeMap<WriterId, Head>,
+    /// XOR of `head_hash(writer, contiguous)` over all heads, kept current on
+    /// every head change, so two replicas can tell in 8 bytes whether their
+    /// heads differ (anti-entropy sends full heads only then).
+    digest: u64,
+}
+
+/// A 64-bit mix of a writer and its contiguous head (stable across builds).
+fn head_hash(w: &WriterId, contiguous: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in w.node.as_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    for x in [w.gen, contiguous] {
+        // splitmix64 finaliser over the running hash and the next word.
+        let mut z = h ^ x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h = z ^ (z >> 31);
+    }
+    h
 }
 
 impl State {
@@ -188,7 +208,7 @@ impl State {
     /// Merges one entry. Returns `Ok(true)` if it became the current value of its key.
     pub fn apply(&mut self, e: Entry) -> Result<bool, Reject> {
         validate(&e)?;
-        self.heads.entry(e.writer.clone()).or_default().mark(e.seq);
+        self.update_head(&e.writer, |h| h.mark(e.seq));
         if let Some(cur) = self.entries.get(&e.key) {
             if !e.wins_over(cur) {
                 return Ok(false);
@@ -202,6 +222,25 @@ impl State {
             .insert(e.seq, e.key.clone());
         self.entries.insert(e.key.clone(), e);
         Ok(true)
+    }
+
+    fn update_head(&mut self, writer: &WriterId, f: impl FnOnce(&mut Head)) {
+        let head = self.heads.entry(writer.clone()).or_default();
+        let before = head.contiguous;
+        f(head);
+        let after = head.contiguous;
+        if before != after {
+            // A head at 0 contributes nothing, so unknown and empty writers agree.
+            if before > 0 {
+                self.digest ^= head_hash(writer, before);
+            }
+            self.digest ^= head_hash(writer, after);
+        }
+    }
+
+    /// An 8-byte summary of [`heads`](Self::heads): equal heads give equal digests.
+    pub fn digest(&self) -> u64 {
+        self.digest
     }
 
     fn unindex(&mut self, writer: &WriterId, seq: u64) {
@@ -311,11 +350,12 @@ impl State {
             }
         }
         for (writer, from, to) in delta.ranges {
-            let head = self.heads.entry(writer).or_default();
             // Only a gap-free extension is sound: we must already hold everything up to `from`.
-            if head.contiguous >= from {
-                head.raise_to(to);
-            }
+            self.update_head(&writer, |head| {
+                if head.contiguous >= from {
+                    head.raise_to(to);
+                }
+            });
         }
         (changed, rejected)
     }
@@ -439,6 +479,25 @@ mod tests {
         assert_eq!(d.entries.len(), 1);
         b.apply_delta(d);
         assert_eq!(b.heads(), vec![(w("n1"), 3)]);
+    }
+
+    #[test]
+    fn digest_tracks_heads_in_any_order() {
+        let mut a = State::new();
+        let mut b = State::new();
+        assert_eq!(a.digest(), b.digest());
+        a.apply(entry("x", Some("1"), 1, "n1", 1)).unwrap();
+        assert_ne!(a.digest(), b.digest());
+        a.apply(entry("y", Some("1"), 2, "n2", 1)).unwrap();
+        b.apply(entry("y", Some("1"), 2, "n2", 1)).unwrap();
+        b.apply(entry("x", Some("1"), 1, "n1", 1)).unwrap();
+        assert_eq!(a.digest(), b.digest(), "same heads, any order");
+        // A write beyond a gap does not move the contiguous head: same digest.
+        let d = a.digest();
+        a.apply(entry("z", Some("1"), 9, "n1", 3)).unwrap();
+        assert_eq!(a.digest(), d);
+        a.apply(entry("w", Some("1"), 8, "n1", 2)).unwrap();
+        assert_ne!(a.digest(), d);
     }
 
     #[test]

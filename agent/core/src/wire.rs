@@ -26,10 +26,14 @@ pub enum Msg {
         /// The entries.
         entries: Vec<Entry>,
     },
-    /// Opens an anti-entropy round: the sender's per-writer heads.
+    /// Opens an anti-entropy round. Usually only the digest of the sender's
+    /// heads travels; a receiver whose digest differs answers with a `SyncReq`
+    /// carrying its full heads, which starts the delta exchange.
     SyncReq {
-        /// The sender's heads.
-        heads: Vec<(WriterId, u64)>,
+        /// Digest of the sender's heads ([`crate::State::digest`]).
+        digest: u64,
+        /// The sender's heads, when the receiver should answer with a delta.
+        heads: Option<Vec<(WriterId, u64)>>,
     },
     /// What the receiver of a `SyncReq` (or `SyncResp` with `reply`) lacked.
     SyncResp {

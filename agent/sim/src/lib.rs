@@ -910,7 +910,8 @@ mod tests {
         );
         assert_eq!(
             FrameKind::of(&encode(&Msg::SyncReq {
-                heads: vec![(w.clone(), 3)]
+                digest: 7,
+                heads: Some(vec![(w.clone(), 3)])
             })),
             FrameKind::Sync
         );
