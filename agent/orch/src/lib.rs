@@ -1,0 +1,51 @@
+//! Orchestration without a master, as sans-IO logic (ARCHITECTURE §4).
+//!
+//! This crate decides what should run where, and nothing else. It holds:
+//! - [`ServiceSpec`]: the service spec operators write in TOML, parsed with unknown
+//!   keys refused and checked field by field ([`SpecError`] names the field), plus the
+//!   conversions to what the runtime drivers run ([`ServiceSpec::to_workload`]) and
+//!   what the scheduler places ([`ServiceSpec::to_request`]);
+//! - the replicated data model ([`ServiceRecord`], [`Slot`], [`AllocReport`] and their
+//!   keys), kept as JSON in the core's last-writer-wins map;
+//! - the steward ([`steward_for`], a rendezvous hash over alive nodes) and
+//!   [`reconcile`], a pure function from a service's record, slots, reports,
+//!   membership, time and a cluster [`Snapshot`](shoal_policy_logic::Snapshot) to the
+//!   slot writes that bring the service closer to its record: placement, scaling,
+//!   rescheduling off lost nodes, dependency ordering and rolling updates;
+//! - what each agent derives from the slots: [`allocs_for_node`] to run and
+//!   [`orphans`] to stop.
+//!
+//! It does not open sockets, read clocks, spawn tasks or touch disks: the agent
+//! feeds it the replicated state, the membership view and the time, passes a
+//! scheduler (the policy host, or [`native_scheduler`]) and applies the returned
+//! [`Write`]s. It does not run, health-check or restart workloads either; the agent
+//! does that with `shoal-runtime` drivers and reports back in [`AllocReport`]s.
+
+#![warn(missing_docs)]
+
+mod model;
+mod snapshot;
+mod spec;
+mod steward;
+mod units;
+
+#[cfg(test)]
+mod scenarios;
+#[cfg(test)]
+mod sim;
+
+pub use model::{
+    decode, encode, new_alloc_id, parse_report_key, parse_service_key, parse_slot_key, report_key,
+    report_prefix, service_key, slot_key, slot_prefix, AllocReport, AllocState, ClusterSlots,
+    ClusterView, Member, Members, ModelError, PastSpec, Placement, Reported, Reports, Reservation,
+    ServiceRecord, Slot, SlotMap, KEPT_VERSIONS, SERVICE_PREFIX, SLOT_PREFIX,
+};
+pub use snapshot::{build_snapshot, native_scheduler, NodeFacts, Placed};
+pub use spec::{
+    HealthCheck, HealthFile, PortFile, Probe, ResourcesFile, RestartMode, RestartPolicy, Scalar,
+    ServiceSpec, SpecError, SpecFile, UpdateFile, UpdatePolicy, MAX_REPLICAS,
+};
+pub use steward::{
+    allocs_for_node, healthy_replicas, is_healthy, orphans, reconcile, rendezvous_score,
+    steward_for, Assignment, ReconcileInput, Reconciled, RolloutStatus, Write,
+};

@@ -1,0 +1,523 @@
+//! The replicated data model: what orchestration keeps in the core's LWW map, as JSON.
+//!
+//! | key | value | written by |
+//! |---|---|---|
+//! | `service/<name>` | [`ServiceRecord`] | `shoal deploy` / `scale` / `rm` (any node) |
+//! | `alloc/<service>/<slot>` | [`Slot`] | the service's steward only |
+//! | `node/<node>/alloc/<alloc_id>` | [`AllocReport`] | the node running the allocation |
+//!
+//! Removing a service is a flag, not a tombstone: `shoal rm` writes the record with
+//! `deleted = true`. Its steward then deletes every slot (which tells each agent to stop
+//! its copy), and once no slot is left and no live node still reports an allocation of
+//! the service it deletes the record itself. A tombstone written by `rm` would lose the
+//! information that slots are still to be cleaned up.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use shoal_policy_logic::{NodeStatus, Resources};
+
+use crate::spec::{ServiceSpec, MAX_REPLICAS};
+
+/// Prefix of service records.
+pub const SERVICE_PREFIX: &str = "service/";
+/// Prefix of allocation slots.
+pub const SLOT_PREFIX: &str = "alloc/";
+/// Infix of allocation reports in a node's key space (`node/<n>/alloc/<id>`).
+const REPORT_INFIX: &str = "/alloc/";
+/// Specs of earlier versions kept in a record, so a node can still (re)start an
+/// allocation of a version a rollout has not replaced yet.
+pub const KEPT_VERSIONS: usize = 3;
+
+/// A value in the replicated state that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// The value is not the JSON this key holds (or its spec is invalid).
+    #[error("{key}: {message}")]
+    Decode {
+        /// The key.
+        key: String,
+        /// What the decoder said.
+        message: String,
+    },
+    /// A request asked for more replicas than allowed.
+    #[error("{0} replicas is more than the limit of {MAX_REPLICAS}")]
+    TooManyReplicas(u32),
+}
+
+/// `service/<name>`.
+pub fn service_key(name: &str) -> String {
+    format!("{SERVICE_PREFIX}{name}")
+}
+
+/// `alloc/<service>/<slot>`.
+pub fn slot_key(service: &str, slot: u32) -> String {
+    format!("{SLOT_PREFIX}{service}/{slot}")
+}
+
+/// Prefix of every slot of one service: `alloc/<service>/`.
+pub fn slot_prefix(service: &str) -> String {
+    format!("{SLOT_PREFIX}{service}/")
+}
+
+/// `node/<node>/alloc/<alloc_id>`.
+pub fn report_key(node: &str, alloc_id: &str) -> String {
+    format!("node/{node}{REPORT_INFIX}{alloc_id}")
+}
+
+/// Prefix of one node's reports: `node/<node>/alloc/`.
+pub fn report_prefix(node: &str) -> String {
+    format!("node/{node}{REPORT_INFIX}")
+}
+
+/// The service name of a `service/<name>` key.
+pub fn parse_service_key(key: &str) -> Option<&str> {
+    key.strip_prefix(SERVICE_PREFIX)
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+}
+
+/// `(service, slot)` of an `alloc/<service>/<slot>` key. Only the canonical
+/// spelling of the number is accepted (`alloc/web/03` is not slot 3), so one slot
+/// has one key.
+pub fn parse_slot_key(key: &str) -> Option<(&str, u32)> {
+    let rest = key.strip_prefix(SLOT_PREFIX)?;
+    let (service, slot) = rest.split_once('/')?;
+    let n: u32 = slot.parse().ok()?;
+    (!service.is_empty() && n.to_string() == slot).then_some((service, n))
+}
+
+/// `(node, alloc_id)` of a `node/<node>/alloc/<alloc_id>` key.
+pub fn parse_report_key(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix("node/")?;
+    let (node, id) = rest.split_once(REPORT_INFIX)?;
+    (!node.is_empty() && !node.contains('/') && !id.is_empty() && !id.contains('/'))
+        .then_some((node, id))
+}
+
+/// Encodes a value as JSON (the form every orchestration key holds).
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // These types contain only strings, numbers, maps with string keys and
+    // sequences, which serde_json always encodes.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Decodes the JSON value of `key`.
+pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, ModelError> {
+    serde_json::from_slice(bytes).map_err(|e| ModelError::Decode {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// A spec of an earlier version, kept in the record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PastSpec {
+    /// Its version.
+    pub version: u64,
+    /// The spec.
+    pub spec: ServiceSpec,
+}
+
+/// `service/<name>`: what the operator asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    /// The current spec.
+    pub spec: ServiceSpec,
+    /// Bumped by each deploy that changes the spec (other than its replica count).
+    pub version: u64,
+    /// Desired replicas; `shoal scale` changes only this.
+    pub replicas: u32,
+    /// Set by `shoal rm`; the steward then removes every slot and finally the record.
+    #[serde(default)]
+    pub deleted: bool,
+    /// Specs of up to [`KEPT_VERSIONS`] earlier versions, newest first.
+    #[serde(default)]
+    pub previous: Vec<PastSpec>,
+}
+
+impl ServiceRecord {
+    /// The record after deploying `spec` over `current` (if any).
+    ///
+    /// A changed workload bumps the version (a rollout); a changed `replicas` in the
+    /// spec sets the desired count, while an unchanged one keeps what `shoal scale`
+    /// set. Deploying over a deleted record revives it with a new version.
+    pub fn deploy(current: Option<&ServiceRecord>, spec: ServiceSpec) -> ServiceRecord {
+        let Some(cur) = current else {
+            return ServiceRecord {
+                replicas: spec.replicas,
+                spec,
+                version: 1,
+                deleted: false,
+                previous: Vec::new(),
+            };
+        };
+        let same = !cur.deleted && cur.spec.same_workload(&spec);
+        let replicas = if cur.deleted || cur.spec.replicas != spec.replicas {
+            spec.replicas
+        } else {
+            cur.replicas
+        };
+        if same {
+            return ServiceRecord {
+                replicas,
+                spec,
+                ..cur.clone()
+            };
+        }
+        let mut previous = vec![PastSpec {
+            version: cur.version,
+            spec: cur.spec.clone(),
+        }];
+        previous.extend(cur.previous.iter().cloned());
+        previous.truncate(KEPT_VERSIONS);
+        ServiceRecord {
+            replicas,
+            spec,
+            version: cur.version.saturating_add(1),
+            deleted: false,
+            previous,
+        }
+    }
+
+    /// The record with `replicas` desired replicas.
+    pub fn scaled(&self, replicas: u32) -> Result<ServiceRecord, ModelError> {
+        if replicas > MAX_REPLICAS {
+            return Err(ModelError::TooManyReplicas(replicas));
+        }
+        Ok(ServiceRecord {
+            replicas,
+            ..self.clone()
+        })
+    }
+
+    /// The record marked for removal.
+    pub fn removed(&self) -> ServiceRecord {
+        ServiceRecord {
+            deleted: true,
+            ..self.clone()
+        }
+    }
+
+    /// The spec of `version`, if it is the current one or still kept.
+    pub fn spec_for(&self, version: u64) -> Option<&ServiceSpec> {
+        if version == self.version {
+            return Some(&self.spec);
+        }
+        self.previous
+            .iter()
+            .find(|p| p.version == version)
+            .map(|p| &p.spec)
+    }
+}
+
+/// What a placement holds on its node, so every node can compute free capacity
+/// exactly, whatever version of the spec the placement runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Reservation {
+    /// Resources reserved.
+    pub resources: Resources,
+    /// Fixed host ports bound.
+    pub host_ports: Vec<u16>,
+    /// Image the node will hold.
+    pub image: Option<String>,
+}
+
+/// One allocation: a version of a slot on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Node that runs it.
+    pub node: String,
+    /// Spec version it runs.
+    pub version: u64,
+    /// Unique id (see [`new_alloc_id`]).
+    pub alloc_id: String,
+    /// When the steward placed it (ms).
+    pub placed_ms: u64,
+    /// What it holds on the node.
+    #[serde(default)]
+    pub reserved: Reservation,
+}
+
+/// `alloc/<service>/<slot>`: where one replica runs. Written only by the steward.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Slot {
+    /// The allocation serving this slot; `None` while it could not be placed.
+    pub current: Option<Placement>,
+    /// A new-version allocation started alongside `current` (rolling update with
+    /// surge); promoted to `current` once healthy.
+    pub next: Option<Placement>,
+    /// Why the slot (or its replacement) is not placed, for `shoal ps`:
+    /// `0/5 nodes fit: 3 insufficient memory, 2 not alive`.
+    pub reason: Option<String>,
+}
+
+impl Slot {
+    /// The node of the current allocation.
+    pub fn node(&self) -> Option<&str> {
+        self.current.as_ref().map(|p| p.node.as_str())
+    }
+
+    /// The current and next placements.
+    pub fn placements(&self) -> impl Iterator<Item = &Placement> {
+        self.current.iter().chain(self.next.iter())
+    }
+}
+
+/// Where an allocation is in its life, as its node reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocState {
+    /// Known but not started (e.g. the image is being fetched).
+    #[default]
+    Pending,
+    /// Started, not yet running.
+    Starting,
+    /// Running.
+    Running,
+    /// Being stopped.
+    Stopping,
+    /// Ended and will not be restarted now (crashed, or waiting for backoff).
+    Failed,
+    /// Ended successfully and, by its restart policy, stays ended.
+    Exited,
+}
+
+/// `node/<node>/alloc/<alloc_id>`: what a node observes about an allocation it runs.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AllocReport {
+    /// Service name.
+    pub service: String,
+    /// Slot number.
+    pub slot: u32,
+    /// Spec version.
+    pub version: u64,
+    /// Where it is in its life.
+    pub state: AllocState,
+    /// Result of the health check (or, without one, whether it runs).
+    pub healthy: bool,
+    /// `host:port` of its first port, if any.
+    pub endpoint: Option<String>,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Last error or exit reason.
+    pub reason: Option<String>,
+    /// CPU use in percent of one core.
+    pub cpu_percent: f64,
+    /// Resident memory.
+    pub memory_bytes: u64,
+    /// Start time (ms since the epoch).
+    pub started_ms: u64,
+}
+
+/// A report and the node that wrote it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reported {
+    /// The node (from the key).
+    pub node: String,
+    /// The report.
+    pub report: AllocReport,
+}
+
+/// One service's reports by alloc id.
+pub type Reports = BTreeMap<String, Reported>;
+/// One service's slots by number.
+pub type SlotMap = BTreeMap<u32, Slot>;
+/// Every service's slots.
+pub type ClusterSlots = BTreeMap<String, SlotMap>;
+
+/// A member as the agent's membership sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Status.
+    pub status: NodeStatus,
+    /// Since when it has had this status (ms, same clock as `now_ms`).
+    pub since_ms: u64,
+}
+
+/// Every member by node name.
+pub type Members = BTreeMap<String, Member>;
+
+/// A fresh allocation id: `<service>-<slot>-<version>-<12 hex>`.
+///
+/// The suffix hashes the node, the time and the allocation it replaces, so ids are
+/// unique per (service, slot, version, node, attempt), yet the same inputs give the
+/// same id: `reconcile` stays a pure function.
+pub fn new_alloc_id(
+    service: &str,
+    slot: u32,
+    version: u64,
+    node: &str,
+    now_ms: u64,
+    replaces: Option<&str>,
+) -> String {
+    let mut h = blake3::Hasher::new();
+    for part in [
+        service.as_bytes(),
+        &slot.to_le_bytes(),
+        &version.to_le_bytes(),
+        node.as_bytes(),
+        &now_ms.to_le_bytes(),
+        replaces.unwrap_or("").as_bytes(),
+    ] {
+        // Length-prefixed so no two different tuples hash the same bytes.
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    let hash = h.finalize();
+    let hex: String = hash.as_bytes()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{service}-{slot}-{version}-{hex}")
+}
+
+/// The orchestration part of the replicated state, decoded.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// Records by service name.
+    pub services: BTreeMap<String, ServiceRecord>,
+    /// Slots by service.
+    pub slots: ClusterSlots,
+    /// Reports by service, then alloc id.
+    pub reports: BTreeMap<String, Reports>,
+}
+
+impl ClusterView {
+    /// Decodes every orchestration key among `entries` (live `(key, value)` pairs);
+    /// other keys are skipped. Values that do not decode are left out and returned
+    /// as errors, so one bad writer cannot stop orchestration.
+    pub fn from_entries<'a>(
+        entries: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> (ClusterView, Vec<ModelError>) {
+        let mut view = ClusterView::default();
+        let mut errors = Vec::new();
+        for (key, value) in entries {
+            if let Some(name) = parse_service_key(key) {
+                match decode::<ServiceRecord>(key, value) {
+                    Ok(r) if r.spec.name == name => {
+                        view.services.insert(name.to_string(), r);
+                    }
+                    Ok(r) => errors.push(ModelError::Decode {
+                        key: key.to_string(),
+                        message: format!("record names service {:?}", r.spec.name),
+                    }),
+                    Err(e) => errors.push(e),
+                }
+            } else if let Some((service, n)) = parse_slot_key(key) {
+                match decode::<Slot>(key, value) {
+                    Ok(s) => {
+                        view.slots
+                            .entry(service.to_string())
+                            .or_default()
+                            .insert(n, s);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            } else if let Some((node, id)) = parse_report_key(key) {
+                match decode::<AllocReport>(key, value) {
+                    Ok(report) => {
+                        view.reports
+                            .entry(report.service.clone())
+                            .or_default()
+                            .insert(
+                                id.to_string(),
+                                Reported {
+                                    node: node.to_string(),
+                                    report,
+                                },
+                            );
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        (view, errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        assert_eq!(parse_service_key(&service_key("web")), Some("web"));
+        assert_eq!(parse_slot_key(&slot_key("web", 12)), Some(("web", 12)));
+        assert_eq!(parse_slot_key("alloc/web/03"), None);
+        assert_eq!(parse_slot_key("alloc/web/x"), None);
+        assert_eq!(parse_slot_key("alloc//1"), None);
+        assert_eq!(
+            parse_report_key(&report_key("n1", "web-0-1-abc")),
+            Some(("n1", "web-0-1-abc"))
+        );
+        assert_eq!(parse_report_key("node/n1/info"), None);
+        assert_eq!(parse_service_key("service/a/b"), None);
+    }
+
+    #[test]
+    fn alloc_ids_are_unique_per_attempt_and_deterministic() {
+        let a = new_alloc_id("web", 0, 1, "n1", 1000, None);
+        assert!(a.starts_with("web-0-1-") && a.len() == "web-0-1-".len() + 12);
+        assert_eq!(a, new_alloc_id("web", 0, 1, "n1", 1000, None));
+        assert_ne!(a, new_alloc_id("web", 0, 1, "n2", 1000, None));
+        assert_ne!(a, new_alloc_id("web", 0, 1, "n1", 1000, Some(&a)));
+        assert_ne!(a, new_alloc_id("web", 0, 1, "n1", 1001, None));
+    }
+
+    #[test]
+    fn deploy_bumps_the_version_only_when_the_workload_changes() {
+        let text = "name = \"web\"\ndriver = \"process\"\ncommand = [\"x\"]\nreplicas = 3\n";
+        let v1 = ServiceSpec::from_toml("web.toml", text).unwrap();
+        let r1 = ServiceRecord::deploy(None, v1.clone());
+        assert_eq!((r1.version, r1.replicas), (1, 3));
+        // Same spec again: nothing changes.
+        assert_eq!(ServiceRecord::deploy(Some(&r1), v1.clone()), r1);
+        // `shoal scale` then an unchanged deploy keeps the scaled count.
+        let scaled = r1.scaled(5).unwrap();
+        assert_eq!(ServiceRecord::deploy(Some(&scaled), v1.clone()).replicas, 5);
+        assert!(r1.scaled(MAX_REPLICAS + 1).is_err());
+        // Only the spec's replicas changed: new count, no rollout.
+        let mut more = v1.clone();
+        more.replicas = 7;
+        let r = ServiceRecord::deploy(Some(&scaled), more);
+        assert_eq!((r.version, r.replicas), (1, 7));
+        // A changed workload is a new version; the old spec is kept.
+        let mut v2 = v1.clone();
+        v2.env.insert("A".into(), "1".into());
+        let r2 = ServiceRecord::deploy(Some(&scaled), v2.clone());
+        assert_eq!((r2.version, r2.replicas), (2, 5));
+        assert_eq!(r2.spec_for(1), Some(&v1));
+        assert_eq!(r2.spec_for(2), Some(&v2));
+        let mut r = r2.clone();
+        for i in 0..10 {
+            let mut v = v2.clone();
+            v.env.insert("I".into(), i.to_string());
+            r = ServiceRecord::deploy(Some(&r), v);
+        }
+        assert_eq!(r.previous.len(), KEPT_VERSIONS);
+        // Deploying over a removed service revives it with a new version.
+        let back = ServiceRecord::deploy(Some(&r2.removed()), v2);
+        assert_eq!((back.version, back.deleted), (3, false));
+        // JSON round trip.
+        let json = encode(&r2);
+        assert_eq!(decode::<ServiceRecord>("service/web", &json).unwrap(), r2);
+    }
+
+    #[test]
+    fn bad_values_are_reported_not_fatal() {
+        let good = encode(&Slot::default());
+        let entries: Vec<(&str, &[u8])> = vec![
+            ("alloc/web/0", &good),
+            ("alloc/web/1", b"{not json"),
+            ("service/web", b"{}"),
+            ("kv/other", b"whatever"),
+        ];
+        let (view, errors) = ClusterView::from_entries(entries);
+        assert_eq!(view.slots["web"].len(), 1);
+        assert_eq!(errors.len(), 2);
+    }
+}

@@ -1,0 +1,1020 @@
+//! Stewards and reconcile: who decides for a service, and what they decide.
+//!
+//! Every agent computes [`steward_for`] from its membership view; the one that finds
+//! itself steward calls [`reconcile`] with the service's record, slots and reports
+//! and writes the result. `reconcile` is a pure function of its input (time is an
+//! input, alloc ids are hashes), so any node computing it over the same state writes
+//! the same slots, a new steward after a failover carries on where the old one
+//! stopped, and two stewards on both sides of a partition write slots that
+//! converge by last-writer-wins once the sides meet.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal_policy_logic::{NodeStatus, PlacementRequest, Resources, Snapshot};
+
+use crate::model::{
+    encode, new_alloc_id, service_key, slot_key, AllocState, ClusterSlots, ClusterView, Members,
+    Placement, Reports, Reservation, ServiceRecord, Slot, SlotMap,
+};
+use crate::snapshot::{release, Placed};
+use crate::spec::MAX_REPLICAS;
+
+/// The rendezvous score of `node` for `service`: the first 8 bytes (little
+/// endian) of blake3(`service` 0x00 `node`). blake3 because it is stable across
+/// platforms and versions, and already a dependency.
+pub fn rendezvous_score(service: &str, node: &str) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(service.as_bytes());
+    h.update(&[0]);
+    h.update(node.as_bytes());
+    let bytes = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&bytes.as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// The steward of `service`: the node among `alive` with the highest rendezvous
+/// score (ties, which need a 64-bit collision, go to the larger name). Removing any
+/// other node never changes the answer, so a failure moves only the stewardships
+/// of the node that failed.
+pub fn steward_for<'a>(service: &str, alive: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    alive
+        .into_iter()
+        .max_by_key(|node| (rendezvous_score(service, node), *node))
+}
+
+/// One change to the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Set `key` to the JSON `value`.
+    Put {
+        /// The key.
+        key: String,
+        /// The JSON value.
+        value: Vec<u8>,
+    },
+    /// Delete `key`.
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+impl Write {
+    /// The key written.
+    pub fn key(&self) -> &str {
+        match self {
+            Write::Put { key, .. } | Write::Delete { key } => key,
+        }
+    }
+}
+
+/// How the service's rollout stands after a reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "state")]
+pub enum RolloutStatus {
+    /// Every desired replica runs the current version and is healthy.
+    Complete,
+    /// `updated` of `total` replicas run the current version and are healthy.
+    Progressing {
+        /// Healthy replicas of the current version.
+        updated: u32,
+        /// Desired replicas.
+        total: u32,
+    },
+    /// A replica of the current version was not healthy within the update's
+    /// `healthy_deadline`: no further replica is updated until it is, or until a new
+    /// version is deployed. Remaining old replicas keep running.
+    Stalled {
+        /// Which replica and why.
+        reason: String,
+    },
+    /// The service is being removed.
+    Removing,
+}
+
+/// What [`reconcile`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Writes to apply, deletes first. Empty when the state already matches.
+    pub writes: Vec<Write>,
+    /// How the rollout stands.
+    pub rollout: RolloutStatus,
+}
+
+/// Everything a steward decides from, for one service.
+#[derive(Debug, Clone)]
+pub struct ReconcileInput<'a> {
+    /// The service.
+    pub service: &'a str,
+    /// Its record; `None` means it is known to be gone (a tombstone), and every
+    /// slot left is deleted. Do not pass `None` for a record merely not yet received.
+    pub record: Option<&'a ServiceRecord>,
+    /// Its slots.
+    pub slots: &'a SlotMap,
+    /// Every report of its allocations, from every node.
+    pub reports: &'a Reports,
+    /// Healthy replicas of each service this one depends on (missing = none).
+    pub dependencies: BTreeMap<String, u32>,
+    /// Membership: every node a slot may name. A node missing here counts as gone
+    /// long ago (its slots are placed elsewhere), so reconcile only once the
+    /// membership view has settled after joining.
+    pub members: &'a Members,
+    /// The cluster as [`crate::build_snapshot`] builds it from the current state.
+    pub snapshot: &'a Snapshot,
+    /// Now, in ms, on the clock `members[..].since_ms` uses.
+    pub now_ms: u64,
+}
+
+static NO_SLOTS: SlotMap = BTreeMap::new();
+static NO_REPORTS: Reports = BTreeMap::new();
+
+impl ClusterView {
+    /// The reconcile input for `service` from this view.
+    pub fn reconcile_input<'a>(
+        &'a self,
+        service: &'a str,
+        members: &'a Members,
+        snapshot: &'a Snapshot,
+        now_ms: u64,
+    ) -> ReconcileInput<'a> {
+        let record = self.services.get(service);
+        let dependencies = record
+            .map(|r| {
+                r.spec
+                    .depends_on
+                    .iter()
+                    .map(|d| {
+                        let healthy = self
+                            .slots
+                            .get(d)
+                            .map(|s| {
+                                healthy_replicas(
+                                    s,
+                                    self.reports.get(d).unwrap_or(&NO_REPORTS),
+                                    members,
+                                )
+                            })
+                            .unwrap_or(0);
+                        (d.clone(), healthy)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ReconcileInput {
+            service,
+            record,
+            slots: self.slots.get(service).unwrap_or(&NO_SLOTS),
+            reports: self.reports.get(service).unwrap_or(&NO_REPORTS),
+            dependencies,
+            members,
+            snapshot,
+            now_ms,
+        }
+    }
+}
+
+fn reachable(members: &Members, node: &str) -> bool {
+    members
+        .get(node)
+        .is_some_and(|m| matches!(m.status, NodeStatus::Alive | NodeStatus::Suspect))
+}
+
+/// Whether `node` has been gone (down or left) for at least `after_ms`. A suspect
+/// node is not gone: SWIM may still clear it.
+fn lost(members: &Members, node: &str, now_ms: u64, after_ms: u64) -> bool {
+    match members.get(node) {
+        None => true,
+        Some(m) => {
+            matches!(m.status, NodeStatus::Down | NodeStatus::Left)
+                && now_ms.saturating_sub(m.since_ms) >= after_ms
+        }
+    }
+}
+
+/// Whether the allocation of `p` is reported running and healthy by a reachable node.
+pub fn is_healthy(p: &Placement, reports: &Reports, members: &Members) -> bool {
+    reachable(members, &p.node)
+        && reports.get(&p.alloc_id).is_some_and(|r| {
+            r.node == p.node && r.report.healthy && r.report.state == AllocState::Running
+        })
+}
+
+/// Slots with a healthy current or next allocation.
+pub fn healthy_replicas(slots: &SlotMap, reports: &Reports, members: &Members) -> u32 {
+    slots
+        .values()
+        .filter(|s| s.placements().any(|p| is_healthy(p, reports, members)))
+        .count() as u32
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+/// Why a slot needs a new allocation, in placement priority order: replicas that
+/// are gone first, then missing ones, then updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Need {
+    /// The current allocation's node is gone: place it elsewhere.
+    Lost,
+    /// No allocation yet.
+    Fresh,
+    /// Replace the current allocation with the new version (in place).
+    Update,
+    /// Start the new version alongside the current one.
+    Surge,
+}
+
+/// Checks scheduler answers against the snapshot, so a buggy policy can never
+/// put a replica on a node that is not alive or lacks room.
+struct Fit {
+    index: BTreeMap<String, usize>,
+    alive: Vec<bool>,
+    free: Vec<Resources>,
+    ports: Vec<BTreeSet<u16>>,
+}
+
+impl Fit {
+    fn new(snapshot: &Snapshot) -> Fit {
+        Fit {
+            index: snapshot
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.name.clone(), i))
+                .collect(),
+            alive: snapshot
+                .nodes
+                .iter()
+                .map(|n| n.status == NodeStatus::Alive)
+                .collect(),
+            free: snapshot.nodes.iter().map(|n| n.free).collect(),
+            ports: snapshot
+                .nodes
+                .iter()
+                .map(|n| n.ports_in_use.iter().copied().collect())
+                .collect(),
+        }
+    }
+
+    /// Takes room for one replica on `node`, or says why it cannot.
+    fn take(&mut self, node: &str, r: &Resources, ports: &[u16]) -> Result<(), String> {
+        let Some(&i) = self.index.get(node) else {
+            return Err(format!("the scheduler chose unknown node {node:?}"));
+        };
+        let f = &mut self.free[i];
+        let problem = if !self.alive[i] {
+            Some("is not alive")
+        } else if f.cpu_millis < r.cpu_millis
+            || f.memory_bytes < r.memory_bytes
+            || f.disk_bytes < r.disk_bytes
+        {
+            Some("lacks room")
+        } else if ports.iter().any(|p| self.ports[i].contains(p)) {
+            Some("has the port in use")
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            return Err(format!("the scheduler chose node {node}, which {p}"));
+        }
+        f.cpu_millis -= r.cpu_millis;
+        f.memory_bytes -= r.memory_bytes;
+        f.disk_bytes -= r.disk_bytes;
+        self.ports[i].extend(ports);
+        Ok(())
+    }
+}
+
+/// Computes the writes that bring one service's slots to its record. Pure and
+/// deterministic; applying its writes and calling it again at the same time
+/// returns no writes.
+///
+/// Rules, in order:
+/// 1. A deleted (or gone) service loses every slot, highest first; once none is
+///    left and no reachable node reports an allocation, its record is deleted.
+/// 2. Slots at or above the desired count are deleted, highest first.
+/// 3. A `next` on a gone node, or older than the version and unhealthy, is dropped;
+///    a healthy `next` is promoted to `current` (the old allocation becomes an
+///    orphan its node stops).
+/// 4. A slot whose node has been down or left for `reschedule_after` is placed
+///    elsewhere (suspect nodes are waited for); a slot with no allocation is placed,
+///    unless a `depends_on` service has no healthy replica ("waiting for dependency").
+/// 5. Rolling update, unless a current-version replica has missed
+///    `update.healthy_deadline` (then the rollout is `Stalled`): with `max_surge = 0`
+///    old replicas are replaced in place, at most `max_unavailable` in flight and
+///    never taking healthy replicas below `replicas - max_unavailable`; with
+///    `max_surge > 0` up to that many new replicas start alongside old ones. Unhealthy
+///    old replicas are replaced in place first, as that costs no availability.
+/// 6. Everything to place goes to the scheduler as one request (so spread sees all of
+///    it), with the reservations of replaced allocations given back first. Answers
+///    are checked against the snapshot; replicas that fit nowhere leave the reason on
+///    the slot, and are retried on the next call.
+pub fn reconcile(
+    input: &ReconcileInput<'_>,
+    scheduler: &mut dyn FnMut(&Snapshot, &[PlacementRequest]) -> Vec<Placed>,
+) -> Reconciled {
+    let service = input.service;
+    let members = input.members;
+    let reports = input.reports;
+    let now = input.now_ms;
+    let mut writes = Vec::new();
+
+    let record = match input.record {
+        Some(r) if !r.deleted => r,
+        other => {
+            for n in input.slots.keys().rev() {
+                writes.push(Write::Delete {
+                    key: slot_key(service, *n),
+                });
+            }
+            let still_running = reports.values().any(|r| reachable(members, &r.node));
+            if other.is_some() && input.slots.is_empty() && !still_running {
+                writes.push(Write::Delete {
+                    key: service_key(service),
+                });
+            }
+            return Reconciled {
+                writes,
+                rollout: RolloutStatus::Removing,
+            };
+        }
+    };
+    let spec = &record.spec;
+    let version = record.version;
+    let want = record.replicas.min(MAX_REPLICAS);
+    let after_ms = ms(spec.reschedule_after);
+    let deadline_ms = ms(spec.update.healthy_deadline);
+    let healthy = |p: &Placement| is_healthy(p, reports, members);
+    let mut snapshot = input.snapshot.clone();
+
+    // Scale down. The removed replicas stop, so their room is free for this round.
+    for (n, slot) in input.slots.range(want..).rev() {
+        for p in slot.placements() {
+            release(&mut snapshot, service, p);
+        }
+        writes.push(Write::Delete {
+            key: slot_key(service, *n),
+        });
+    }
+
+    let mut work: BTreeMap<u32, Slot> = (0..want)
+        .map(|n| (n, input.slots.get(&n).cloned().unwrap_or_default()))
+        .collect();
+
+    // Drop dead or stale surges; promote healthy ones.
+    for slot in work.values_mut() {
+        slot.reason = None;
+        let Some(next) = slot.next.clone() else {
+            continue;
+        };
+        let current_version = slot.current.as_ref().map_or(0, |c| c.version);
+        if lost(members, &next.node, now, after_ms)
+            || next.version < current_version
+            || (next.version < version && !healthy(&next))
+        {
+            release(&mut snapshot, service, &next);
+            slot.next = None;
+        } else if healthy(&next)
+            || slot
+                .current
+                .as_ref()
+                .is_none_or(|c| lost(members, &c.node, now, after_ms))
+        {
+            // The surge is healthy, or there is nothing left to keep running
+            // alongside it: it becomes the slot's allocation.
+            if let Some(old) = slot.current.take() {
+                release(&mut snapshot, service, &old);
+            }
+            slot.current = slot.next.take();
+        }
+    }
+
+    // What needs placing.
+    let waiting: Vec<&str> = spec
+        .depends_on
+        .iter()
+        .filter(|d| input.dependencies.get(*d).copied().unwrap_or(0) == 0)
+        .map(String::as_str)
+        .collect();
+    let mut needs: Vec<(Need, u32)> = Vec::new();
+    for (&n, slot) in work.iter_mut() {
+        match &slot.current {
+            None if waiting.is_empty() => needs.push((Need::Fresh, n)),
+            None => {
+                let s = if waiting.len() == 1 { "y" } else { "ies" };
+                slot.reason = Some(format!("waiting for dependenc{s} {}", waiting.join(", ")));
+            }
+            Some(c) if lost(members, &c.node, now, after_ms) => needs.push((Need::Lost, n)),
+            Some(_) => {}
+        }
+    }
+
+    // A current-version replica that missed its deadline stops the rollout.
+    let stalled = work.iter().find_map(|(n, slot)| {
+        slot.placements()
+            .find(|p| {
+                p.version == version
+                    && reachable(members, &p.node)
+                    && !healthy(p)
+                    && now.saturating_sub(p.placed_ms) >= deadline_ms
+            })
+            .map(|p| {
+                let why = reports
+                    .get(&p.alloc_id)
+                    .and_then(|r| r.report.reason.clone())
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default();
+                format!(
+                    "slot {n}: version {version} on {} not healthy within {}s{why}",
+                    p.node,
+                    deadline_ms / 1000
+                )
+            })
+    });
+
+    if stalled.is_none() {
+        let placing: BTreeSet<u32> = needs.iter().map(|(_, n)| *n).collect();
+        let mut candidates: Vec<(bool, u32)> = work
+            .iter()
+            .filter(|(n, s)| {
+                !placing.contains(n)
+                    && s.current.as_ref().is_some_and(|c| c.version < version)
+                    && s.next.is_none()
+            })
+            .map(|(n, s)| (s.current.as_ref().is_some_and(healthy), *n))
+            .collect();
+        // Unhealthy first: replacing them costs no availability.
+        candidates.sort();
+        let healthy_now = work
+            .values()
+            .filter(|s| s.current.as_ref().is_some_and(healthy))
+            .count() as u32;
+        if spec.update.max_surge == 0 {
+            let in_flight = work
+                .values()
+                .filter(|s| {
+                    s.current
+                        .as_ref()
+                        .is_some_and(|c| c.version == version && !healthy(c))
+                })
+                .count() as u32;
+            let floor = want.saturating_sub(spec.update.max_unavailable);
+            let mut healthy_left = healthy_now;
+            let mut room = spec.update.max_unavailable.saturating_sub(in_flight);
+            for (is_healthy, n) in candidates {
+                if room == 0 {
+                    break;
+                }
+                if is_healthy {
+                    if healthy_left <= floor {
+                        break;
+                    }
+                    healthy_left -= 1;
+                }
+                room -= 1;
+                needs.push((Need::Update, n));
+            }
+        } else {
+            let surging = work.values().filter(|s| s.next.is_some()).count() as u32;
+            let mut room = spec.update.max_surge.saturating_sub(surging);
+            for (is_healthy, n) in candidates {
+                if !is_healthy {
+                    needs.push((Need::Update, n));
+                } else if room > 0 {
+                    room -= 1;
+                    needs.push((Need::Surge, n));
+                }
+            }
+        }
+    }
+    needs.sort();
+
+    if !needs.is_empty() {
+        for &(need, n) in &needs {
+            if matches!(need, Need::Lost | Need::Update) {
+                if let Some(c) = &work[&n].current {
+                    release(&mut snapshot, service, c);
+                }
+            }
+        }
+        let request = spec.to_request(needs.len() as u32);
+        let answer = scheduler(&snapshot, std::slice::from_ref(&request))
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let mut fit = Fit::new(&snapshot);
+        let reserved = Reservation {
+            resources: spec.resources,
+            host_ports: spec.host_ports(),
+            image: spec.image().map(str::to_string),
+        };
+        let mut nodes = answer.nodes.iter();
+        let mut failure: Option<String> = None;
+        for &(need, n) in &needs {
+            let Some(slot) = work.get_mut(&n) else {
+                continue;
+            };
+            let chosen = match (&failure, nodes.next()) {
+                (None, Some(node)) => {
+                    match fit.take(node, &reserved.resources, &reserved.host_ports) {
+                        Ok(()) => Some(node),
+                        Err(e) => {
+                            failure = Some(e);
+                            None
+                        }
+                    }
+                }
+                (None, None) => {
+                    failure = Some(answer.unplaced.clone().unwrap_or_else(|| {
+                        format!(
+                            "the scheduler placed only {} of {} replicas",
+                            answer.nodes.len(),
+                            needs.len()
+                        )
+                    }));
+                    None
+                }
+                (Some(_), _) => None,
+            };
+            match chosen {
+                Some(node) => {
+                    let replaces = match need {
+                        Need::Surge => slot.next.as_ref(),
+                        _ => slot.current.as_ref(),
+                    }
+                    .map(|p| p.alloc_id.as_str());
+                    let placement = Placement {
+                        node: node.clone(),
+                        version,
+                        alloc_id: new_alloc_id(service, n, version, node, now, replaces),
+                        placed_ms: now,
+                        reserved: reserved.clone(),
+                    };
+                    if need == Need::Surge {
+                        slot.next = Some(placement);
+                    } else {
+                        slot.current = Some(placement);
+                    }
+                }
+                None => {
+                    let why = failure.as_deref().unwrap_or("unplaced");
+                    slot.reason = Some(match (need, &slot.current) {
+                        (Need::Lost, Some(c)) => {
+                            let status = members.get(&c.node).map_or("gone", |m| match m.status {
+                                NodeStatus::Left => "left",
+                                _ => "down",
+                            });
+                            format!("node {} is {status} and no other node fits: {why}", c.node)
+                        }
+                        (Need::Update | Need::Surge, _) => {
+                            format!("update to version {version} waits: {why}")
+                        }
+                        _ => why.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    for (n, slot) in &work {
+        if input.slots.get(n) != Some(slot) {
+            writes.push(Write::Put {
+                key: slot_key(service, *n),
+                value: encode(slot),
+            });
+        }
+    }
+
+    let rollout = match stalled {
+        Some(reason) => RolloutStatus::Stalled { reason },
+        None => {
+            let updated = work
+                .values()
+                .filter(|s| {
+                    s.next.is_none()
+                        && s.current
+                            .as_ref()
+                            .is_some_and(|c| c.version == version && healthy(c))
+                })
+                .count() as u32;
+            if updated == want {
+                RolloutStatus::Complete
+            } else {
+                RolloutStatus::Progressing {
+                    updated,
+                    total: want,
+                }
+            }
+        }
+    };
+    Reconciled { writes, rollout }
+}
+
+/// One allocation a node must run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assignment<'a> {
+    /// Service name.
+    pub service: &'a str,
+    /// Slot number.
+    pub slot: u32,
+    /// The allocation.
+    pub placement: &'a Placement,
+    /// True for a surge allocation (the slot's `next`).
+    pub next: bool,
+}
+
+/// Every allocation `node` must run: the current and next placements that name it.
+pub fn allocs_for_node<'a>(node: &str, slots: &'a ClusterSlots) -> Vec<Assignment<'a>> {
+    let mut out = Vec::new();
+    for (service, slots) in slots {
+        for (&n, slot) in slots {
+            for (p, next) in [(&slot.current, false), (&slot.next, true)] {
+                if let Some(p) = p.as_ref().filter(|p| p.node == node) {
+                    out.push(Assignment {
+                        service,
+                        slot: n,
+                        placement: p,
+                        next,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The allocations among `running` (alloc ids on `node`) that no slot assigns to
+/// `node` any more: replaced, scaled down, removed, or lost to another node when a
+/// partition healed. The node stops them.
+pub fn orphans<'a>(
+    node: &str,
+    running: impl IntoIterator<Item = &'a str>,
+    slots: &ClusterSlots,
+) -> Vec<String> {
+    let keep: BTreeSet<&str> = allocs_for_node(node, slots)
+        .into_iter()
+        .map(|a| a.placement.alloc_id.as_str())
+        .collect();
+    running
+        .into_iter()
+        .filter(|id| !keep.contains(id))
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AllocReport, Member, Reported};
+    use crate::snapshot::{build_snapshot, native_scheduler, NodeFacts};
+    use crate::spec::ServiceSpec;
+    use proptest::prelude::*;
+
+    fn spec(extra: &str) -> ServiceSpec {
+        let text = format!(
+            "name = \"web\"\ndriver = \"process\"\ncommand = [\"x\"]\nreplicas = 4\n{extra}\n[resources]\ncpu = \"1\"\nmemory = \"1Gi\"\n"
+        );
+        ServiceSpec::from_toml("web.toml", &text).unwrap()
+    }
+
+    fn nodes(n: usize) -> (Vec<NodeFacts>, Members) {
+        let facts = (1..=n)
+            .map(|i| NodeFacts {
+                name: format!("n{i}"),
+                capacity: Resources {
+                    cpu_millis: 4000,
+                    memory_bytes: 4 << 30,
+                    disk_bytes: 0,
+                },
+                ..NodeFacts::default()
+            })
+            .collect();
+        let members = (1..=n)
+            .map(|i| {
+                (
+                    format!("n{i}"),
+                    Member {
+                        status: NodeStatus::Alive,
+                        since_ms: 0,
+                    },
+                )
+            })
+            .collect();
+        (facts, members)
+    }
+
+    fn placement(node: &str, version: u64, id: &str, spec: &ServiceSpec) -> Placement {
+        Placement {
+            node: node.into(),
+            version,
+            alloc_id: id.into(),
+            placed_ms: 0,
+            reserved: Reservation {
+                resources: spec.resources,
+                host_ports: vec![],
+                image: None,
+            },
+        }
+    }
+
+    fn report(node: &str, healthy: bool) -> Reported {
+        Reported {
+            node: node.into(),
+            report: AllocReport {
+                service: "web".into(),
+                state: AllocState::Running,
+                healthy,
+                ..AllocReport::default()
+            },
+        }
+    }
+
+    fn run(
+        record: Option<&ServiceRecord>,
+        slots: &SlotMap,
+        reports: &Reports,
+        members: &Members,
+        facts: &[NodeFacts],
+        now_ms: u64,
+        scheduler: &mut dyn FnMut(&Snapshot, &[PlacementRequest]) -> Vec<Placed>,
+    ) -> Reconciled {
+        let all: ClusterSlots = [("web".to_string(), slots.clone())].into();
+        let snapshot = build_snapshot(facts, &all);
+        let input = ReconcileInput {
+            service: "web",
+            record,
+            slots,
+            reports,
+            dependencies: BTreeMap::new(),
+            members,
+            snapshot: &snapshot,
+            now_ms,
+        };
+        reconcile(&input, scheduler)
+    }
+
+    fn decode_slot(w: &Write) -> Slot {
+        match w {
+            Write::Put { value, .. } => serde_json::from_slice(value).unwrap(),
+            Write::Delete { key } => panic!("unexpected delete of {key}"),
+        }
+    }
+
+    proptest! {
+        /// Removing any node but the steward never changes the steward.
+        #[test]
+        fn removing_a_non_steward_keeps_the_steward(
+            service in "[a-z]{1,12}",
+            count in 2usize..30,
+            victim in any::<prop::sample::Index>(),
+        ) {
+            let all: Vec<String> = (0..count).map(|i| format!("node-{i}")).collect();
+            let steward = steward_for(&service, all.iter().map(String::as_str)).unwrap().to_string();
+            let victim = &all[victim.index(count)];
+            prop_assume!(*victim != steward);
+            let rest = all.iter().filter(|n| *n != victim).map(String::as_str);
+            prop_assert_eq!(steward_for(&service, rest), Some(steward.as_str()));
+        }
+    }
+
+    #[test]
+    fn stewardships_are_spread_evenly() {
+        let nodes: Vec<String> = (0..10).map(|i| format!("node-{i}")).collect();
+        let mut count: BTreeMap<&str, u32> = BTreeMap::new();
+        for s in 0..1000 {
+            let service = format!("service-{s}");
+            *count
+                .entry(steward_for(&service, nodes.iter().map(String::as_str)).unwrap())
+                .or_default() += 1;
+        }
+        assert_eq!(count.len(), 10);
+        // Expected 100 each; binomial sd ~9.5, so 60..140 is a > 4 sd band.
+        assert!(
+            count.values().all(|&c| (60..=140).contains(&c)),
+            "{count:?}"
+        );
+        assert_eq!(steward_for("x", std::iter::empty()), None);
+    }
+
+    /// With a current-version replica past its deadline, nothing more is updated,
+    /// even where max_unavailable would allow it.
+    #[test]
+    fn a_stalled_rollout_updates_nothing_more() {
+        let spec = spec("[update]\nmax_unavailable = 4\nhealthy_deadline = \"10s\"");
+        let record = ServiceRecord {
+            spec: spec.clone(),
+            version: 2,
+            replicas: 4,
+            deleted: false,
+            previous: vec![],
+        };
+        let (facts, members) = nodes(4);
+        let mut slots = SlotMap::new();
+        let mut reports = Reports::new();
+        for n in 0..4u32 {
+            let (version, healthy) = if n == 0 { (2, false) } else { (1, true) };
+            let id = format!("web-{n}");
+            let node = format!("n{}", n + 1);
+            slots.insert(
+                n,
+                Slot {
+                    current: Some(placement(&node, version, &id, &spec)),
+                    ..Slot::default()
+                },
+            );
+            reports.insert(id, report(&node, healthy));
+        }
+        let mut never =
+            |_: &Snapshot, _: &[PlacementRequest]| -> Vec<Placed> { panic!("nothing to place") };
+        let out = run(
+            Some(&record),
+            &slots,
+            &reports,
+            &members,
+            &facts,
+            10_000,
+            &mut never,
+        );
+        assert!(out.writes.is_empty(), "{:?}", out.writes);
+        assert!(
+            matches!(&out.rollout, RolloutStatus::Stalled { reason } if reason.starts_with("slot 0: version 2 on n1"))
+        );
+        // Before the deadline the same state is simply progressing: the other three go.
+        let out = run(
+            Some(&record),
+            &slots,
+            &reports,
+            &members,
+            &facts,
+            9_999,
+            &mut native_scheduler,
+        );
+        assert_eq!(out.writes.len(), 3);
+        assert_eq!(
+            out.rollout,
+            RolloutStatus::Progressing {
+                updated: 0,
+                total: 4
+            }
+        );
+    }
+
+    /// A scheduler (plugin) that names unknown, dead or full nodes, or answers short
+    /// without a reason, never gets a replica placed there.
+    #[test]
+    fn bad_scheduler_answers_are_refused() {
+        let spec = spec("");
+        let record = ServiceRecord {
+            spec: spec.clone(),
+            version: 1,
+            replicas: 5,
+            deleted: false,
+            previous: vec![],
+        };
+        let (facts, mut members) = nodes(3);
+        members.get_mut("n3").unwrap().status = NodeStatus::Down;
+        let mut facts = facts;
+        facts[2].status = NodeStatus::Down;
+        let cases: Vec<(Vec<&str>, &str)> = vec![
+            (vec!["ghost"], "the scheduler chose unknown node \"ghost\""),
+            (
+                vec!["n3"],
+                "the scheduler chose node n3, which is not alive",
+            ),
+            (
+                vec!["n1", "n1", "n1", "n1", "n1"],
+                "the scheduler chose node n1, which lacks room",
+            ),
+            (vec!["n1"], "the scheduler placed only 1 of 5 replicas"),
+        ];
+        for (answer, reason) in cases {
+            let mut sched = |_: &Snapshot, _: &[PlacementRequest]| {
+                vec![Placed {
+                    nodes: answer.iter().map(|s| s.to_string()).collect(),
+                    unplaced: None,
+                }]
+            };
+            let out = run(
+                Some(&record),
+                &SlotMap::new(),
+                &Reports::new(),
+                &members,
+                &facts,
+                0,
+                &mut sched,
+            );
+            let slots: Vec<Slot> = out.writes.iter().map(decode_slot).collect();
+            assert_eq!(slots.len(), 5);
+            for s in &slots {
+                if let Some(p) = &s.current {
+                    assert_eq!(p.node, "n1", "{answer:?}");
+                } else {
+                    assert_eq!(s.reason.as_deref(), Some(reason), "{answer:?}");
+                }
+            }
+            let placed = slots.iter().filter(|s| s.current.is_some()).count();
+            // n1 has 4 cores: at most 4 one-core replicas, never five.
+            assert!(placed < 5, "{answer:?}");
+        }
+    }
+
+    #[test]
+    fn removal_deletes_slots_then_the_record() {
+        let spec = spec("");
+        let record = ServiceRecord {
+            spec: spec.clone(),
+            version: 1,
+            replicas: 2,
+            deleted: true,
+            previous: vec![],
+        };
+        let (facts, members) = nodes(2);
+        let slots: SlotMap = [
+            (
+                0,
+                Slot {
+                    current: Some(placement("n1", 1, "a", &spec)),
+                    ..Slot::default()
+                },
+            ),
+            (1, Slot::default()),
+        ]
+        .into();
+        let reports: Reports = [("a".to_string(), report("n1", true))].into();
+        let out = run(
+            Some(&record),
+            &slots,
+            &reports,
+            &members,
+            &facts,
+            0,
+            &mut native_scheduler,
+        );
+        let keys: Vec<&str> = out.writes.iter().map(Write::key).collect();
+        assert_eq!(keys, vec!["alloc/web/1", "alloc/web/0"]);
+        assert_eq!(out.rollout, RolloutStatus::Removing);
+        // Slots gone but n1 still reports its copy: the record stays.
+        let out = run(
+            Some(&record),
+            &SlotMap::new(),
+            &reports,
+            &members,
+            &facts,
+            0,
+            &mut native_scheduler,
+        );
+        assert!(out.writes.is_empty());
+        // Nothing left: the record goes.
+        let out = run(
+            Some(&record),
+            &SlotMap::new(),
+            &Reports::new(),
+            &members,
+            &facts,
+            0,
+            &mut native_scheduler,
+        );
+        assert_eq!(
+            out.writes,
+            vec![Write::Delete {
+                key: "service/web".into()
+            }]
+        );
+        // No record at all: leftover slots are deleted, nothing else.
+        let out = run(
+            None,
+            &slots,
+            &reports,
+            &members,
+            &facts,
+            0,
+            &mut native_scheduler,
+        );
+        assert_eq!(out.writes.len(), 2);
+    }
+
+    #[test]
+    fn nodes_run_current_and_next_and_stop_the_rest() {
+        let spec = spec("");
+        let slot = Slot {
+            current: Some(placement("n1", 1, "old", &spec)),
+            next: Some(placement("n2", 2, "new", &spec)),
+            reason: None,
+        };
+        let all: ClusterSlots = [("web".to_string(), [(0, slot)].into())].into();
+        let n1 = allocs_for_node("n1", &all);
+        assert_eq!(n1.len(), 1);
+        assert!(!n1[0].next && n1[0].placement.alloc_id == "old");
+        let n2 = allocs_for_node("n2", &all);
+        assert!(n2[0].next && n2[0].slot == 0);
+        assert_eq!(
+            orphans("n1", ["old", "stale"], &all),
+            vec!["stale".to_string()]
+        );
+        assert_eq!(orphans("n2", ["old", "new"], &all), vec!["old".to_string()]);
+    }
+}
