@@ -89,17 +89,39 @@ impl Mesh {
         let exe = std::env::current_exe().context("locating the shoal binary")?;
         let quic = |i: usize| SocketAddr::from(([127, 0, 0, 1], base_port + i as u16));
         let api = |i: usize| SocketAddr::from(([127, 0, 0, 1], base_port + 1000 + i as u16));
+        // Warm the shared policy cache before the clock starts.
+        tokio::task::spawn_blocking({
+            let cache = dir.path().join("policy-cache");
+            move || {
+                shoal_policy::PolicyHost::new(shoal_policy::HostConfig {
+                    cache_dir: Some(cache),
+                    ..shoal_policy::HostConfig::default()
+                })
+                .map(drop)
+            }
+        })
+        .await?
+        .context("warming the policy cache")?;
         let start = Instant::now();
         let mut procs = Procs(Vec::new());
         for i in 0..n {
             let log = std::fs::File::create(dir.path().join(format!("n{i}.log")))?;
             let mut cmd = Command::new(&exe);
             cmd.args(["agent", "--name", &format!("n{i}")])
-                .args(["--listen", &quic(i).to_string(), "--api", &api(i).to_string()])
+                .args([
+                    "--listen",
+                    &quic(i).to_string(),
+                    "--api",
+                    &api(i).to_string(),
+                ])
                 .arg("--data-dir")
                 .arg(dir.path().join(format!("n{i}")))
                 .arg("--ca-dir")
                 .arg(&ca)
+                // Shared: the built-in policies are compiled once, so the numbers
+                // measure the mesh rather than N compilations on 2 cores.
+                .arg("--policy-cache")
+                .arg(dir.path().join("policy-cache"))
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(log);
@@ -118,7 +140,12 @@ impl Mesh {
         loop {
             for (i, c) in procs.0.iter_mut().enumerate() {
                 if let Some(st) = c.try_wait()? {
-                    bail!("agent n{i} exited with {st}; see {}", dir.path().display());
+                    // Keep the logs for whoever investigates.
+                    let kept = dir.keep();
+                    bail!(
+                        "agent n{i} exited with {st}; its log is in {}",
+                        kept.join(format!("n{i}.log")).display()
+                    );
                 }
             }
             let views = join_all(clients.iter().map(|c| c.nodes())).await;
@@ -207,7 +234,8 @@ pub struct PluginBenchArgs {
 
 /// Times `plugin install` on one agent until every agent reports it active.
 pub async fn run_plugin(args: PluginBenchArgs) -> anyhow::Result<()> {
-    let wasm = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let wasm =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let mesh = Mesh::start(args.agents, args.base_port).await?;
     let mut times = Vec::new();
     for run in 0..args.runs {
@@ -228,14 +256,21 @@ pub async fn run_plugin(args: PluginBenchArgs) -> anyhow::Result<()> {
             let rows = join_all(mesh.clients.iter().map(|c| c.plugin_list(false))).await;
             let active = rows.iter().filter(|r| {
                 r.as_ref().is_ok_and(|rows| {
-                    rows.iter().any(|x| x["kind"] == "scheduler" && x["hash"] == hash.as_str() && x["state"] == "active")
+                    rows.iter().any(|x| {
+                        x["kind"] == "scheduler"
+                            && x["hash"] == hash.as_str()
+                            && x["state"] == "active"
+                    })
                 })
             });
             if active.count() == args.agents {
                 break;
             }
             if t0.elapsed() > Duration::from_secs(120) {
-                bail!("plugin not active on all {} agents within 120 s", args.agents);
+                bail!(
+                    "plugin not active on all {} agents within 120 s",
+                    args.agents
+                );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -246,7 +281,12 @@ pub async fn run_plugin(args: PluginBenchArgs) -> anyhow::Result<()> {
     println!(
         "{}",
         table(
-            &["AGENTS", "WASM BYTES", "INSTALL TO ACTIVE EVERYWHERE (MEDIAN)", "MAX"],
+            &[
+                "AGENTS",
+                "WASM BYTES",
+                "INSTALL TO ACTIVE EVERYWHERE (MEDIAN)",
+                "MAX"
+            ],
             &[vec![
                 args.agents.to_string(),
                 wasm.len().to_string(),

@@ -74,6 +74,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             },
             labels: [("zone".to_string(), ["a", "b", "c"][i % 3].to_string())].into(),
             profile: shoal_core::Profile::Lan,
+            // One cache for all: the built-in policies are compiled once, not per agent.
+            policy_cache: dir.join("policy-cache"),
             tuning: Tuning {
                 cluster_size: Some(args.nodes as u32),
                 ..Tuning::default()

@@ -193,6 +193,9 @@ struct AgentArgs {
     /// Timing preset: lan or wan.
     #[arg(long)]
     profile: Option<String>,
+    /// Compiled-policy cache [default: <data-dir>/policy-cache]; agents on one machine may share it.
+    #[arg(long)]
+    policy_cache: Option<PathBuf>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -211,7 +214,7 @@ impl AgentArgs {
         macro_rules! over {
             ($($field:ident),*) => { $( if self.$field.is_some() { f.$field = self.$field; } )* };
         }
-        over!(name, listen, advertise, api, data_dir, ca_dir, cert, key, profile);
+        over!(name, listen, advertise, api, data_dir, ca_dir, cert, key, profile, policy_cache);
         if !self.join.is_empty() {
             f.join = self.join;
         }

@@ -64,7 +64,9 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
         .route(
             "/burn",
             get(|Query(b): Query<Burn>| async move {
-                let rounds = tokio::task::spawn_blocking(move || burn(b.ms)).await.unwrap_or(0);
+                let rounds = tokio::task::spawn_blocking(move || burn(b.ms))
+                    .await
+                    .unwrap_or(0);
                 format!("burned {} ms ({rounds} rounds)\n", b.ms)
             }),
         );

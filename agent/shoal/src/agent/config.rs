@@ -87,6 +87,9 @@ pub struct FileConfig {
     pub labels: BTreeMap<String, String>,
     /// `lan` (default) or `wan` timing preset.
     pub profile: Option<String>,
+    /// Where compiled policy components are cached [default: <data_dir>/policy-cache];
+    /// agents on one machine may share it.
+    pub policy_cache: Option<PathBuf>,
     /// Timing overrides.
     #[serde(default)]
     pub tuning: Tuning,
@@ -146,6 +149,8 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// Timing preset.
     pub profile: Profile,
+    /// Compiled-policy cache directory.
+    pub policy_cache: PathBuf,
     /// Timing overrides.
     pub tuning: Tuning,
 }
@@ -243,7 +248,9 @@ impl AgentConfig {
                 reason: "must be at least 1".into(),
             });
         }
+        let policy_cache = f.policy_cache.unwrap_or_else(|| data_dir.join("policy-cache"));
         Ok(AgentConfig {
+            policy_cache,
             name,
             listen,
             advertise,

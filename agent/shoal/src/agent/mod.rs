@@ -742,7 +742,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         .context("opening the blob store")?;
     let kv = plugins::KvMirror::default();
     let host_cfg = HostConfig {
-        cache_dir: Some(cfg.data_dir.join("policy-cache")),
+        cache_dir: Some(cfg.policy_cache.clone()),
         ..HostConfig::default()
     };
     let host = tokio::task::block_in_place(|| PolicyHost::new(host_cfg))
