@@ -228,7 +228,9 @@ fn workload_http_serves_root_health_and_burn_and_stops_on_sigterm() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let root = wait_for("workload answers", Duration::from_secs(10), || http_get(addr, "/"));
+    let root = wait_for("workload answers", Duration::from_secs(10), || {
+        http_get(addr, "/")
+    });
     assert!(root.starts_with("hello from web slot 2"), "{root}");
     assert_eq!(http_get(addr, "/healthz").as_deref(), Some("ok\n"));
     let burned = http_get(addr, "/burn?ms=20").unwrap();
@@ -237,6 +239,8 @@ fn workload_http_serves_root_health_and_burn_and_stops_on_sigterm() {
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
-    let st = wait_for("workload exits on SIGTERM", Duration::from_secs(10), || child.try_wait().unwrap());
+    let st = wait_for("workload exits on SIGTERM", Duration::from_secs(10), || {
+        child.try_wait().unwrap()
+    });
     assert!(st.success());
 }

@@ -87,8 +87,8 @@ impl Config {
         // simulation. Twice the transmissions and a faster re-announce to down
         // members bring a 200-node join to ~12 s and a heal to ~20 s
         // (shoal-sim, seeds 1-4), for ~30% more SWIM bytes while membership changes.
-        swim.max_transmissions =
-            NonZeroU8::new(swim.max_transmissions.get().saturating_mul(2)).unwrap_or(NonZeroU8::MAX);
+        swim.max_transmissions = NonZeroU8::new(swim.max_transmissions.get().saturating_mul(2))
+            .unwrap_or(NonZeroU8::MAX);
         swim.periodic_announce_to_down_members = Some(foca::PeriodicParams {
             frequency: Duration::from_secs(if profile == Profile::Lan { 10 } else { 30 }),
             num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),
@@ -446,7 +446,10 @@ impl Node {
                 }
                 self.push_fresh(Some(from));
             }
-            Msg::SyncReq { digest, heads: None } => {
+            Msg::SyncReq {
+                digest,
+                heads: None,
+            } => {
                 // Same heads on both sides: nothing to exchange (the common, idle case).
                 if digest != self.state.digest() {
                     let full = Msg::SyncReq {

@@ -5,84 +5,18 @@
 //! Run pinned to one core (results in agent/policy/BENCHMARKS.md):
 //! `cargo bench -p shoal-policy --bench placement --no-run && taskset -c 0 cargo bench -p shoal-policy --bench placement`
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use shoal_policy::logic::Cluster;
 use shoal_policy::{
-    Affinity, AffinityTarget, Constraint, DecidedBy, HostConfig, Node, NodeStatus,
-    PlacementRequest, PolicyHost, ReplicaMetrics, Resources, ScaleInput, Snapshot,
+    DecidedBy, HostConfig, PlacementRequest, PolicyHost, ReplicaMetrics, ScaleInput, Snapshot,
 };
 
-const SIZES: [usize; 3] = [100, 1_000, 5_000];
-
-/// A cluster with realistic variety: 12 zones, two providers, a few images, ports and
-/// allocations of 50 services per node mix, 2% of nodes down.
-fn snapshot(n: usize) -> Snapshot {
-    let nodes = (0..n)
-        .map(|i| {
-            let cap = Resources {
-                cpu_millis: 64_000,
-                memory_bytes: 256 << 30,
-                disk_bytes: 1 << 40,
-            };
-            let used = (i % 17) as u64;
-            let mut labels = BTreeMap::new();
-            labels.insert("zone".to_string(), format!("z{}", i % 12));
-            labels.insert(
-                "provider".to_string(),
-                if i % 3 == 0 { "onprem" } else { "aws" }.to_string(),
-            );
-            labels.insert("cost".to_string(), format!("0.{}", 10 + i % 50));
-            let allocations = (0..3)
-                .map(|k| (format!("svc{}", (i * 7 + k * 13) % 50), 1 + (k as u32)))
-                .collect::<BTreeMap<_, _>>();
-            Node {
-                name: format!("node-{i:05}"),
-                labels,
-                status: if i % 50 == 49 {
-                    NodeStatus::Down
-                } else {
-                    NodeStatus::Alive
-                },
-                capacity: cap,
-                free: Resources {
-                    cpu_millis: cap.cpu_millis - used * 2_000,
-                    memory_bytes: cap.memory_bytes - used * (4 << 30),
-                    disk_bytes: cap.disk_bytes,
-                },
-                ports_in_use: if i % 10 == 0 { vec![80, 443] } else { vec![] },
-                images: vec![format!("img{}:1", i % 5), "base:1".to_string()],
-                allocations,
-            }
-        })
-        .collect();
-    Snapshot { nodes }
-}
-
-/// One replica of service `svc{k}`: small enough that nodes never fill during a run,
-/// with a hard constraint, soft anti-affinity to itself and an image.
-fn request(k: usize) -> PlacementRequest {
-    PlacementRequest {
-        service: format!("svc{}", k % 50),
-        replicas: 1,
-        resources: Resources {
-            cpu_millis: 1,
-            memory_bytes: 1 << 10,
-            disk_bytes: 0,
-        },
-        constraints: vec![Constraint::parse("zone != z3").expect("valid")],
-        affinities: vec![Affinity {
-            target: AffinityTarget::Service(format!("svc{}", k % 50)),
-            anti: true,
-            hard: false,
-        }],
-        image: Some(format!("img{}:1", k % 5)),
-        ..PlacementRequest::default()
-    }
-}
+mod support;
+use data::{request, snapshot, SIZES};
+use support as data;
 
 fn host() -> PolicyHost {
     let cache = std::env::temp_dir().join("shoal-policy-bench-cache");
@@ -93,7 +27,13 @@ fn host() -> PolicyHost {
     .expect("policy host starts")
 }
 
-/// One `place` call (one replica) on a snapshot that was handed over already.
+/// Placements per round before a fresh round starts (so services accumulate a
+/// realistic number of allocations, as in a real reconcile round).
+const ROUND_LEN: u64 = 500;
+
+/// One `place` call (one replica) on a snapshot that was handed over already; the
+/// hand-over at the start of each round of `ROUND_LEN` calls is not timed here (see
+/// `round-of-100`).
 fn place(c: &mut Criterion) {
     let host = host();
     let mut group = c.benchmark_group("place");
@@ -103,25 +43,49 @@ fn place(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(4));
     for n in SIZES {
         let snap = snapshot(n);
-        let mut round = host.begin_round(&snap);
-        let mut k = 0usize;
         group.bench_with_input(BenchmarkId::new("wasm", n), &n, |b, _| {
-            b.iter(|| {
-                k += 1;
-                let out = round.place(black_box(&request(k)));
-                assert!(
-                    out.indices.len() == 1 && out.decided_by == DecidedBy::Builtin,
-                    "{out:?}"
-                );
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                let mut done = 0;
+                while done < iters {
+                    let mut round = host.begin_round(&snap);
+                    round.place(&request(0)); // hands the snapshot over
+                    let batch: Vec<PlacementRequest> = (1..=ROUND_LEN.min(iters - done))
+                        .map(|k| request(k as usize))
+                        .collect();
+                    let started = Instant::now();
+                    for r in &batch {
+                        let out = round.place(black_box(r));
+                        assert!(
+                            out.indices.len() == 1 && out.decided_by == DecidedBy::Builtin,
+                            "{out:?}"
+                        );
+                    }
+                    spent += started.elapsed();
+                    done += batch.len() as u64;
+                }
+                spent
             })
         });
-        let mut cluster = Cluster::new(snap.clone());
-        let mut k = 0usize;
         group.bench_with_input(BenchmarkId::new("native", n), &n, |b, _| {
-            b.iter(|| {
-                k += 1;
-                let out = cluster.place(black_box(&request(k))).expect("valid");
-                assert_eq!(out.nodes.len(), 1);
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                let mut done = 0;
+                while done < iters {
+                    let mut cluster = Cluster::new(snap.clone());
+                    cluster.place(&request(0)).expect("valid");
+                    let batch: Vec<PlacementRequest> = (1..=ROUND_LEN.min(iters - done))
+                        .map(|k| request(k as usize))
+                        .collect();
+                    let started = Instant::now();
+                    for r in &batch {
+                        let out = cluster.place(black_box(r)).expect("valid");
+                        assert_eq!(out.nodes.len(), 1);
+                    }
+                    spent += started.elapsed();
+                    done += batch.len() as u64;
+                }
+                spent
             })
         });
     }

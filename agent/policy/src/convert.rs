@@ -1,6 +1,6 @@
 //! Conversions between the plain policy types (`shoal-policy-logic`) and the records
-//! `bindgen!` generated from the WIT. Maps become lists of pairs; a node's index is its
-//! position.
+//! `bindgen!` generated from the WIT. Maps become lists of pairs; the snapshot goes
+//! over in columns (strings interned, per-node facts in flat lists).
 
 use shoal_policy_logic as logic;
 
@@ -20,16 +20,18 @@ fn resources(r: &logic::Resources) -> ws::Resources {
     }
 }
 
+/// The snapshot in the WIT's column form: strings interned, per-node facts flat.
 pub(crate) fn snapshot(s: &logic::Snapshot) -> ws::Snapshot {
+    let c = s.to_columns();
     ws::Snapshot {
-        nodes: s
+        strings: c.strings,
+        nodes: c
             .nodes
             .iter()
             .enumerate()
             .map(|(i, n)| ws::Node {
                 index: i as u32,
-                name: n.name.clone(),
-                labels: pairs(&n.labels),
+                name: n.name,
                 status: match n.status {
                     logic::NodeStatus::Alive => ws::NodeStatus::Alive,
                     logic::NodeStatus::Suspect => ws::NodeStatus::Suspect,
@@ -38,9 +40,30 @@ pub(crate) fn snapshot(s: &logic::Snapshot) -> ws::Snapshot {
                 },
                 capacity: resources(&n.capacity),
                 free: resources(&n.free),
-                ports_in_use: n.ports_in_use.clone(),
-                images: n.images.clone(),
-                allocations: pairs(&n.allocations),
+            })
+            .collect(),
+        labels: c
+            .labels
+            .iter()
+            .map(|&(node, key, value)| ws::Label { node, key, value })
+            .collect(),
+        ports: c
+            .ports
+            .iter()
+            .map(|&(node, port)| ws::Port { node, port })
+            .collect(),
+        images: c
+            .images
+            .iter()
+            .map(|&(node, image)| ws::Image { node, image })
+            .collect(),
+        allocations: c
+            .allocations
+            .iter()
+            .map(|&(node, service, count)| ws::Allocation {
+                node,
+                service,
+                count,
             })
             .collect(),
     }
@@ -155,5 +178,53 @@ pub(crate) fn discovery_input(i: &logic::DiscoveryInput) -> wd::DiscoveryInput {
             })
             .collect(),
         params: pairs(&i.params),
+    }
+}
+
+/// The inverse of [`request`], for replaying the round's log into the native fallback.
+pub(crate) fn request_from_wit(r: &ws::PlacementRequest) -> logic::PlacementRequest {
+    let res = |r: &ws::Resources| logic::Resources {
+        cpu_millis: r.cpu_millis,
+        memory_bytes: r.memory_bytes,
+        disk_bytes: r.disk_bytes,
+    };
+    logic::PlacementRequest {
+        service: r.service.clone(),
+        replicas: r.replicas,
+        resources: res(&r.resources),
+        constraints: r
+            .constraints
+            .iter()
+            .map(|c| logic::Constraint {
+                key: c.key.clone(),
+                op: match c.op {
+                    ws::ConstraintOp::Equals => logic::ConstraintOp::Equals,
+                    ws::ConstraintOp::NotEquals => logic::ConstraintOp::NotEquals,
+                    ws::ConstraintOp::InSet => logic::ConstraintOp::In,
+                    ws::ConstraintOp::Exists => logic::ConstraintOp::Exists,
+                },
+                values: c.values.clone(),
+                hard: c.hard,
+            })
+            .collect(),
+        affinities: r
+            .affinities
+            .iter()
+            .map(|a| logic::Affinity {
+                target: match &a.target {
+                    ws::AffinityTarget::Service(s) => logic::AffinityTarget::Service(s.clone()),
+                    ws::AffinityTarget::Label((key, value)) => logic::AffinityTarget::Label {
+                        key: key.clone(),
+                        value: value.clone(),
+                    },
+                },
+                anti: a.anti,
+                hard: a.hard,
+            })
+            .collect(),
+        spread_key: r.spread_key.clone(),
+        ports: r.ports.clone(),
+        image: r.image.clone(),
+        params: r.params.iter().cloned().collect(),
     }
 }

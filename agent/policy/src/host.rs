@@ -53,7 +53,58 @@ pub struct PolicyHost {
     pub(crate) runtime: Runtime,
     config: HostConfig,
     builtins: Builtins,
-    bindings: RwLock<HashMap<(PolicyKind, Option<String>), Arc<Binding>>>,
+    bindings: RwLock<Bindings>,
+}
+
+impl std::fmt::Debug for PolicyHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyHost")
+            .field("config", &self.config)
+            .field("plugins", &self.status().len())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Installed plugins: per kind, the cluster default and one per service. Looked up on
+/// every call by service name, without allocating.
+#[derive(Default)]
+struct Bindings {
+    defaults: HashMap<PolicyKind, Arc<Binding>>,
+    services: HashMap<PolicyKind, HashMap<String, Arc<Binding>>>,
+}
+
+impl Bindings {
+    fn slot(
+        &mut self,
+        kind: PolicyKind,
+        scope: Option<&str>,
+        binding: Option<Arc<Binding>>,
+    ) -> Option<Arc<Binding>> {
+        match (scope, binding) {
+            (None, Some(b)) => self.defaults.insert(kind, b),
+            (None, None) => self.defaults.remove(&kind),
+            (Some(s), Some(b)) => self
+                .services
+                .entry(kind)
+                .or_default()
+                .insert(s.to_string(), b),
+            (Some(s), None) => self.services.get_mut(&kind).and_then(|m| m.remove(s)),
+        }
+    }
+
+    fn get(&self, kind: PolicyKind, service: &str) -> Option<&Arc<Binding>> {
+        self.services
+            .get(&kind)
+            .and_then(|m| m.get(service))
+            .or_else(|| self.defaults.get(&kind))
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Arc<Binding>> {
+        self.defaults
+            .values()
+            .chain(self.services.values().flat_map(|m| m.values()))
+    }
 }
 
 fn check_name(name: &str) -> Result<(), PolicyError> {
@@ -108,7 +159,7 @@ impl PolicyHost {
             runtime,
             config,
             builtins,
-            bindings: RwLock::new(HashMap::new()),
+            bindings: RwLock::new(Bindings::default()),
         })
     }
 
@@ -158,7 +209,7 @@ impl PolicyHost {
             .bindings
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert((kind, scope.map(str::to_string)), binding);
+            .slot(kind, scope, Some(binding));
         tracing::info!(%kind, scope = scope.unwrap_or("*"), name, %hash, replaced = previous.is_some(), "policy plugin installed");
         Ok(hash)
     }
@@ -170,7 +221,7 @@ impl PolicyHost {
             .bindings
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&(kind, scope.map(str::to_string)));
+            .slot(kind, scope, None);
         if removed.is_some() {
             tracing::info!(%kind, scope = scope.unwrap_or("*"), "policy plugin removed");
         }
@@ -181,7 +232,7 @@ impl PolicyHost {
     pub fn status(&self) -> Vec<PluginStatus> {
         let bindings = self.bindings.read().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<PluginStatus> = bindings
-            .values()
+            .all()
             .map(|b| {
                 let failures = b.consecutive.load(Ordering::Relaxed);
                 let state = if b.quarantined.load(Ordering::Relaxed) {
@@ -232,9 +283,7 @@ impl PolicyHost {
     /// skipped over: its calls go to the built-in policy.
     pub(crate) fn binding(&self, kind: PolicyKind, service: &str) -> Option<Arc<Binding>> {
         let bindings = self.bindings.read().unwrap_or_else(|p| p.into_inner());
-        let found = bindings
-            .get(&(kind, Some(service.to_string())))
-            .or_else(|| bindings.get(&(kind, None)))?;
+        let found = bindings.get(kind, service)?;
         if found.quarantined.load(Ordering::Relaxed) {
             return None;
         }

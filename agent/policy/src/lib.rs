@@ -23,6 +23,8 @@
 //! Not here: fetching plugin blobs, storing bindings in cluster state, or the CLI — the
 //! agent does those and calls [`PolicyHost::install`].
 
+#![warn(missing_docs)]
+
 mod bindings;
 mod builtin;
 mod convert;

@@ -6,8 +6,9 @@
 //! placement; before a session answers, it is told (`commit`) about the placements
 //! other policies made since it last ran, so every answer sees every earlier one. A
 //! session whose call failed is dropped (a trapped instance cannot be re-entered, and a
-//! discarded answer may already be in its view); a new one starts from the snapshot
-//! and replays the whole log.
+//! discarded answer may already be in its view); a new one, with a new session id,
+//! starts from the snapshot and replays the whole log, its predecessor's entries
+//! included.
 
 use std::sync::Arc;
 
@@ -23,22 +24,34 @@ use crate::host::{Binding, PolicyHost};
 use crate::runtime::{CallError, Loaded, Pre, Runtime, State};
 use crate::types::{DecidedBy, PlacementOutcome, PolicyKind, Unplaced};
 
-/// Who made a placement.
+/// Which guest a session runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Placer {
     /// A plugin binding, by address (the session holds the `Arc`, so it stays unique).
     Plugin(usize),
+    /// The built-in component.
     Builtin,
-    Native,
 }
 
 struct Entry {
-    by: Placer,
-    request: PlacementRequest,
+    /// The session that made it (which therefore already has it in its view).
+    by: SessionId,
+    /// The request in its WIT form (it was converted to ask a guest anyway; sessions
+    /// replay it as is, the native fallback converts it back).
+    request: ws::PlacementRequest,
     nodes: Vec<u32>,
 }
 
+/// Identifies one session (one guest instance, or the native fallback) in a round. A
+/// placer whose session failed gets a new session with a new id, which must replay
+/// every entry, its predecessor's included.
+type SessionId = u64;
+
+/// The native fallback's session id.
+const NATIVE: SessionId = u64::MAX;
+
 struct Session {
+    id: SessionId,
     by: Placer,
     store: Store<State>,
     instance: Scheduler,
@@ -57,6 +70,7 @@ pub struct ScheduleRound<'h> {
     sessions: Vec<Session>,
     native: Option<(Cluster, usize)>,
     log: Vec<Entry>,
+    next_session: SessionId,
 }
 
 impl<'h> ScheduleRound<'h> {
@@ -68,6 +82,7 @@ impl<'h> ScheduleRound<'h> {
             sessions: Vec::new(),
             native: None,
             log: Vec::new(),
+            next_session: 0,
         }
     }
 
@@ -79,9 +94,16 @@ impl<'h> ScheduleRound<'h> {
         if let Some(binding) = self.host.binding(PolicyKind::Scheduler, &request.service) {
             let by = Placer::Plugin(Arc::as_ptr(&binding) as usize);
             match self.try_session(by, Some(&binding), request, &wit_request) {
-                Ok(p) => {
+                Ok((p, session)) => {
                     self.host.succeeded(&binding);
-                    return self.accept(by, request, p, binding.decided_by(), None);
+                    return self.accept(
+                        session,
+                        request,
+                        wit_request,
+                        p,
+                        binding.decided_by(),
+                        None,
+                    );
                 }
                 Err(e) => {
                     self.host.failed(&binding, &e);
@@ -90,10 +112,11 @@ impl<'h> ScheduleRound<'h> {
             }
         }
         match self.try_session(Placer::Builtin, None, request, &wit_request) {
-            Ok(p) => {
+            Ok((p, session)) => {
                 return self.accept(
-                    Placer::Builtin,
+                    session,
                     request,
+                    wit_request,
                     p,
                     DecidedBy::Builtin,
                     fallback_reason,
@@ -109,15 +132,16 @@ impl<'h> ScheduleRound<'h> {
             .native
             .get_or_insert_with(|| (Cluster::new(self.snapshot.clone()), 0));
         for entry in &self.log[*cursor..] {
-            if entry.by != Placer::Native {
-                cluster.commit(&entry.request, &entry.nodes);
+            if entry.by != NATIVE {
+                cluster.commit(&convert::request_from_wit(&entry.request), &entry.nodes);
             }
         }
         *cursor = self.log.len();
         match cluster.place(request) {
             Ok(p) => self.accept(
-                Placer::Native,
+                NATIVE,
                 request,
+                wit_request,
                 p,
                 DecidedBy::Native,
                 fallback_reason,
@@ -133,7 +157,7 @@ impl<'h> ScheduleRound<'h> {
         binding: Option<&Arc<Binding>>,
         request: &PlacementRequest,
         wit_request: &ws::PlacementRequest,
-    ) -> Result<Placement, CallError> {
+    ) -> Result<(Placement, SessionId), CallError> {
         let pos = match self.sessions.iter().position(|s| s.by == by) {
             Some(pos) => pos,
             None => {
@@ -144,9 +168,11 @@ impl<'h> ScheduleRound<'h> {
                 let wit_snapshot = self
                     .wit_snapshot
                     .get_or_insert_with(|| convert::snapshot(self.snapshot));
+                let id = self.next_session;
+                self.next_session += 1;
                 let session = open(
                     &self.host.runtime,
-                    by,
+                    (id, by),
                     loaded,
                     binding.cloned(),
                     wit_snapshot,
@@ -164,16 +190,18 @@ impl<'h> ScheduleRound<'h> {
             wit_request,
             node_count,
         );
+        let id = self.sessions[pos].id;
         if matches!(&result, Err(e) if !matches!(e, CallError::Guest(_))) {
             self.sessions.swap_remove(pos);
         }
-        result
+        result.map(|p| (p, id))
     }
 
     fn accept(
         &mut self,
-        by: Placer,
+        by: SessionId,
         request: &PlacementRequest,
+        wit_request: ws::PlacementRequest,
         placement: Placement,
         decided_by: DecidedBy,
         fallback_reason: Option<String>,
@@ -192,7 +220,7 @@ impl<'h> ScheduleRound<'h> {
         if !placement.nodes.is_empty() {
             self.log.push(Entry {
                 by,
-                request: request.clone(),
+                request: wit_request,
                 nodes: placement.nodes.clone(),
             });
         }
@@ -239,7 +267,7 @@ impl<'h> ScheduleRound<'h> {
 /// Instantiates a scheduler and hands it the snapshot.
 fn open(
     rt: &Runtime,
-    by: Placer,
+    (id, by): (SessionId, Placer),
     loaded: &Loaded,
     binding: Option<Arc<Binding>>,
     snapshot: &ws::Snapshot,
@@ -257,6 +285,7 @@ fn open(
         .map_err(|e| rt.classify(&store, e))?
         .map_err(|e| rt.guest_error(e))?;
     Ok(Session {
+        id,
         by,
         store,
         instance,
@@ -275,15 +304,11 @@ fn ask(
     node_count: usize,
 ) -> Result<Placement, CallError> {
     for entry in &log[session.cursor..] {
-        if entry.by != session.by {
+        if entry.by != session.id {
             rt.arm(&mut session.store, 0);
             session
                 .instance
-                .call_commit(
-                    &mut session.store,
-                    &convert::request(&entry.request),
-                    &entry.nodes,
-                )
+                .call_commit(&mut session.store, &entry.request, &entry.nodes)
                 .map_err(|e| rt.classify(&session.store, e))?;
         }
     }

@@ -25,6 +25,9 @@ use crate::error::PolicyError;
 use crate::types::{HostConfig, KvReader, PolicyKind};
 
 /// Largest component accepted.
+/// Time a component may take to instantiate when it is loaded (see `load`).
+const STARTUP_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
 const MAX_WASM_BYTES: usize = 64 << 20;
 /// Longest `log` line kept.
 const MAX_LOG_BYTES: usize = 4096;
@@ -432,6 +435,14 @@ impl Runtime {
         };
         let name: Arc<str> = Arc::from(name);
         let mut store = self.store(name.clone());
+        // Instantiating at load is a check that the component starts at all, not a
+        // policy call: on a busy machine (many agents compiling at once) it can take
+        // longer than a call's deadline, which must not fail an agent's start.
+        let startup_ticks = STARTUP_BUDGET
+            .as_nanos()
+            .div_ceil(self.tick.as_nanos().max(1)) as u64
+            + 1;
+        store.set_epoch_deadline(startup_ticks);
         let started = match &pre {
             Pre::Scheduler(p) => p.instantiate(&mut store).map(drop),
             Pre::Scaler(p) => p.instantiate(&mut store).map(drop),

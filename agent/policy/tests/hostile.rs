@@ -289,3 +289,37 @@ fn scale_and_discover_keep_serving_next_to_hostile_schedulers() {
     };
     assert_eq!(host.scale(&input).replicas, 5);
 }
+
+#[test]
+fn a_plugin_that_fails_mid_round_resumes_with_a_true_view() {
+    let host = host();
+    host.install(
+        PolicyKind::Scheduler,
+        None,
+        "flaky",
+        &guest("shoal_fixture_malformed.wasm"),
+    )
+    .unwrap();
+    let snapshot = five_nodes();
+    let with_mode = |service: &str, mode: &str| {
+        let mut r = request(service, 3, 1500, 1);
+        r.params = params(&[("mode", mode)]);
+        r
+    };
+    // ok (plugin), bad (built-in), ok (plugin again, in a fresh instance that must
+    // replay both earlier placements, its own included).
+    let reqs = vec![
+        with_mode("a", "ok"),
+        with_mode("b", "extra"),
+        with_mode("c", "ok"),
+        with_mode("d", "ok"),
+    ];
+    let out = host.schedule(&snapshot, &reqs);
+    let by: Vec<bool> = out
+        .iter()
+        .map(|o| matches!(o.decided_by, DecidedBy::Plugin { .. }))
+        .collect();
+    assert_eq!(by, vec![true, false, true, true]);
+    let got: Vec<Vec<u32>> = out.iter().map(|o| o.indices.clone()).collect();
+    assert_eq!(got, builtin_answers(&snapshot, &reqs));
+}

@@ -214,7 +214,18 @@ impl AgentArgs {
         macro_rules! over {
             ($($field:ident),*) => { $( if self.$field.is_some() { f.$field = self.$field; } )* };
         }
-        over!(name, listen, advertise, api, data_dir, ca_dir, cert, key, profile, policy_cache);
+        over!(
+            name,
+            listen,
+            advertise,
+            api,
+            data_dir,
+            ca_dir,
+            cert,
+            key,
+            profile,
+            policy_cache
+        );
         if !self.join.is_empty() {
             f.join = self.join;
         }

@@ -11,6 +11,8 @@
 //! All entry points are deterministic (the `random` strategy is seeded) and total: bad
 //! parameters are an `Err`, never a panic.
 
+#![warn(missing_docs)]
+
 mod discover;
 mod model;
 mod scale;
@@ -19,9 +21,9 @@ mod schedule;
 pub use discover::{zone_aware, DEFAULT_WEIGHT};
 pub use model::{
     check_ranked, describe_filter, describe_unplaced, Affinity, AffinityTarget, Caller, Constraint,
-    ConstraintOp, DiscoveryInput, Endpoint, Filter, Node, NodeStatus, Params, Placement,
+    ConstraintOp, DiscoveryInput, Endpoint, Filter, Node, NodeFacts, NodeStatus, Params, Placement,
     PlacementRequest, Ranked, Rejection, ReplicaMetrics, Resources, ScaleDecision, ScaleInput,
-    Snapshot,
+    Snapshot, SnapshotColumns,
 };
 pub use scale::{
     parse_windows, scale, schedule, target_utilization, Window, DEFAULT_CPU_TARGET,

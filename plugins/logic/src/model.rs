@@ -2,7 +2,7 @@
 //! records of the `shoal:policy` WIT package (see `wit/`), with maps where the WIT has
 //! lists of pairs, and a node's index being its position in [`Snapshot::nodes`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 /// Free-form policy parameters from the service spec.
@@ -79,6 +79,84 @@ pub struct Node {
 pub struct Snapshot {
     /// All known nodes; answers name a node by its position here.
     pub nodes: Vec<Node>,
+}
+
+/// A node's fixed-size facts in [`SnapshotColumns`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NodeFacts {
+    /// Index of the node's name in [`SnapshotColumns::strings`].
+    pub name: u32,
+    /// Membership state.
+    pub status: NodeStatus,
+    /// Total resources.
+    pub capacity: Resources,
+    /// Resources not yet allocated.
+    pub free: Resources,
+}
+
+/// A [`Snapshot`] in columns, the shape the WIT `snapshot` record has: every distinct
+/// string once, one fixed-size record per node, and flat lists of per-node facts that
+/// name nodes by index and strings by their index in `strings`. Cheap to hand to a
+/// WebAssembly guest (numbers, few strings) and to build a [`crate::Cluster`] from.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SnapshotColumns {
+    /// Node names, label keys and values, images and service names, each once.
+    pub strings: Vec<String>,
+    /// One entry per node, in snapshot order.
+    pub nodes: Vec<NodeFacts>,
+    /// (node, key, value) label entries.
+    pub labels: Vec<(u32, u32, u32)>,
+    /// (node, port) host ports in use.
+    pub ports: Vec<(u32, u16)>,
+    /// (node, image) images held.
+    pub images: Vec<(u32, u32)>,
+    /// (node, service, count) allocations.
+    pub allocations: Vec<(u32, u32, u32)>,
+}
+
+impl Snapshot {
+    /// The snapshot in columns (strings interned).
+    pub fn to_columns(&self) -> SnapshotColumns {
+        fn intern<'a>(
+            ids: &mut HashMap<&'a str, u32>,
+            strings: &mut Vec<String>,
+            s: &'a str,
+        ) -> u32 {
+            *ids.entry(s).or_insert_with(|| {
+                strings.push(s.to_string());
+                strings.len() as u32 - 1
+            })
+        }
+        let mut ids: HashMap<&str, u32> = HashMap::new();
+        let mut strings: Vec<String> = Vec::new();
+        let mut intern = |s| intern(&mut ids, &mut strings, s);
+        let mut c = SnapshotColumns::default();
+        for (j, n) in self.nodes.iter().enumerate() {
+            let j = j as u32;
+            let name = intern(&n.name);
+            c.nodes.push(NodeFacts {
+                name,
+                status: n.status,
+                capacity: n.capacity,
+                free: n.free,
+            });
+            for (k, v) in &n.labels {
+                let (k, v) = (intern(k), intern(v));
+                c.labels.push((j, k, v));
+            }
+            c.ports.extend(n.ports_in_use.iter().map(|&p| (j, p)));
+            for image in &n.images {
+                let image = intern(image);
+                c.images.push((j, image));
+            }
+            for (service, &count) in &n.allocations {
+                let service = intern(service);
+                c.allocations.push((j, service, count));
+            }
+        }
+        c.strings = strings;
+        c
+    }
 }
 
 /// Comparison a [`Constraint`] makes against a node label.

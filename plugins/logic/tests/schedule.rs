@@ -507,3 +507,137 @@ fn constraints_parse_and_render() {
         assert!(Constraint::parse(bad).is_err(), "{bad:?} should not parse");
     }
 }
+
+/// The fast column-wise ranking of the built-in strategies picks exactly what the
+/// generic engine picks with the documented keys.
+#[test]
+fn builtin_strategies_match_the_generic_engine() {
+    use std::cmp::Reverse;
+    let zones = ["a", "b", "c"];
+    let mut nodes: Vec<Node> = (0..60u64)
+        .map(|i| {
+            node(
+                &format!("n{i}"),
+                1000 + (i % 5) * 1000,
+                2 + i % 4,
+                &[("zone", zones[(i % 3) as usize])],
+            )
+        })
+        .collect();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        n.allocations.insert(format!("s{}", i % 4), (i % 3) as u32);
+        if i % 7 == 0 {
+            n.images.push("img".into());
+        }
+        if i % 9 == 0 {
+            n.labels.insert("ssd".into(), "yes".into());
+        }
+    }
+    let snap = Snapshot { nodes };
+    for (round, strategy) in [
+        Strategy::Spread,
+        Strategy::Binpack,
+        Strategy::Random { seed: 3 },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut fast = Cluster::new(snap.clone());
+        let mut generic = Cluster::new(snap.clone());
+        for i in 0..40u32 {
+            let mut req = request(
+                &format!("s{}", i % 5),
+                1 + i % 4,
+                300 * u64::from(1 + i % 3),
+                u64::from(i % 2),
+            );
+            if i % 3 == 0 {
+                req.spread_key = Some("zone".into());
+            }
+            if i % 4 == 1 {
+                req.image = Some("img".into());
+                req.constraints
+                    .push(Constraint::parse("~ssd exists").unwrap());
+            }
+            if i % 5 == 2 {
+                req.affinities.push(Affinity {
+                    target: AffinityTarget::Service(req.service.clone()),
+                    anti: true,
+                    hard: false,
+                });
+            }
+            let a = fast.place_with(&req, strategy);
+            let res = req.resources;
+            let salt = 3 ^ {
+                let mut h = 0xcbf2_9ce4_8422_2325u64;
+                for b in req.service.bytes() {
+                    h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+                }
+                h
+            };
+            let b = match strategy {
+                Strategy::Spread => generic.place_by(&req, |n| {
+                    (
+                        n.group_allocations(),
+                        n.service_allocations(),
+                        !n.holds_image(),
+                        n.allocations(),
+                    )
+                }),
+                Strategy::Binpack => generic.place_by(&req, |n| {
+                    Reverse(n.utilisation_after(&res) + if n.holds_image() { 100 } else { 0 })
+                }),
+                Strategy::Random { .. } => generic.place_by(&req, |n| {
+                    let mut x = (salt ^ (u64::from(n.replica()) << 32) ^ u64::from(n.index()))
+                        .wrapping_add(0x9e37_79b9_7f4a_7c15);
+                    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                    (x ^ (x >> 31)) >> 8
+                }),
+            };
+            assert_eq!(a, b, "strategy #{round}, request {i}");
+        }
+    }
+}
+
+/// A guest may be handed columns with dangling references; they are skipped, never a
+/// panic.
+#[test]
+fn columns_with_bad_references_are_skipped() {
+    use shoal_policy_logic::{NodeFacts, SnapshotColumns};
+    let r = Resources {
+        cpu_millis: 1000,
+        memory_bytes: GIB,
+        disk_bytes: GIB,
+    };
+    let facts = |name| NodeFacts {
+        name,
+        status: NodeStatus::Alive,
+        capacity: r,
+        free: r,
+    };
+    let cols = SnapshotColumns {
+        strings: vec!["n0".into(), "zone".into(), "a".into(), "web".into()],
+        nodes: vec![facts(0), facts(99)],
+        labels: vec![(0, 1, 2), (7, 1, 2), (1, 99, 2), (1, 1, 42)],
+        ports: vec![(5, 80), (1, 80)],
+        images: vec![(0, 77), (9, 3)],
+        allocations: vec![(9, 3, 1), (0, 55, 1), (1, 3, 2)],
+    };
+    let mut cluster = Cluster::from_columns(cols);
+    assert_eq!(
+        (cluster.len(), cluster.name(0), cluster.name(1)),
+        (2, Some("n0"), Some(""))
+    );
+    assert_eq!(cluster.service_allocations("web", 1), 2);
+    let mut req = request("api", 2, 100, 0);
+    req.constraints = vec![Constraint::parse("zone == a").unwrap()];
+    assert_eq!(cluster.place(&req).unwrap().nodes, vec![0, 0]);
+    let mut req = request("api", 1, 100, 0);
+    req.ports = vec![80];
+    assert_eq!(
+        cluster.place(&req).unwrap().nodes,
+        vec![0],
+        "node 1 has port 80"
+    );
+}

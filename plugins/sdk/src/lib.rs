@@ -44,6 +44,8 @@
 //! call: the agent answers with its built-in policy and, after repeated failures,
 //! quarantines the plugin.
 
+#![warn(missing_docs)]
+
 pub use shoal_policy_logic as logic;
 
 #[doc(hidden)]
@@ -79,6 +81,7 @@ fn pairs<V>(list: Vec<(String, V)>) -> std::collections::BTreeMap<String, V> {
 
 #[cfg(feature = "scheduler")]
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)] // generated code
 pub mod __scheduler {
     wit_bindgen::generate!({
         path: "../../wit",
@@ -91,6 +94,7 @@ pub mod __scheduler {
 
 #[cfg(feature = "scaler")]
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)] // generated code
 pub mod __scaler {
     wit_bindgen::generate!({
         path: "../../wit",
@@ -103,6 +107,7 @@ pub mod __scaler {
 
 #[cfg(feature = "discovery")]
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)] // generated code
 pub mod __discovery {
     wit_bindgen::generate!({
         path: "../../wit",
@@ -119,8 +124,8 @@ pub mod scheduler {
     use std::cell::RefCell;
 
     pub use shoal_policy_logic::{
-        Affinity, AffinityTarget, Cluster, Constraint, ConstraintOp, Filter, Node, NodeStatus, NodeView, Placement,
-        PlacementRequest, Rejection, Resources, Snapshot, Strategy,
+        Affinity, AffinityTarget, Cluster, Constraint, ConstraintOp, Filter, NodeFacts, NodeStatus,
+        NodeView, Placement, PlacementRequest, Rejection, Resources, SnapshotColumns, Strategy,
     };
 
     /// The generated WIT types of this world.
@@ -142,7 +147,11 @@ pub mod scheduler {
     }
 
     fn resources(r: wit::Resources) -> Resources {
-        Resources { cpu_millis: r.cpu_millis, memory_bytes: r.memory_bytes, disk_bytes: r.disk_bytes }
+        Resources {
+            cpu_millis: r.cpu_millis,
+            memory_bytes: r.memory_bytes,
+            disk_bytes: r.disk_bytes,
+        }
     }
 
     fn status(s: wit::NodeStatus) -> NodeStatus {
@@ -155,21 +164,30 @@ pub mod scheduler {
     }
 
     /// Converts a WIT snapshot (moving its strings).
-    pub fn snapshot_from_wit(s: wit::Snapshot) -> Snapshot {
-        Snapshot {
+    pub fn columns_from_wit(s: wit::Snapshot) -> SnapshotColumns {
+        SnapshotColumns {
+            strings: s.strings,
             nodes: s
                 .nodes
                 .into_iter()
-                .map(|n| Node {
+                .map(|n| NodeFacts {
                     name: n.name,
-                    labels: crate::pairs(n.labels),
                     status: status(n.status),
                     capacity: resources(n.capacity),
                     free: resources(n.free),
-                    ports_in_use: n.ports_in_use,
-                    images: n.images,
-                    allocations: crate::pairs(n.allocations),
                 })
+                .collect(),
+            labels: s
+                .labels
+                .into_iter()
+                .map(|l| (l.node, l.key, l.value))
+                .collect(),
+            ports: s.ports.into_iter().map(|p| (p.node, p.port)).collect(),
+            images: s.images.into_iter().map(|i| (i.node, i.image)).collect(),
+            allocations: s
+                .allocations
+                .into_iter()
+                .map(|a| (a.node, a.service, a.count))
                 .collect(),
         }
     }
@@ -201,7 +219,9 @@ pub mod scheduler {
                 .map(|a| Affinity {
                     target: match a.target {
                         wit::AffinityTarget::Service(s) => AffinityTarget::Service(s),
-                        wit::AffinityTarget::Label((key, value)) => AffinityTarget::Label { key, value },
+                        wit::AffinityTarget::Label((key, value)) => {
+                            AffinityTarget::Label { key, value }
+                        }
                     },
                     anti: a.anti,
                     hard: a.hard,
@@ -240,7 +260,7 @@ pub mod scheduler {
 
     #[doc(hidden)]
     pub fn __set_snapshot(snapshot: wit::Snapshot) -> Result<(), String> {
-        let cluster = Cluster::new(snapshot_from_wit(snapshot));
+        let cluster = Cluster::from_columns(columns_from_wit(snapshot));
         CLUSTER.with(|c| *c.borrow_mut() = cluster);
         Ok(())
     }
@@ -248,7 +268,9 @@ pub mod scheduler {
     #[doc(hidden)]
     pub fn __place<S: Scheduler>(request: wit::PlacementRequest) -> Result<wit::Placement, String> {
         let request = request_from_wit(request);
-        CLUSTER.with(|c| S::place(&mut c.borrow_mut(), &request)).map(placement_to_wit)
+        CLUSTER
+            .with(|c| S::place(&mut c.borrow_mut(), &request))
+            .map(placement_to_wit)
     }
 
     #[doc(hidden)]
@@ -324,7 +346,10 @@ pub mod scaler {
 
     #[doc(hidden)]
     pub fn __scale<S: Scaler>(input: wit::ScaleInput) -> Result<wit::ScaleDecision, String> {
-        S::scale(&input_from_wit(input)).map(|d| wit::ScaleDecision { replicas: d.replicas, reason: d.reason })
+        S::scale(&input_from_wit(input)).map(|d| wit::ScaleDecision {
+            replicas: d.replicas,
+            reason: d.reason,
+        })
     }
 }
 
@@ -368,7 +393,10 @@ pub mod discovery {
     pub fn input_from_wit(i: wit::DiscoveryInput) -> DiscoveryInput {
         DiscoveryInput {
             service: i.service,
-            caller: Caller { node: i.caller.node, labels: crate::pairs(i.caller.labels) },
+            caller: Caller {
+                node: i.caller.node,
+                labels: crate::pairs(i.caller.labels),
+            },
             endpoints: i
                 .endpoints
                 .into_iter()
@@ -388,9 +416,17 @@ pub mod discovery {
     }
 
     #[doc(hidden)]
-    pub fn __discover<D: Discovery>(input: wit::DiscoveryInput) -> Result<Vec<wit::Ranked>, String> {
-        D::discover(&input_from_wit(input))
-            .map(|list| list.into_iter().map(|r| wit::Ranked { index: r.index, weight: r.weight }).collect())
+    pub fn __discover<D: Discovery>(
+        input: wit::DiscoveryInput,
+    ) -> Result<Vec<wit::Ranked>, String> {
+        D::discover(&input_from_wit(input)).map(|list| {
+            list.into_iter()
+                .map(|r| wit::Ranked {
+                    index: r.index,
+                    weight: r.weight,
+                })
+                .collect()
+        })
     }
 }
 

@@ -248,7 +248,9 @@ impl AgentConfig {
                 reason: "must be at least 1".into(),
             });
         }
-        let policy_cache = f.policy_cache.unwrap_or_else(|| data_dir.join("policy-cache"));
+        let policy_cache = f
+            .policy_cache
+            .unwrap_or_else(|| data_dir.join("policy-cache"));
         Ok(AgentConfig {
             policy_cache,
             name,

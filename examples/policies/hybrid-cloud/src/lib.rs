@@ -11,12 +11,20 @@ struct HybridCloud;
 /// Smaller is better: (cloud?, cost if cloud, this service's replicas, all replicas).
 fn rank(node: &NodeView<'_>) -> (bool, u64, u32, u32) {
     let onprem = node.label("provider") == Some("onprem");
-    let cost = match node.label("cost").and_then(|c| c.trim().parse::<f64>().ok()) {
+    let cost = match node
+        .label("cost")
+        .and_then(|c| c.trim().parse::<f64>().ok())
+    {
         Some(c) if c >= 0.0 && !onprem => (c * 1000.0) as u64,
         Some(_) if onprem => 0,
         _ => u64::MAX,
     };
-    (!onprem, cost, node.service_allocations(), node.allocations())
+    (
+        !onprem,
+        cost,
+        node.service_allocations(),
+        node.allocations(),
+    )
 }
 
 impl Scheduler for HybridCloud {
