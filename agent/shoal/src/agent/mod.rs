@@ -272,6 +272,25 @@ impl Driver {
             if owner != self.cfg.name && !e.is_tombstone() {
                 if let Ok(id) = id.parse::<shoal_blob::BlobId>() {
                     self.blobs.add_peer(&id, owner);
+                    // A binding may have arrived before the advertisement of its
+                    // blob (they spread independently): fetch now that someone has it.
+                    let hex = id.to_string();
+                    let waiting: Vec<String> = self
+                        .plugins
+                        .bindings
+                        .iter()
+                        .filter(|(_, (b, l))| {
+                            b.blob == hex
+                                && matches!(
+                                    l,
+                                    plugins::Local::Fetching | plugins::Local::Failed { .. }
+                                )
+                        })
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for key in waiting {
+                        self.ensure_plugin(&key);
+                    }
                 }
             }
         }
@@ -326,7 +345,11 @@ impl Driver {
         } else {
             let peers = blobs::advertisers(self.node.state(), &id, &self.cfg.name);
             self.set_local(key, plugins::Local::Fetching);
-            self.blobs.want(id, peers);
+            // With no advertiser known yet, wait for one (see `on_changed`)
+            // rather than start a fetch that can only fail.
+            if !peers.is_empty() {
+                self.blobs.want(id, peers);
+            }
         }
     }
 
