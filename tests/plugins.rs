@@ -218,19 +218,22 @@ fn eval_dry_runs_a_policy_against_a_saved_or_live_snapshot() {
     .unwrap();
 
     let file = wasm("hybrid_cloud.wasm");
-    let out = shoal_ok(&[
-        "plugin",
-        "eval",
-        "--kind",
-        "scheduler",
-        file.to_str().unwrap(),
-        "--request",
-        req_path.to_str().unwrap(),
-        "--snapshot",
-        snap_path.to_str().unwrap(),
-        "-o",
-        "json",
-    ]);
+    let (file, req) = (file.to_str().unwrap(), req_path.to_str().unwrap());
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "plugin",
+            "eval",
+            "--kind",
+            "scheduler",
+            file,
+            "--request",
+            req,
+        ];
+        args.extend_from_slice(extra);
+        shoal_ok(&args)
+    };
+    let snap_arg = snap_path.to_str().unwrap();
+    let out = eval(&["--snapshot", snap_arg, "-o", "json"]);
     let outcomes: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(
         outcomes[0]["nodes"],
@@ -240,17 +243,7 @@ fn eval_dry_runs_a_policy_against_a_saved_or_live_snapshot() {
     assert_eq!(outcomes[0]["decided_by"]["policy"], "plugin");
 
     // Human output names the decision and who made it.
-    let text = shoal_ok(&[
-        "plugin",
-        "eval",
-        "--kind",
-        "scheduler",
-        file.to_str().unwrap(),
-        "--request",
-        req_path.to_str().unwrap(),
-        "--snapshot",
-        snap_path.to_str().unwrap(),
-    ]);
+    let text = eval(&["--snapshot", snap_arg]);
     assert!(text.contains("web: 2/2 placed on rack1, gcp1"), "{text}");
     assert!(text.contains("decided by: plugin eval"), "{text}");
 
@@ -258,19 +251,7 @@ fn eval_dry_runs_a_policy_against_a_saved_or_live_snapshot() {
     let live = shoal_ok(&["nodes", "--snapshot", "--api", &api]);
     let live: Value = serde_json::from_str(&live).unwrap();
     assert_eq!(live["nodes"].as_array().unwrap().len(), 2);
-    let out = shoal_ok(&[
-        "plugin",
-        "eval",
-        "--kind",
-        "scheduler",
-        file.to_str().unwrap(),
-        "--request",
-        req_path.to_str().unwrap(),
-        "-o",
-        "json",
-        "--api",
-        &api,
-    ]);
+    let out = eval(&["-o", "json", "--api", &api]);
     let outcomes: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(outcomes[0]["nodes"].as_array().unwrap().len(), 2, "{out}");
 }
