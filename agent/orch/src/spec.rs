@@ -1054,9 +1054,18 @@ mod tests {
     use shoal_policy_logic::ConstraintOp;
 
     const EXAMPLES: &[(&str, &str)] = &[
-        ("web.toml", include_str!("../../../examples/services/web.toml")),
-        ("db.toml", include_str!("../../../examples/services/db.toml")),
-        ("api.toml", include_str!("../../../examples/services/api.toml")),
+        (
+            "web.toml",
+            include_str!("../../../examples/services/web.toml"),
+        ),
+        (
+            "db.toml",
+            include_str!("../../../examples/services/db.toml"),
+        ),
+        (
+            "api.toml",
+            include_str!("../../../examples/services/api.toml"),
+        ),
     ];
 
     const BASE: &str = r#"
