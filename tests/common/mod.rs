@@ -102,6 +102,11 @@ impl Agent {
 pub struct Cluster {
     /// Keeps the directory alive.
     pub dir: tempfile::TempDir,
+    /// Node names are `<prefix><i>`.
+    pub prefix: String,
+    /// Whether agents may use Docker Engine (`--docker auto`); off by default, so
+    /// clusters of parallel tests never see each other's containers.
+    pub docker: bool,
     /// The CA directory (ca.pem, ca.key).
     pub ca: PathBuf,
     /// The agents, index 0 is the first seed.
@@ -116,6 +121,8 @@ impl Cluster {
         shoal_ok(&["ca", "init", "--out", ca.to_str().unwrap()]);
         let mut c = Cluster {
             dir,
+            prefix: "n".into(),
+            docker: false,
             ca,
             agents: Vec::new(),
         };
@@ -125,10 +132,21 @@ impl Cluster {
         c
     }
 
+    /// Like [`Cluster::new`] with node names `<prefix><i>` and Docker enabled or not.
+    pub fn with(n: usize, prefix: &str, docker: bool) -> Self {
+        let mut c = Cluster::new(0);
+        c.prefix = prefix.to_string();
+        c.docker = docker;
+        for _ in 0..n {
+            c.add_agent(Vec::new());
+        }
+        c
+    }
+
     /// Defines one more agent joining agent 0; returns its index.
     pub fn add_agent(&mut self, extra: Vec<String>) -> usize {
         let i = self.agents.len();
-        let name = format!("n{}", i + 1);
+        let name = format!("{}{}", self.prefix, i + 1);
         let join = self
             .agents
             .first()
@@ -173,6 +191,7 @@ impl Cluster {
             .arg(&a.data)
             .arg("--ca-dir")
             .arg(&self.ca)
+            .args(["--docker", if self.docker { "auto" } else { "off" }])
             .args(&a.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -291,6 +310,33 @@ impl Cluster {
             .and_then(|v| v.parse().ok())
     }
 
+    /// `shoal ps <service> -o json` against agent `i` (empty if it fails).
+    pub fn ps(&self, i: usize, service: &str) -> Vec<Value> {
+        let out = shoal(&["ps", service, "-o", "json", "--api", &self.agents[i].url()]);
+        if !out.status.success() {
+            return Vec::new();
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    /// `shoal services -o json` against agent `i`.
+    pub fn services(&self, i: usize) -> Vec<Value> {
+        let out = shoal(&["services", "-o", "json", "--api", &self.agents[i].url()]);
+        assert!(
+            out.status.success(),
+            "shoal services failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Writes `text` as `<dir>/<file>` and returns its path.
+    pub fn write_spec(&self, file: &str, text: &str) -> String {
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
     /// The data directory root.
     pub fn path(&self) -> &Path {
         self.dir.path()
@@ -305,6 +351,49 @@ impl Drop for Cluster {
                 let _ = c.wait();
             }
         }
+        // Workloads outlive their agent by design (they are adopted on restart):
+        // kill what the process drivers recorded, so no test leaves processes behind.
+        for pid in workload_pids(self.dir.path()) {
+            // SAFETY: kill(2) on a process group we started; no memory is touched.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Process groups recorded by every agent's process driver under `dir`.
+pub fn workload_pids(dir: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(nodes) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for node in nodes.flatten() {
+        let allocs = node.path().join("workloads/allocs");
+        let Ok(files) = std::fs::read_dir(allocs) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let Ok(text) = std::fs::read(f.path()) else {
+                continue;
+            };
+            if let Ok(v) = serde_json::from_slice::<Value>(&text) {
+                if let Some(pid) = v["pid"].as_i64().filter(|p| *p > 1) {
+                    out.push(pid as i32);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
     }
 }
 

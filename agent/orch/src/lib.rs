@@ -43,7 +43,7 @@ pub use model::{
 pub use snapshot::{build_snapshot, native_scheduler, NodeFacts, Placed};
 pub use spec::{
     HealthCheck, HealthFile, PortFile, Probe, ResourcesFile, RestartMode, RestartPolicy, Scalar,
-    ServiceSpec, SpecError, SpecFile, UpdateFile, UpdatePolicy, MAX_REPLICAS,
+    ServiceSpec, SpecError, SpecFile, UpdateFile, UpdatePolicy, DOCKER_LABEL, MAX_REPLICAS,
 };
 pub use steward::{
     allocs_for_node, healthy_replicas, is_healthy, orphans, reconcile, rendezvous_score,

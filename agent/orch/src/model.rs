@@ -311,6 +311,8 @@ pub struct AllocReport {
     pub memory_bytes: u64,
     /// Start time (ms since the epoch).
     pub started_ms: u64,
+    /// The driver's handle: container id (docker) or pid (process).
+    pub handle: Option<String>,
 }
 
 /// A report and the node that wrote it.

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shoal_policy_logic::{
-    Affinity, AffinityTarget, Constraint, Params, PlacementRequest, Resources,
+    Affinity, AffinityTarget, Constraint, ConstraintOp, Params, PlacementRequest, Resources,
 };
 use shoal_runtime::{PortSpec, Protocol, WorkloadKind, WorkloadSpec};
 
@@ -22,6 +22,9 @@ use crate::units;
 
 /// Most replicas a service may ask for.
 pub const MAX_REPLICAS: u32 = 1000;
+
+/// Node label an agent sets on itself when it can run docker workloads.
+pub const DOCKER_LABEL: &str = "shoal.driver.docker";
 
 /// Default for `reschedule_after`.
 const DEFAULT_RESCHEDULE_AFTER_MS: u64 = 30_000;
@@ -1025,12 +1028,25 @@ impl ServiceSpec {
     }
 
     /// A placement request for `replicas` replicas of this spec.
+    ///
+    /// A docker service also gets the hard constraint [`DOCKER_LABEL`]` exists`:
+    /// agents set that label on themselves when they reach a Docker Engine, so
+    /// containers are only placed where they can run.
     pub fn to_request(&self, replicas: u32) -> PlacementRequest {
+        let mut constraints = self.constraints.clone();
+        if self.image().is_some() {
+            constraints.push(Constraint {
+                key: DOCKER_LABEL.to_string(),
+                op: ConstraintOp::Exists,
+                values: Vec::new(),
+                hard: true,
+            });
+        }
         PlacementRequest {
             service: self.name.clone(),
             replicas,
             resources: self.resources,
-            constraints: self.constraints.clone(),
+            constraints,
             affinities: self.affinities.clone(),
             spread_key: self.spread.clone(),
             ports: self.host_ports(),
@@ -1051,7 +1067,6 @@ impl ServiceSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_policy_logic::ConstraintOp;
 
     const EXAMPLES: &[(&str, &str)] = &[
         (
@@ -1126,13 +1141,20 @@ container_port = 8080
 
         let db = ServiceSpec::from_toml("db.toml", EXAMPLES[1].1).unwrap();
         assert_eq!(db.resources.cpu_millis, 1000);
-        assert_eq!(db.host_ports(), vec![15432]);
+        assert!(db.host_ports().is_empty());
         assert_eq!(db.restart.mode, RestartMode::OnFailure);
         assert_eq!(db.constraints[0].op, ConstraintOp::Equals);
 
         let api = ServiceSpec::from_toml("api.toml", EXAMPLES[2].1).unwrap();
         assert_eq!(api.image(), Some("shoal-test-http:latest"));
         assert_eq!(api.resources.cpu_millis, 500);
+        assert_eq!(api.host_ports(), vec![18080]);
+        // Containers only go where an agent found Docker Engine.
+        assert!(api
+            .to_request(1)
+            .constraints
+            .iter()
+            .any(|c| c.key == DOCKER_LABEL && c.op == ConstraintOp::Exists));
         assert_eq!(api.scaler.get("min").map(String::as_str), Some("2"));
         assert_eq!(
             api.to_request(1).image.as_deref(),

@@ -786,6 +786,56 @@ impl Driver for DockerDriver {
         }
         Ok(out)
     }
+
+    async fn exec(&self, alloc_id: &str, command: &[String]) -> Result<i32, DriverError> {
+        check_alloc_id(alloc_id)?;
+        let Some((st, _)) = self.find_one(alloc_id).await? else {
+            return Err(DriverError::NotFound {
+                driver: NAME,
+                alloc_id: alloc_id.to_string(),
+            });
+        };
+        let what = || format!("run a health check in container {}", st.handle);
+        let created = self
+            .docker
+            .create_exec(
+                &st.handle,
+                bollard::exec::CreateExecOptions {
+                    cmd: Some(command.to_vec()),
+                    attach_stdout: Some(false),
+                    attach_stderr: Some(false),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(docker_err(what()))?;
+        let started = self
+            .docker
+            .start_exec(
+                &created.id,
+                Some(bollard::exec::StartExecOptions {
+                    detach: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(docker_err(what()))?;
+        drop(started);
+        // A detached exec is polled until it ends; the caller bounds the wait.
+        loop {
+            let info = self
+                .docker
+                .inspect_exec(&created.id)
+                .await
+                .map_err(docker_err(what()))?;
+            if info.running != Some(true) {
+                if let Some(code) = info.exit_code {
+                    return Ok(i32::try_from(code).unwrap_or(i32::MAX));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -38,4 +38,9 @@ pub trait Driver: Send + Sync {
 
     /// Captured stdout and stderr, interleaved; the last `tail` lines if given.
     async fn logs(&self, alloc_id: &str, tail: Option<usize>) -> Result<Vec<u8>, DriverError>;
+
+    /// Runs `command` (a health check) inside the workload's container (docker) or on
+    /// the host with the workload's environment (process), and returns its exit code
+    /// (128 + signal when killed). The caller bounds the time it may take.
+    async fn exec(&self, alloc_id: &str, command: &[String]) -> Result<i32, DriverError>;
 }

@@ -44,7 +44,7 @@ pub enum DriverError {
     /// The image is not on this node, and shoal never pulls from a registry. Nothing was
     /// started.
     #[error(
-        "docker: image {image} not present on this node (no registry is used: ship it with `shoal image push`)"
+        "docker: image {image} not present on this node (no registry is used: `docker load` it on this node)"
     )]
     ImageMissing {
         /// The image reference.

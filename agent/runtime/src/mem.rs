@@ -339,4 +339,16 @@ impl Driver for MemDriver {
             None => w.logs.clone(),
         })
     }
+    async fn exec(&self, alloc_id: &str, _command: &[String]) -> Result<i32, DriverError> {
+        let st = self.state();
+        check_alloc_id(alloc_id)?;
+        let w = st
+            .workloads
+            .get(alloc_id)
+            .ok_or_else(|| DriverError::NotFound {
+                driver: NAME,
+                alloc_id: alloc_id.to_string(),
+            })?;
+        Ok(if w.status.state.is_live() { 0 } else { 1 })
+    }
 }

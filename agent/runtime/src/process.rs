@@ -762,6 +762,49 @@ impl Driver for ProcessDriver {
             Err(e) => Err(io_err("read log", &path)(e)),
         }
     }
+
+    async fn exec(&self, alloc_id: &str, command: &[String]) -> Result<i32, DriverError> {
+        check_alloc_id(alloc_id)?;
+        let Some(rec) = self.inner.read_record(alloc_id)? else {
+            return Err(DriverError::NotFound {
+                driver: NAME,
+                alloc_id: alloc_id.to_string(),
+            });
+        };
+        let Some(program) = command.first() else {
+            return Err(DriverError::InvalidSpec {
+                alloc_id: alloc_id.to_string(),
+                reason: "empty health-check command".into(),
+            });
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&command[1..])
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+            )
+            .env("SHOAL_ALLOC_ID", alloc_id)
+            .env("SHOAL_SERVICE", &rec.service)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        for (i, (name, host)) in rec.ports.iter().enumerate() {
+            cmd.env(port_env_name(name), host.to_string());
+            if i == 0 {
+                cmd.env("PORT", host.to_string());
+            }
+        }
+        let status = cmd.status().await.map_err(|e| DriverError::Io {
+            what: "run health check",
+            path: PathBuf::from(program),
+            source: e,
+        })?;
+        Ok(status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    }
 }
 
 #[cfg(test)]

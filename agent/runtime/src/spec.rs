@@ -156,7 +156,7 @@ impl fmt::Display for RunState {
 }
 
 /// Resource use of one workload.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     /// CPU use in percent of one core (200.0 = two full cores), averaged since the
     /// previous `usage` call for this workload, or since its start on the first call.

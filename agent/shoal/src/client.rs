@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Context};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
-use crate::views::{ErrorView, KvView, NodeView};
+use crate::views::{DeployView, ErrorView, KvView, LogsView, NodeView, PsView, ServiceView};
 
 /// Output format of client commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -78,6 +78,68 @@ impl Client {
     pub async fn nodes(&self) -> anyhow::Result<Vec<NodeView>> {
         self.send(self.http.get(format!("{}/v1/nodes", self.base)))
             .await
+    }
+
+    /// `POST /v1/services?file=`: deploy a spec (TOML text).
+    pub async fn deploy(&self, file: &str, text: String) -> anyhow::Result<DeployView> {
+        let req = self
+            .http
+            .post(format!("{}/v1/services", self.base))
+            .query(&[("file", file)])
+            .body(text);
+        self.send(req).await
+    }
+
+    /// `GET /v1/services`.
+    pub async fn services(&self) -> anyhow::Result<Vec<ServiceView>> {
+        self.send(self.http.get(format!("{}/v1/services", self.base)))
+            .await
+    }
+
+    /// `GET /v1/services/<name>`.
+    pub async fn ps(&self, name: &str) -> anyhow::Result<PsView> {
+        self.send(self.http.get(format!("{}/v1/services/{name}", self.base)))
+            .await
+    }
+
+    /// `POST /v1/services/<name>/scale`.
+    pub async fn scale(&self, name: &str, replicas: u32) -> anyhow::Result<DeployView> {
+        let req = self
+            .http
+            .post(format!("{}/v1/services/{name}/scale", self.base))
+            .json(&serde_json::json!({ "replicas": replicas }));
+        self.send(req).await
+    }
+
+    /// `DELETE /v1/services/<name>`.
+    pub async fn rm(&self, name: &str) -> anyhow::Result<DeployView> {
+        self.send(
+            self.http
+                .delete(format!("{}/v1/services/{name}", self.base)),
+        )
+        .await
+    }
+
+    /// `GET /v1/services/<name>/logs`.
+    pub async fn logs(
+        &self,
+        name: &str,
+        slot: Option<u32>,
+        tail: Option<usize>,
+        offset: u64,
+    ) -> anyhow::Result<Vec<LogsView>> {
+        let mut q = vec![("offset", offset.to_string())];
+        if let Some(s) = slot {
+            q.push(("slot", s.to_string()));
+        }
+        if let Some(t) = tail {
+            q.push(("tail", t.to_string()));
+        }
+        let req = self
+            .http
+            .get(format!("{}/v1/services/{name}/logs", self.base))
+            .query(&q);
+        self.send(req).await
     }
 
     /// `PUT /v1/kv/<key>`.
@@ -160,7 +222,8 @@ impl Client {
     }
 }
 
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+/// The innermost error's message (what actually went wrong).
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
     while let Some(next) = cur.source() {
         cur = next;

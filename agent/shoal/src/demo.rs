@@ -10,6 +10,18 @@ use tokio::sync::watch;
 use crate::agent::config::{AgentConfig, Tls, Tuning};
 use crate::client::{nodes_table, Client};
 
+/// The example app the demo deploys, in dependency order.
+const APP: [(&str, &str); 2] = [
+    (
+        "db.toml",
+        include_str!("../../../examples/services/db.toml"),
+    ),
+    (
+        "web.toml",
+        include_str!("../../../examples/services/web.toml"),
+    ),
+];
+
 /// Options of `shoal demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -72,10 +84,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             } else {
                 vec![addr(args.base_port)]
             },
-            labels: [("zone".to_string(), ["a", "b", "c"][i % 3].to_string())].into(),
+            labels: [
+                ("zone".to_string(), ["a", "b", "c"][i % 3].to_string()),
+                (
+                    "disk".to_string(),
+                    if i < 2 { "ssd" } else { "hdd" }.to_string(),
+                ),
+            ]
+            .into(),
             profile: shoal_core::Profile::Lan,
             // One cache for all: the built-in policies are compiled once, not per agent.
             policy_cache: dir.join("policy-cache"),
+            // The example app runs as processes; every workload stops with the demo.
+            docker: false,
+            drain_on_exit: true,
             tuning: Tuning {
                 cluster_size: Some(args.nodes as u32),
                 ..Tuning::default()
@@ -118,8 +140,35 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         dir.display()
     );
     print!("{}", nodes_table(&nodes));
+
+    // The example app: a database and a web tier that depends on it.
+    println!("\nDeploying the example app (examples/services/db.toml, web.toml):");
+    for (file, text) in APP {
+        let v = client.deploy(file, text.to_string()).await?;
+        println!(
+            "  {}: version {}, {} replicas",
+            v.name, v.version, v.replicas
+        );
+    }
+    for (file, _) in APP {
+        let name = file.trim_end_matches(".toml");
+        let ps = crate::service_cli::wait_rollout(&client, name, 1, Duration::from_secs(60), false)
+            .await
+            .with_context(|| format!("waiting for service {name}"))?;
+        println!(
+            "\n{name}: {} of {} replicas healthy",
+            ps.service.healthy, ps.service.desired
+        );
+        print!("{}", crate::service_cli::slots_table(&ps.slots));
+    }
     println!("\nTry, in another terminal:");
-    println!("  shoal nodes --api http://{}", apis[apis.len() - 1]);
+    let api_last = apis[apis.len() - 1];
+    println!("  export SHOAL_API=http://{}", apis[0]);
+    println!("  shoal services");
+    println!("  shoal ps web");
+    println!("  shoal scale web 5");
+    println!("  shoal logs web --slot 0");
+    println!("  shoal nodes --api http://{api_last}");
     println!("  shoal kv put app/color blue --api http://{}", apis[0]);
     println!(
         "  shoal kv get app/color --api http://{}",

@@ -10,6 +10,7 @@ mod bench;
 mod client;
 mod demo;
 mod plugin_cli;
+mod service_cli;
 mod views;
 mod workload;
 
@@ -61,6 +62,9 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Services: deploy, services, ps, scale, logs, rm.
+    #[command(flatten)]
+    Service(service_cli::ServiceCmd),
     /// Policy plugins (WebAssembly components).
     Plugin {
         #[command(subcommand)]
@@ -196,6 +200,12 @@ struct AgentArgs {
     /// Compiled-policy cache [default: <data-dir>/policy-cache]; agents on one machine may share it.
     #[arg(long)]
     policy_cache: Option<PathBuf>,
+    /// Docker driver: auto (use the engine when it answers) or off.
+    #[arg(long)]
+    docker: Option<String>,
+    /// Stop every workload when the agent exits (default: leave them running for the next start to adopt).
+    #[arg(long)]
+    drain_on_exit: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -224,8 +234,12 @@ impl AgentArgs {
             cert,
             key,
             profile,
-            policy_cache
+            policy_cache,
+            docker
         );
+        if self.drain_on_exit {
+            f.drain_on_exit = Some(true);
+        }
         if !self.join.is_empty() {
             f.join = self.join;
         }
@@ -275,6 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             demo::run(args).await
         }
         Cmd::Plugin { cmd, client } => plugin_cli::run(cmd, &client.api, client.output).await,
+        Cmd::Service(cmd) => service_cli::run(cmd).await,
         Cmd::Nodes {
             snapshot: true,
             client,

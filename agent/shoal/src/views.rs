@@ -56,6 +56,12 @@ pub struct NodeInfo {
     pub version: String,
     /// Wall-clock start time (ms since the epoch).
     pub started_ms: u64,
+    /// HTTP API address (for `shoal logs` of workloads on this node).
+    #[serde(default)]
+    pub api: String,
+    /// Runtime drivers available: `process`, and `docker` when the engine answered.
+    #[serde(default)]
+    pub drivers: Vec<String>,
 }
 
 impl KvView {
@@ -68,4 +74,99 @@ impl KvView {
             hlc: e.hlc.0,
         }
     }
+}
+
+/// One service as `shoal services` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// Service name.
+    pub name: String,
+    /// `docker` or `process`.
+    pub driver: String,
+    /// Desired replicas.
+    pub desired: u32,
+    /// Slots that exist.
+    pub slots: u32,
+    /// Slots with a running allocation.
+    pub running: u32,
+    /// Slots with a healthy allocation.
+    pub healthy: u32,
+    /// Slots whose allocation runs the current version and is healthy.
+    pub updated: u32,
+    /// Current spec version.
+    pub version: u64,
+    /// Being removed (`shoal rm`).
+    pub removing: bool,
+    /// The node acting as the service's steward.
+    pub steward: Option<String>,
+    /// The steward's rollout status for the current version, once it has one.
+    pub rollout: Option<shoal_orch::RolloutStatus>,
+}
+
+/// One allocation slot as `shoal ps` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotView {
+    /// Slot number.
+    pub slot: u32,
+    /// Node it is placed on (none while pending).
+    pub node: Option<String>,
+    /// `pending`, `starting`, `running`, `stopping`, `failed` or `exited`.
+    pub state: String,
+    /// Running and passing its health check.
+    pub healthy: bool,
+    /// `host:port` of its first port.
+    pub endpoint: Option<String>,
+    /// Restarts by its agent.
+    pub restarts: u32,
+    /// Why it is pending or failed.
+    pub reason: Option<String>,
+    /// Spec version it runs.
+    pub version: Option<u64>,
+    /// Allocation id.
+    pub alloc_id: Option<String>,
+    /// Container id or pid.
+    pub handle: Option<String>,
+    /// A new-version allocation started alongside the current one (rolling update).
+    pub next: bool,
+    /// CPU use, percent of one core.
+    pub cpu_percent: f64,
+    /// Resident memory.
+    pub memory_bytes: u64,
+}
+
+/// `shoal ps` answer: the service and its slots.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PsView {
+    /// The service.
+    pub service: ServiceView,
+    /// One row per allocation (a slot in a rolling update has two).
+    pub slots: Vec<SlotView>,
+}
+
+/// `shoal deploy` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployView {
+    /// Service name.
+    pub name: String,
+    /// Version after the deploy.
+    pub version: u64,
+    /// Desired replicas after the deploy.
+    pub replicas: u32,
+    /// False when the spec was already deployed as is.
+    pub changed: bool,
+}
+
+/// Logs of one allocation, from `offset` on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogsView {
+    /// Slot number.
+    pub slot: u32,
+    /// Node running it.
+    pub node: String,
+    /// Allocation id.
+    pub alloc_id: String,
+    /// Log text (invalid UTF-8 replaced).
+    pub text: String,
+    /// Offset to ask from next time (`--follow`).
+    pub next_offset: u64,
 }

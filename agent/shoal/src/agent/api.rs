@@ -10,14 +10,15 @@ use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use shoal_policy::{PolicyError, PolicyHost, PolicyKind};
 use tokio::sync::{mpsc, oneshot};
 
+use super::executor::Runtimes;
 use super::{ApiError, Command};
-use crate::views::{ErrorView, KvView};
+use crate::views::{ErrorView, KvView, LogsView};
 
 type Tx = mpsc::Sender<Command>;
 
@@ -27,6 +28,7 @@ type Tx = mpsc::Sender<Command>;
 pub struct AppState {
     tx: Tx,
     host: Arc<PolicyHost>,
+    runtimes: Runtimes,
 }
 
 impl axum::extract::FromRef<AppState> for Tx {
@@ -45,6 +47,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unreachable(_) => StatusCode::BAD_GATEWAY,
         };
         (
             code,
@@ -202,8 +205,217 @@ async fn dashboard() -> Html<&'static str> {
     Html(include_str!("dashboard.html"))
 }
 
+/// Largest service spec accepted by `POST /v1/services`.
+pub const MAX_SPEC_BYTES: usize = 1 << 20;
+
+#[derive(Deserialize)]
+struct DeployQuery {
+    /// File name, for error messages.
+    file: Option<String>,
+}
+
+async fn service_deploy(
+    State(tx): State<Tx>,
+    Query(q): Query<DeployQuery>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let file = q.file.unwrap_or_else(|| "spec".to_string());
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::BadRequest(format!("{file}: a service spec must be UTF-8 TOML")))?;
+    let spec = shoal_orch::ServiceSpec::from_toml(&file, text)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let spec = Box::new(spec);
+    let v = ask(&tx, |reply| Command::Deploy { spec, reply }).await??;
+    Ok(Json(v).into_response())
+}
+
+async fn service_list(State(tx): State<Tx>) -> Result<Response, ApiError> {
+    let v = ask(&tx, |reply| Command::Services { reply }).await?;
+    Ok(Json(v).into_response())
+}
+
+async fn service_ps(State(tx): State<Tx>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let v = ask(&tx, |reply| Command::Ps { name, reply }).await??;
+    Ok(Json(v).into_response())
+}
+
+#[derive(Deserialize)]
+struct ScaleBody {
+    replicas: u32,
+}
+
+async fn service_scale(
+    State(tx): State<Tx>,
+    Path(name): Path<String>,
+    Json(body): Json<ScaleBody>,
+) -> Result<Response, ApiError> {
+    let replicas = body.replicas;
+    let v = ask(&tx, |reply| Command::Scale {
+        name,
+        replicas,
+        reply,
+    })
+    .await??;
+    Ok(Json(v).into_response())
+}
+
+async fn service_remove(
+    State(tx): State<Tx>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let v = ask(&tx, |reply| Command::Remove { name, reply }).await??;
+    Ok(Json(v).into_response())
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    slot: Option<u32>,
+    tail: Option<usize>,
+    #[serde(default)]
+    offset: u64,
+}
+
+/// Logs of one allocation on this node.
+#[derive(serde::Serialize, Deserialize)]
+struct AllocLogs {
+    text: String,
+    next_offset: u64,
+}
+
+async fn local_logs(
+    runtimes: &Runtimes,
+    alloc_id: &str,
+    tail: Option<usize>,
+    offset: u64,
+) -> Result<AllocLogs, ApiError> {
+    let Some((driver, _)) = runtimes.find(alloc_id).await else {
+        return Err(ApiError::NotFound(format!(
+            "no workload for allocation {alloc_id} on this node"
+        )));
+    };
+    let all = driver
+        .logs(alloc_id, None)
+        .await
+        .map_err(|e| ApiError::Storage(e.to_string()))?;
+    let len = all.len() as u64;
+    let from = if offset > 0 {
+        offset.min(len) as usize
+    } else if let Some(n) = tail {
+        tail_start(&all, n)
+    } else {
+        0
+    };
+    Ok(AllocLogs {
+        text: String::from_utf8_lossy(&all[from..]).into_owned(),
+        next_offset: len,
+    })
+}
+
+/// Where the last `n` lines of `bytes` start.
+fn tail_start(bytes: &[u8], n: usize) -> usize {
+    if n == 0 {
+        return bytes.len();
+    }
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let mut seen = 0;
+    for (i, b) in body.iter().enumerate().rev() {
+        if *b == b'\n' {
+            seen += 1;
+            if seen == n {
+                return i + 1;
+            }
+        }
+    }
+    0
+}
+
+async fn alloc_logs(
+    State(app): State<AppState>,
+    Path(alloc_id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let v = local_logs(&app.runtimes, &alloc_id, q.tail, q.offset).await?;
+    Ok(Json(v).into_response())
+}
+
+async fn service_logs(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let slot = q.slot;
+    let targets = ask(&app.tx, |reply| Command::LogTargets { name, slot, reply }).await??;
+    let mut out = Vec::new();
+    for t in targets {
+        let logs = if t.local {
+            local_logs(&app.runtimes, &t.alloc_id, q.tail, q.offset).await?
+        } else {
+            remote_logs(&t, q.tail, q.offset).await?
+        };
+        out.push(LogsView {
+            slot: t.slot,
+            node: t.node,
+            alloc_id: t.alloc_id,
+            text: logs.text,
+            next_offset: logs.next_offset,
+        });
+    }
+    Ok(Json(out).into_response())
+}
+
+/// Asks the agent running an allocation for its logs.
+async fn remote_logs(
+    t: &super::LogTarget,
+    tail: Option<usize>,
+    offset: u64,
+) -> Result<AllocLogs, ApiError> {
+    let unreachable = |why: String| {
+        ApiError::Unreachable(format!(
+            "slot {} runs on node {}, whose API ({}) cannot be reached from this agent: {why}; point SHOAL_API at that node",
+            t.slot,
+            t.node,
+            if t.api.is_empty() { "unknown" } else { &t.api }
+        ))
+    };
+    if t.api.is_empty() {
+        return Err(unreachable("it has not published its API address".into()));
+    }
+    let mut url = format!(
+        "http://{}/v1/allocs/{}/logs?offset={offset}",
+        t.api, t.alloc_id
+    );
+    if let Some(n) = tail {
+        url.push_str(&format!("&tail={n}"));
+    }
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| unreachable(e.to_string()))?;
+    let resp = http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| unreachable(crate::client::root_cause(&e)))?;
+    if !resp.status().is_success() {
+        let code = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<ErrorView>(&body)
+            .map(|e| e.error)
+            .unwrap_or(body);
+        return Err(if code == StatusCode::NOT_FOUND {
+            ApiError::NotFound(msg)
+        } else {
+            unreachable(msg)
+        });
+    }
+    resp.json::<AllocLogs>()
+        .await
+        .map_err(|e| unreachable(e.to_string()))
+}
+
 /// The API router.
-pub fn router(tx: Tx, host: Arc<PolicyHost>) -> Router {
+pub fn router(tx: Tx, host: Arc<PolicyHost>, runtimes: Runtimes) -> Router {
     Router::new()
         .route("/", get(dashboard))
         .route("/metrics", get(metrics))
@@ -218,7 +430,20 @@ pub fn router(tx: Tx, host: Arc<PolicyHost>) -> Router {
                 .layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
         )
         .route("/v1/plugins/{kind}", delete(plugin_remove))
-        .with_state(AppState { tx, host })
+        .route(
+            "/v1/services",
+            get(service_list)
+                .post(service_deploy)
+                .layer(DefaultBodyLimit::max(MAX_SPEC_BYTES)),
+        )
+        .route(
+            "/v1/services/{name}",
+            get(service_ps).delete(service_remove),
+        )
+        .route("/v1/services/{name}/scale", post(service_scale))
+        .route("/v1/services/{name}/logs", get(service_logs))
+        .route("/v1/allocs/{id}/logs", get(alloc_logs))
+        .with_state(AppState { tx, host, runtimes })
 }
 
 /// Serves the API until `stop` fires.
@@ -226,9 +451,10 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     tx: Tx,
     host: Arc<PolicyHost>,
+    runtimes: Runtimes,
     stop: oneshot::Receiver<()>,
 ) {
-    let app = router(tx, host);
+    let app = router(tx, host, runtimes);
     let res = axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = stop.await;

@@ -90,6 +90,11 @@ pub struct FileConfig {
     /// Where compiled policy components are cached [default: <data_dir>/policy-cache];
     /// agents on one machine may share it.
     pub policy_cache: Option<PathBuf>,
+    /// Docker driver: `auto` (default: used when the engine answers) or `off`.
+    pub docker: Option<String>,
+    /// Stop every workload when the agent exits (default: leave them running, to be
+    /// adopted by the next start).
+    pub drain_on_exit: Option<bool>,
     /// Timing overrides.
     #[serde(default)]
     pub tuning: Tuning,
@@ -151,6 +156,10 @@ pub struct AgentConfig {
     pub profile: Profile,
     /// Compiled-policy cache directory.
     pub policy_cache: PathBuf,
+    /// Whether to try the docker driver.
+    pub docker: bool,
+    /// Stop every workload on exit.
+    pub drain_on_exit: bool,
     /// Timing overrides.
     pub tuning: Tuning,
 }
@@ -248,11 +257,23 @@ impl AgentConfig {
                 reason: "must be at least 1".into(),
             });
         }
+        let docker = match f.docker.as_deref().unwrap_or("auto") {
+            "auto" => true,
+            "off" => false,
+            other => {
+                return Err(ConfigError::Invalid {
+                    field: "docker",
+                    reason: format!("{other:?} is not one of \"auto\", \"off\""),
+                })
+            }
+        };
         let policy_cache = f
             .policy_cache
             .unwrap_or_else(|| data_dir.join("policy-cache"));
         Ok(AgentConfig {
             policy_cache,
+            docker,
+            drain_on_exit: f.drain_on_exit.unwrap_or(false),
             name,
             listen,
             advertise,

@@ -8,7 +8,9 @@
 pub mod api;
 pub mod blobs;
 pub mod config;
+pub mod executor;
 pub mod metrics;
+pub mod orchestrate;
 pub mod plugins;
 pub mod resources;
 
@@ -23,9 +25,9 @@ use shoal_core::{Entry, Event, Node, Now, Output, Status, NODE_PREFIX};
 use shoal_net::{Identity, Incoming, Net, NetConfig};
 use shoal_policy::{HostConfig, PolicyHost, PolicyKind};
 use shoal_store::{Persist, RedbStore};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::views::{NodeInfo, NodeView};
+use crate::views::{DeployView, NodeInfo, NodeView, PsView, ServiceView};
 use config::{AgentConfig, Tls};
 use resources::{Probe, Resources};
 
@@ -98,6 +100,65 @@ pub enum Command {
         /// Answer.
         reply: oneshot::Sender<shoal_policy::Snapshot>,
     },
+    /// Create or update a service.
+    Deploy {
+        /// The validated spec.
+        spec: Box<shoal_orch::ServiceSpec>,
+        /// Answer.
+        reply: oneshot::Sender<Result<DeployView, ApiError>>,
+    },
+    /// Set a service's desired replicas.
+    Scale {
+        /// Service.
+        name: String,
+        /// Replicas.
+        replicas: u32,
+        /// Answer.
+        reply: oneshot::Sender<Result<DeployView, ApiError>>,
+    },
+    /// Remove a service.
+    Remove {
+        /// Service.
+        name: String,
+        /// Answer.
+        reply: oneshot::Sender<Result<DeployView, ApiError>>,
+    },
+    /// Every service.
+    Services {
+        /// Answer.
+        reply: oneshot::Sender<Vec<ServiceView>>,
+    },
+    /// One service's slots.
+    Ps {
+        /// Service.
+        name: String,
+        /// Answer.
+        reply: oneshot::Sender<Result<PsView, ApiError>>,
+    },
+    /// Where the allocations of a service run, and each node's API address, for logs.
+    LogTargets {
+        /// Service.
+        name: String,
+        /// Only this slot.
+        slot: Option<u32>,
+        /// Answer: (slot, node, alloc id, that node's API address).
+        reply: oneshot::Sender<Result<Vec<LogTarget>, ApiError>>,
+    },
+}
+
+/// Where one allocation's logs are.
+#[derive(Debug, Clone)]
+pub struct LogTarget {
+    /// Slot number.
+    pub slot: u32,
+    /// Node running it.
+    pub node: String,
+    /// Allocation id.
+    pub alloc_id: String,
+    /// The node's published API address (empty if unknown).
+    pub api: String,
+    /// Whether the node is this agent.
+    pub local: bool,
 }
 
 /// A component compiled off the driver task.
@@ -123,6 +184,9 @@ pub enum ApiError {
     /// The agent is shutting down.
     #[error("agent is shutting down")]
     Unavailable,
+    /// Another agent that holds the answer could not be reached.
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 fn wall_ms() -> u64 {
@@ -147,6 +211,8 @@ struct Driver {
     kv: plugins::KvMirror,
     compiled_tx: mpsc::Sender<Compiled>,
     published_plugins: Option<Vec<u8>>,
+    orch: orchestrate::Orch,
+    drivers: Vec<String>,
 }
 
 impl Driver {
@@ -262,6 +328,9 @@ impl Driver {
     /// Reacts to a replicated change: plugin bindings, blob advertisements, kv for plugins.
     fn on_changed(&mut self, e: &Entry) {
         self.kv.apply(e);
+        if orchestrate::is_orch_key(&e.key) {
+            self.orch.dirty = true;
+        }
         if e.key.starts_with(plugins::PLUGIN_PREFIX) {
             self.binding_changed(e);
         } else if let Some((owner, id)) = e
@@ -506,42 +575,10 @@ impl Driver {
         rows
     }
 
-    /// The scheduler's view: every member with labels and capacity. Nothing is
-    /// allocated yet, so free equals capacity.
+    /// The scheduler's view: every member with labels, capacity and what the slots
+    /// reserve on it.
     fn snapshot(&self) -> shoal_policy::Snapshot {
-        let nodes = self
-            .nodes()
-            .into_iter()
-            .map(|n| {
-                let r = n.resources.unwrap_or(Resources {
-                    cpus: 0,
-                    memory_bytes: 0,
-                    memory_free_bytes: 0,
-                    disk_free_bytes: 0,
-                });
-                let capacity = shoal_policy::Resources {
-                    cpu_millis: u64::from(r.cpus) * 1000,
-                    memory_bytes: r.memory_bytes,
-                    disk_bytes: r.disk_free_bytes,
-                };
-                shoal_policy::Node {
-                    name: n.name,
-                    labels: n.labels,
-                    status: match n.status.as_str() {
-                        "alive" => shoal_policy::NodeStatus::Alive,
-                        "suspect" => shoal_policy::NodeStatus::Suspect,
-                        "left" => shoal_policy::NodeStatus::Left,
-                        _ => shoal_policy::NodeStatus::Down,
-                    },
-                    capacity,
-                    free: capacity,
-                    ports_in_use: Vec::new(),
-                    images: Vec::new(),
-                    allocations: BTreeMap::new(),
-                }
-            })
-            .collect();
-        shoal_policy::Snapshot { nodes }
+        self.orch.snapshot(self.node.state())
     }
 
     /// Tells the cluster this node holds `id`.
@@ -560,6 +597,8 @@ impl Driver {
             labels: self.cfg.labels.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_ms: wall_ms(),
+            api: self.cfg.api.to_string(),
+            drivers: self.drivers.clone(),
         };
         let key = self.node.node_key("info");
         let now = self.now();
@@ -709,8 +748,179 @@ impl Driver {
             Command::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Command::Deploy { spec, reply } => {
+                let (record, changed) = self.orch.deploy(self.node.state(), *spec);
+                let view = DeployView {
+                    name: record.spec.name.clone(),
+                    version: record.version,
+                    replicas: record.replicas,
+                    changed,
+                };
+                let res = if changed {
+                    self.put_record(&record).map(|()| view)
+                } else {
+                    Ok(view)
+                };
+                let _ = reply.send(res);
+            }
+            Command::Scale {
+                name,
+                replicas,
+                reply,
+            } => {
+                let res = self
+                    .orch
+                    .live_record(self.node.state(), &name)
+                    .and_then(|r| {
+                        r.scaled(replicas)
+                            .map_err(|e| ApiError::BadRequest(e.to_string()))
+                    })
+                    .and_then(|r| {
+                        self.put_record(&r)?;
+                        Ok(DeployView {
+                            name: name.clone(),
+                            version: r.version,
+                            replicas: r.replicas,
+                            changed: true,
+                        })
+                    });
+                let _ = reply.send(res);
+            }
+            Command::Remove { name, reply } => {
+                let res = self
+                    .orch
+                    .live_record(self.node.state(), &name)
+                    .and_then(|r| {
+                        let r = r.removed();
+                        self.put_record(&r)?;
+                        Ok(DeployView {
+                            name: name.clone(),
+                            version: r.version,
+                            replicas: 0,
+                            changed: true,
+                        })
+                    });
+                let _ = reply.send(res);
+            }
+            Command::Services { reply } => {
+                let _ = reply.send(self.orch.services(self.node.state()));
+            }
+            Command::Ps { name, reply } => {
+                let res = self
+                    .orch
+                    .ps(self.node.state(), &name)
+                    .map(|(service, slots)| PsView { service, slots });
+                let _ = reply.send(res);
+            }
+            Command::LogTargets { name, slot, reply } => {
+                let res = self.log_targets(&name, slot);
+                let _ = reply.send(res);
+            }
         }
     }
+
+    /// Writes a service record durably.
+    fn put_record(&mut self, r: &shoal_orch::ServiceRecord) -> Result<(), ApiError> {
+        let key = shoal_orch::service_key(&r.spec.name);
+        let now = self.now();
+        self.node
+            .put(&key, Some(shoal_orch::encode(r)), now)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        self.orch.dirty = true;
+        self.flush().map_err(|e| {
+            ApiError::Storage(format!("service applied in memory but not persisted: {e}"))
+        })
+    }
+
+    fn log_targets(&self, name: &str, slot: Option<u32>) -> Result<Vec<LogTarget>, ApiError> {
+        let (_, rows) = self.orch.ps(self.node.state(), name)?;
+        let mut out = Vec::new();
+        for row in rows {
+            if slot.is_some_and(|s| s != row.slot) {
+                continue;
+            }
+            let (Some(node), Some(alloc_id)) = (row.node, row.alloc_id) else {
+                continue;
+            };
+            let api = self
+                .node
+                .state()
+                .value(&format!("{NODE_PREFIX}{node}/info"))
+                .and_then(|v| serde_json::from_slice::<NodeInfo>(v).ok())
+                .map(|i| i.api)
+                .unwrap_or_default();
+            out.push(LogTarget {
+                slot: row.slot,
+                local: node == self.cfg.name,
+                node,
+                alloc_id,
+                api,
+            });
+        }
+        if out.is_empty() {
+            return Err(ApiError::NotFound(match slot {
+                Some(s) => format!("service {name} has no allocation in slot {s}"),
+                None => format!("service {name} has no allocations"),
+            }));
+        }
+        Ok(out)
+    }
+
+    /// One orchestration pass (see [`orchestrate`]).
+    fn orchestrate(&mut self) {
+        let now = self.now();
+        let host = self.host.clone();
+        self.orch.pass(&mut self.node, &host, now);
+    }
+
+    fn on_exec(&mut self, ev: executor::ExecEvent) {
+        match ev {
+            executor::ExecEvent::Report(id, report) => {
+                let (key, value) = self.orch.on_report(&id, report);
+                let now = self.now();
+                if let Err(e) = self.node.put(&key, value, now) {
+                    tracing::warn!(alloc = %id, "publishing a report failed: {e}");
+                }
+            }
+            executor::ExecEvent::Ready => self.orch.executor_ready(),
+        }
+    }
+}
+
+/// How long after an orchestration change the next pass runs.
+const ORCH_DEBOUNCE: Duration = Duration::from_millis(100);
+/// Orchestration pass interval without changes (health and time-driven decisions).
+const ORCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The process driver, and the docker driver when wanted and the engine answers.
+async fn open_runtimes(cfg: &AgentConfig) -> anyhow::Result<executor::Runtimes> {
+    let dir = cfg.data_dir.join("workloads");
+    let process = shoal_runtime::ProcessDriver::new(&dir)
+        .with_context(|| format!("opening the process driver in {}", dir.display()))?;
+    let docker: Result<Arc<dyn shoal_runtime::Driver>, String> = if cfg.docker {
+        let mut opts = shoal_runtime::DockerOptions::new(cfg.name.clone());
+        opts.timeout = Duration::from_secs(60);
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            shoal_runtime::DockerDriver::connect_with(opts),
+        )
+        .await
+        {
+            Ok(Ok(d)) => Ok(Arc::new(d)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("Docker Engine did not answer within 5 s".into()),
+        }
+    } else {
+        Err("disabled by config (docker = \"off\")".into())
+    };
+    match &docker {
+        Ok(_) => tracing::info!("docker driver ready"),
+        Err(e) => tracing::info!("docker driver not available: {e}"),
+    }
+    Ok(executor::Runtimes {
+        process: Arc::new(process),
+        docker,
+    })
 }
 
 fn load_identity(cfg: &AgentConfig) -> anyhow::Result<Identity> {
@@ -772,7 +982,30 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         .context("starting the policy host")?
         .with_kv(Arc::new(kv.clone()));
     let (compiled_tx, mut compiled_rx) = mpsc::channel::<Compiled>(16);
+    let runtimes = open_runtimes(&cfg).await?;
+    let mut drivers = vec!["process".to_string()];
+    if runtimes.docker.is_ok() {
+        drivers.push("docker".to_string());
+    }
+    let (desired_tx, desired_rx) = watch::channel(executor::Desired::default());
+    let (exec_tx, mut exec_rx) = mpsc::channel::<executor::ExecEvent>(1024);
+    let (exec_stop_tx, exec_stop_rx) = watch::channel(false);
+    let endpoint_ip = match cfg.advertise.ip() {
+        ip if ip.is_unspecified() => std::net::IpAddr::from([127, 0, 0, 1]),
+        ip => ip,
+    };
+    let exec_task = tokio::spawn(executor::run(
+        runtimes.clone(),
+        endpoint_ip,
+        desired_rx,
+        exec_tx,
+        exec_stop_rx,
+        cfg.drain_on_exit,
+    ));
+    let orch = orchestrate::Orch::new(&cfg.name, wall_ms(), !cfg.join.is_empty(), desired_tx);
     let mut d = Driver {
+        orch,
+        drivers,
         node,
         net,
         store,
@@ -809,7 +1042,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     d.flush()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(256);
     let (api_stop_tx, api_stop_rx) = oneshot::channel::<()>();
-    let api_task = tokio::spawn(api::serve(listener, cmd_tx, d.host.clone(), api_stop_rx));
+    let api_task = tokio::spawn(api::serve(
+        listener,
+        cmd_tx,
+        d.host.clone(),
+        runtimes,
+        api_stop_rx,
+    ));
     tracing::info!(
         name = %d.cfg.name, quic = %d.cfg.listen, api = %d.cfg.api, restored,
         "agent started"
@@ -818,12 +1057,21 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let mut res_tick = tokio::time::interval(d.cfg.resource_interval());
     res_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    let mut last_orch = tokio::time::Instant::now();
     loop {
         let wake = [d.node.poll_timeout(), d.blobs.poll_timeout()]
             .into_iter()
             .flatten()
             .min()
             .map(|ms| tokio::time::Instant::from_std(d.start + Duration::from_millis(ms)));
+        // Orchestration runs 100 ms after a change (batching bursts), else every second.
+        let orch_at = last_orch
+            + if d.orch.dirty {
+                ORCH_DEBOUNCE
+            } else {
+                ORCH_INTERVAL
+            };
+        let orch_sleep = tokio::time::sleep_until(orch_at);
         let sleep = async {
             match wake {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -845,6 +1093,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 tokio::task::block_in_place(|| d.blobs.handle_timeout(now.mono_ms));
             }
             Some(c) = compiled_rx.recv() => d.on_compiled(c),
+            Some(ev) = exec_rx.recv() => d.on_exec(ev),
+            () = orch_sleep => {
+                d.orchestrate();
+                last_orch = tokio::time::Instant::now();
+            }
             _ = res_tick.tick() => {
                 d.refresh_resources();
                 d.retry_plugins();
@@ -856,6 +1109,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         let _ = d.flush();
     }
 
+    // The executor stops its workloads only when asked to drain; otherwise they
+    // keep running and the next start adopts them.
+    let _ = exec_stop_tx.send(true);
+    let mut exec_task = exec_task;
+    loop {
+        tokio::select! {
+            _ = &mut exec_task => break,
+            // Keep draining its events so it never blocks on a full channel.
+            ev = exec_rx.recv() => if ev.is_none() {
+                let _ = (&mut exec_task).await;
+                break;
+            },
+        }
+    }
     tracing::info!(name = %d.cfg.name, "leaving the cluster");
     let now = d.now();
     d.node.leave(now);

@@ -1,0 +1,781 @@
+//! The executor: runs the allocations the slots assign to this node.
+//!
+//! One task, separate from the driver task so slow container operations never
+//! delay gossip. The driver task hands it the set of allocations this node must
+//! run (a [`watch`] of [`Desired`]); the executor starts what is missing through
+//! the runtime driver of each workload's kind, stops what is no longer wanted
+//! (orphans), health-checks what runs, restarts what ended according to the
+//! service's restart policy (with exponential backoff), samples CPU and memory,
+//! and sends an [`AllocReport`] per allocation back whenever it changes. The
+//! driver task publishes those under `node/<me>/alloc/<id>`.
+//!
+//! On start it first lists what the drivers already run for this node (containers
+//! by label, processes by pid file) and adopts it: an allocation the slots still
+//! name keeps running untouched; one they do not name is stopped once the agent's
+//! view of the cluster has settled.
+//!
+//! Driver calls (start, stop, probes, usage) run in spawned tasks whose results
+//! come back on a channel, so one slow container never holds up the others.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_orch::{AllocReport, AllocState, HealthCheck, Probe, RestartPolicy};
+use shoal_runtime::{
+    Driver as Runtime, RunState, Usage, WorkloadKind, WorkloadSpec, WorkloadStatus,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// How often driver state is polled and due work is done.
+const TICK: Duration = Duration::from_millis(250);
+/// How often CPU and memory are sampled.
+const USAGE_EVERY: Duration = Duration::from_secs(5);
+/// A report whose only change is CPU or memory is republished at most this often.
+const METRICS_EVERY: Duration = Duration::from_secs(10);
+/// Running this long without ending resets the restart backoff.
+const BACKOFF_RESET: Duration = Duration::from_secs(60);
+/// Grace between SIGTERM (or `docker stop`) and a kill.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// One allocation this node must run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredAlloc {
+    /// What to run, or why it cannot be run here (e.g. its spec version is gone).
+    pub workload: Result<WorkloadSpec, String>,
+    /// Health check of its spec.
+    pub health: Option<HealthCheck>,
+    /// Restart policy of its spec.
+    pub restart: RestartPolicy,
+}
+
+/// Everything this node must run, from the driver task.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Desired {
+    /// By alloc id.
+    pub allocs: BTreeMap<String, DesiredAlloc>,
+    /// True once the agent's view of the cluster has settled after start: only then
+    /// are workloads that no slot names stopped.
+    pub settled: bool,
+}
+
+/// What the executor tells the driver task.
+#[derive(Debug, Clone)]
+pub enum ExecEvent {
+    /// Publish (or with `None` delete) the report of an allocation.
+    Report(String, Option<AllocReport>),
+    /// Adoption is done: every report this node should have is now published, so
+    /// older reports of this node found in the cluster state can be deleted.
+    Ready,
+}
+
+/// The runtime drivers of this node.
+#[derive(Clone)]
+pub struct Runtimes {
+    /// The process driver (always available).
+    pub process: Arc<dyn Runtime>,
+    /// The docker driver, or why there is none.
+    pub docker: Result<Arc<dyn Runtime>, String>,
+}
+
+impl Runtimes {
+    /// The driver for a workload of `kind`.
+    pub fn for_kind(&self, kind: &WorkloadKind) -> Result<Arc<dyn Runtime>, String> {
+        match kind {
+            WorkloadKind::Process { .. } => Ok(self.process.clone()),
+            WorkloadKind::Docker { .. } => self
+                .docker
+                .clone()
+                .map_err(|e| format!("docker is not available on this node: {e}")),
+        }
+    }
+
+    /// Every available driver.
+    pub fn all(&self) -> Vec<Arc<dyn Runtime>> {
+        let mut v = vec![self.process.clone()];
+        if let Ok(d) = &self.docker {
+            v.push(d.clone());
+        }
+        v
+    }
+
+    /// The driver that knows `alloc_id`, with its status.
+    pub async fn find(&self, alloc_id: &str) -> Option<(Arc<dyn Runtime>, WorkloadStatus)> {
+        for d in self.all() {
+            if let Ok(Some(st)) = d.status(alloc_id).await {
+                return Some((d, st));
+            }
+        }
+        None
+    }
+}
+
+/// Where one allocation is in the executor's hands.
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    /// A start is in flight.
+    Starting,
+    /// Started; the driver's status says how it is.
+    Running,
+    /// Ended; restart at `until`.
+    Backoff { until: Instant },
+    /// Ended for good (restart policy), or cannot be run here.
+    Done { state: AllocState },
+    /// A stop is in flight (or retried at the next tick after a failure).
+    Stopping { in_flight: bool },
+}
+
+struct Alloc {
+    desired: Option<DesiredAlloc>,
+    driver: Option<Arc<dyn Runtime>>,
+    phase: Phase,
+    status: Option<WorkloadStatus>,
+    restarts: u32,
+    consecutive: u32,
+    healthy: bool,
+    failures: u32,
+    next_probe: Instant,
+    probing: bool,
+    started: Instant,
+    reason: Option<String>,
+    usage: Usage,
+    service: String,
+    slot: u32,
+    version: u64,
+}
+
+impl Alloc {
+    fn new(service: String, slot: u32, version: u64) -> Alloc {
+        let now = Instant::now();
+        Alloc {
+            desired: None,
+            driver: None,
+            phase: Phase::Starting,
+            status: None,
+            restarts: 0,
+            consecutive: 0,
+            healthy: false,
+            failures: 0,
+            next_probe: now,
+            probing: false,
+            started: now,
+            reason: None,
+            usage: Usage::default(),
+            service,
+            slot,
+            version,
+        }
+    }
+}
+
+enum Done {
+    Started(String, Result<WorkloadStatus, String>),
+    Stopped(String, Result<(), String>),
+    Probed(String, Result<(), String>),
+    Usage(Vec<(String, Usage)>),
+}
+
+/// Runs the executor until `desired`'s sender is dropped or `stop` fires. With
+/// `drain`, every workload is stopped before returning; otherwise they keep
+/// running, to be adopted by the next agent on this node.
+pub async fn run(
+    runtimes: Runtimes,
+    endpoint_ip: IpAddr,
+    mut desired: watch::Receiver<Desired>,
+    events: mpsc::Sender<ExecEvent>,
+    mut stop: watch::Receiver<bool>,
+    drain: bool,
+) {
+    let (done_tx, mut done_rx) = mpsc::channel::<Done>(256);
+    let mut ex = Executor {
+        runtimes,
+        endpoint_ip,
+        allocs: HashMap::new(),
+        published: HashMap::new(),
+        done_tx,
+        events,
+        settled: false,
+        last_usage: Instant::now(),
+    };
+    ex.adopt().await;
+    ex.apply(&desired.borrow_and_update().clone());
+    ex.publish().await;
+    let _ = ex.events.send(ExecEvent::Ready).await;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let d = desired.borrow_and_update().clone();
+                ex.apply(&d);
+            }
+            Some(done) = done_rx.recv() => ex.on_done(done),
+            _ = tick.tick() => ex.poll().await,
+            _ = stop.changed() => break,
+        }
+        ex.publish().await;
+    }
+    if drain {
+        ex.drain().await;
+    }
+}
+
+struct Executor {
+    runtimes: Runtimes,
+    endpoint_ip: IpAddr,
+    allocs: HashMap<String, Alloc>,
+    published: HashMap<String, (AllocReport, Instant)>,
+    done_tx: mpsc::Sender<Done>,
+    events: mpsc::Sender<ExecEvent>,
+    settled: bool,
+    last_usage: Instant,
+}
+
+impl Executor {
+    /// Takes over what the drivers already run for this node.
+    async fn adopt(&mut self) {
+        for driver in self.runtimes.all() {
+            match driver.list().await {
+                Ok(list) => {
+                    for st in list {
+                        tracing::info!(alloc = %st.alloc_id, driver = driver.name(), "found a running workload");
+                        let mut a = Alloc::new(st.service.clone(), st.slot, st.version);
+                        a.driver = Some(driver.clone());
+                        a.phase = Phase::Running;
+                        a.started = Instant::now()
+                            .checked_sub(Duration::from_millis(
+                                super::wall_ms().saturating_sub(st.started_at_ms),
+                            ))
+                            .unwrap_or_else(Instant::now);
+                        a.status = Some(st.clone());
+                        self.allocs.insert(st.alloc_id.clone(), a);
+                    }
+                }
+                Err(e) => tracing::warn!(driver = driver.name(), "listing workloads failed: {e}"),
+            }
+        }
+    }
+
+    /// Takes a new desired set: claims adopted workloads, starts new ones, and
+    /// stops the rest (once settled).
+    fn apply(&mut self, d: &Desired) {
+        self.settled = d.settled;
+        for (id, want) in &d.allocs {
+            match self.allocs.get_mut(id) {
+                Some(a) => {
+                    if a.desired.is_none() {
+                        if let Some(st) = &a.status {
+                            tracing::info!(alloc = %id, handle = %st.handle, "adopted");
+                        }
+                    }
+                    a.desired = Some(want.clone());
+                }
+                None => {
+                    let (service, slot, version) = match &want.workload {
+                        Ok(w) => (w.service.clone(), w.slot, w.version),
+                        Err(_) => (String::new(), 0, 0),
+                    };
+                    let mut a = Alloc::new(service, slot, version);
+                    a.desired = Some(want.clone());
+                    self.allocs.insert(id.clone(), a);
+                    self.start(id);
+                }
+            }
+        }
+        let unwanted: Vec<String> = self
+            .allocs
+            .iter()
+            .filter(|(id, a)| {
+                !d.allocs.contains_key(*id)
+                    && (a.desired.is_some() || self.settled)
+                    && !matches!(a.phase, Phase::Stopping { .. })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in unwanted {
+            self.stop(&id);
+        }
+    }
+
+    fn start(&mut self, id: &str) {
+        let Some(a) = self.allocs.get_mut(id) else {
+            return;
+        };
+        let Some(want) = a.desired.clone() else {
+            return;
+        };
+        let spec = match want.workload {
+            Ok(s) => s,
+            Err(reason) => {
+                a.phase = Phase::Done {
+                    state: AllocState::Failed,
+                };
+                a.reason = Some(reason);
+                return;
+            }
+        };
+        let driver = match self.runtimes.for_kind(&spec.kind) {
+            Ok(d) => d,
+            Err(reason) => {
+                a.phase = Phase::Done {
+                    state: AllocState::Failed,
+                };
+                a.reason = Some(reason);
+                return;
+            }
+        };
+        a.driver = Some(driver.clone());
+        a.phase = Phase::Starting;
+        a.healthy = false;
+        a.failures = 0;
+        a.status = None;
+        let tx = self.done_tx.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let r = driver.start(&spec).await.map_err(|e| e.to_string());
+            let _ = tx.send(Done::Started(id, r)).await;
+        });
+    }
+
+    fn stop(&mut self, id: &str) {
+        let Some(a) = self.allocs.get_mut(id) else {
+            return;
+        };
+        a.desired = None;
+        // Nothing was (or is being) started: nothing to stop.
+        let Some(driver) = a.driver.clone() else {
+            self.allocs.remove(id);
+            return;
+        };
+        if a.phase == Phase::Starting {
+            // Let the start land first; the `Started` handler sees no desire and stops.
+            return;
+        }
+        a.phase = Phase::Stopping { in_flight: true };
+        a.healthy = false;
+        let tx = self.done_tx.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let r = driver
+                .stop(&id, STOP_GRACE)
+                .await
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Done::Stopped(id, r)).await;
+        });
+    }
+
+    fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Started(id, r) => {
+                let Some(a) = self.allocs.get_mut(&id) else {
+                    return;
+                };
+                if a.desired.is_none() {
+                    // Unwanted while it started.
+                    a.phase = Phase::Running;
+                    self.stop(&id);
+                    return;
+                }
+                match r {
+                    Ok(st) => {
+                        tracing::info!(alloc = %id, handle = %st.handle, "started");
+                        a.phase = Phase::Running;
+                        a.started = Instant::now();
+                        a.next_probe = Instant::now();
+                        a.status = Some(st);
+                        a.reason = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(alloc = %id, "start failed: {e}");
+                        self.ended(&id, false, format!("start failed: {e}"));
+                    }
+                }
+            }
+            Done::Stopped(id, r) => match r {
+                Ok(()) => {
+                    tracing::info!(alloc = %id, "stopped");
+                    self.allocs.remove(&id);
+                }
+                Err(e) => {
+                    tracing::warn!(alloc = %id, "stop failed, retrying: {e}");
+                    if let Some(a) = self.allocs.get_mut(&id) {
+                        a.phase = Phase::Stopping { in_flight: false };
+                        a.reason = Some(format!("stop failed: {e}"));
+                    }
+                }
+            },
+            Done::Probed(id, r) => {
+                let Some(a) = self.allocs.get_mut(&id) else {
+                    return;
+                };
+                a.probing = false;
+                if a.phase != Phase::Running {
+                    return;
+                }
+                let Some(check) = a.desired.as_ref().and_then(|d| d.health.clone()) else {
+                    return;
+                };
+                match r {
+                    Ok(()) => {
+                        a.healthy = true;
+                        a.failures = 0;
+                        if a.reason.as_deref().is_some_and(|r| r.starts_with("health")) {
+                            a.reason = None;
+                        }
+                    }
+                    Err(e) => {
+                        if a.started.elapsed() < check.grace && !a.healthy {
+                            // Still starting up: failures do not count yet.
+                            return;
+                        }
+                        a.failures += 1;
+                        if a.failures >= check.retries {
+                            a.healthy = false;
+                            a.reason = Some(format!("health check failed: {e}"));
+                        }
+                    }
+                }
+            }
+            Done::Usage(list) => {
+                for (id, u) in list {
+                    if let Some(a) = self.allocs.get_mut(&id) {
+                        a.usage = u;
+                    }
+                }
+            }
+        }
+    }
+
+    /// An allocation ended (or failed to start): restart it per its policy.
+    fn ended(&mut self, id: &str, succeeded: bool, why: String) {
+        let Some(a) = self.allocs.get_mut(id) else {
+            return;
+        };
+        a.healthy = false;
+        let policy = a
+            .desired
+            .as_ref()
+            .map(|d| d.restart)
+            .unwrap_or_else(|| RestartPolicy {
+                mode: shoal_orch::RestartMode::Never,
+                backoff: Duration::ZERO,
+                backoff_max: Duration::ZERO,
+            });
+        if a.started.elapsed() >= BACKOFF_RESET {
+            a.consecutive = 0;
+        }
+        if policy.should_restart(succeeded) {
+            let delay = policy.delay(a.consecutive);
+            a.phase = Phase::Backoff {
+                until: Instant::now() + delay,
+            };
+            a.reason = Some(format!("{why}; restarting in {}", human(delay)));
+        } else {
+            a.phase = Phase::Done {
+                state: if succeeded {
+                    AllocState::Exited
+                } else {
+                    AllocState::Failed
+                },
+            };
+            a.reason = Some(why);
+        }
+    }
+
+    /// Polls driver state, restarts what is due, probes and samples usage.
+    async fn poll(&mut self) {
+        let mut seen: HashMap<String, WorkloadStatus> = HashMap::new();
+        let mut listed_ok = Vec::new();
+        for driver in self.runtimes.all() {
+            match driver.list().await {
+                Ok(list) => {
+                    listed_ok.push(driver.name());
+                    seen.extend(list.into_iter().map(|s| (s.alloc_id.clone(), s)));
+                }
+                Err(e) => tracing::debug!(driver = driver.name(), "listing failed: {e}"),
+            }
+        }
+        let now = Instant::now();
+        let ids: Vec<String> = self.allocs.keys().cloned().collect();
+        for id in ids {
+            let Some(a) = self.allocs.get_mut(&id) else {
+                continue;
+            };
+            match a.phase.clone() {
+                Phase::Running => {
+                    let Some(driver_name) = a.driver.as_ref().map(|d| d.name()) else {
+                        continue;
+                    };
+                    if !listed_ok.contains(&driver_name) {
+                        continue;
+                    }
+                    match seen.get(&id) {
+                        Some(st) => {
+                            let state = st.state.clone();
+                            a.status = Some(st.clone());
+                            match state {
+                                RunState::Running | RunState::Starting => {}
+                                RunState::Exited { code } => {
+                                    let why = match code {
+                                        Some(c) => format!("exited with code {c}"),
+                                        None => "exited".to_string(),
+                                    };
+                                    tracing::info!(alloc = %id, "{why}");
+                                    self.ended(&id, code == Some(0), why);
+                                }
+                                RunState::Failed { reason } => {
+                                    tracing::info!(alloc = %id, "failed: {reason}");
+                                    self.ended(&id, false, reason);
+                                }
+                            }
+                        }
+                        None => {
+                            if a.desired.is_some() {
+                                self.ended(&id, false, "the workload vanished".into());
+                            } else {
+                                self.allocs.remove(&id);
+                            }
+                        }
+                    }
+                }
+                Phase::Backoff { until } if now >= until => {
+                    a.restarts += 1;
+                    a.consecutive += 1;
+                    self.start(&id);
+                }
+                Phase::Stopping { in_flight: false } => self.stop(&id),
+                _ => {}
+            }
+        }
+        self.probe_due(now);
+        if self.last_usage.elapsed() >= USAGE_EVERY {
+            self.last_usage = Instant::now();
+            self.sample_usage();
+        }
+    }
+
+    fn probe_due(&mut self, now: Instant) {
+        for (id, a) in &mut self.allocs {
+            if a.phase != Phase::Running || a.probing || now < a.next_probe {
+                continue;
+            }
+            let running = a
+                .status
+                .as_ref()
+                .is_some_and(|s| s.state == RunState::Running);
+            let Some(check) = a.desired.as_ref().and_then(|d| d.health.clone()) else {
+                // Without a health check a running workload is healthy.
+                a.healthy = running;
+                continue;
+            };
+            if !running {
+                continue;
+            }
+            a.next_probe = now + check.interval;
+            a.probing = true;
+            let ports = a
+                .status
+                .as_ref()
+                .map(|s| s.ports.clone())
+                .unwrap_or_default();
+            let driver = a.driver.clone();
+            let tx = self.done_tx.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                let r =
+                    tokio::time::timeout(check.timeout, probe(&check.probe, &ports, driver, &id))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(format!("no answer within {}", human(check.timeout)))
+                        });
+                let _ = tx.send(Done::Probed(id, r)).await;
+            });
+        }
+    }
+
+    fn sample_usage(&self) {
+        let targets: Vec<(String, Arc<dyn Runtime>)> = self
+            .allocs
+            .iter()
+            .filter(|(_, a)| a.phase == Phase::Running)
+            .filter_map(|(id, a)| a.driver.clone().map(|d| (id.clone(), d)))
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            for (id, d) in targets {
+                if let Ok(Some(u)) = d.usage(&id).await {
+                    out.push((id, u));
+                }
+            }
+            let _ = tx.send(Done::Usage(out)).await;
+        });
+    }
+
+    fn report(&self, a: &Alloc) -> AllocReport {
+        let state = match &a.phase {
+            Phase::Starting => AllocState::Starting,
+            Phase::Running => match a.status.as_ref().map(|s| &s.state) {
+                Some(RunState::Running) => AllocState::Running,
+                _ => AllocState::Starting,
+            },
+            Phase::Backoff { .. } => AllocState::Failed,
+            Phase::Done { state } => *state,
+            Phase::Stopping { .. } => AllocState::Stopping,
+        };
+        let endpoint = a
+            .status
+            .as_ref()
+            .and_then(|s| s.ports.first())
+            .map(|(_, port)| SocketAddr::new(self.endpoint_ip, *port).to_string());
+        AllocReport {
+            service: a.service.clone(),
+            slot: a.slot,
+            version: a.version,
+            state,
+            healthy: a.healthy && state == AllocState::Running,
+            endpoint,
+            restarts: a.restarts,
+            reason: a.reason.clone(),
+            cpu_percent: (a.usage.cpu_percent * 10.0).round() / 10.0,
+            memory_bytes: a.usage.memory_bytes,
+            started_ms: a.status.as_ref().map_or(0, |s| s.started_at_ms),
+            handle: a.status.as_ref().map(|s| s.handle.clone()),
+        }
+    }
+
+    /// Sends the reports that changed (metrics-only changes at most every 10 s).
+    async fn publish(&mut self) {
+        let mut out = Vec::new();
+        for (id, a) in &self.allocs {
+            let r = self.report(a);
+            let send = match self.published.get(id) {
+                None => true,
+                Some((old, at)) => {
+                    let mut same = r.clone();
+                    same.cpu_percent = old.cpu_percent;
+                    same.memory_bytes = old.memory_bytes;
+                    same != *old || (r != *old && at.elapsed() >= METRICS_EVERY)
+                }
+            };
+            if send {
+                out.push((id.clone(), Some(r)));
+            }
+        }
+        let gone: Vec<String> = self
+            .published
+            .keys()
+            .filter(|id| !self.allocs.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            out.push((id, None));
+        }
+        for (id, r) in out {
+            match &r {
+                Some(r) => {
+                    self.published
+                        .insert(id.clone(), (r.clone(), Instant::now()));
+                }
+                None => {
+                    self.published.remove(&id);
+                }
+            }
+            if self.events.send(ExecEvent::Report(id, r)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Stops every workload (the agent was asked to drain on exit).
+    async fn drain(&mut self) {
+        let mut tasks = Vec::new();
+        for (id, a) in self.allocs.drain() {
+            if let Some(d) = a.driver {
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = d.stop(&id, STOP_GRACE).await {
+                        tracing::warn!(alloc = %id, "stopping on exit failed: {e}");
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Runs one health probe.
+async fn probe(
+    probe: &Probe,
+    ports: &[(String, u16)],
+    driver: Option<Arc<dyn Runtime>>,
+    alloc_id: &str,
+) -> Result<(), String> {
+    let port_of = |name: &str| {
+        ports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| format!("port {name:?} is not bound"))
+    };
+    match probe {
+        Probe::Http { path, port } => {
+            let port = port_of(port)?;
+            let url = format!("http://127.0.0.1:{port}{path}");
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .map_err(|e| e.to_string())?;
+            let resp = client
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| format!("GET {url}: {}", crate::client::root_cause(&e)))?;
+            if resp.status().is_success() {
+                Ok(())
+            } else {
+                Err(format!("GET {url}: HTTP {}", resp.status().as_u16()))
+            }
+        }
+        Probe::Tcp { port } => {
+            let port = port_of(port)?;
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("connect to port {port}: {e}"))
+        }
+        Probe::Command { command } => {
+            let Some(driver) = driver else {
+                return Err("no driver".into());
+            };
+            match driver.exec(alloc_id, command).await {
+                Ok(0) => Ok(()),
+                Ok(code) => Err(format!("{} exited with code {code}", command[0])),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    }
+}
+
+/// `1.5s`, `2m`, for messages.
+fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}

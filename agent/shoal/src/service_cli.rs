@@ -1,0 +1,366 @@
+//! `shoal deploy | services | ps | scale | logs | rm`: the service commands.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use shoal_orch::RolloutStatus;
+
+use crate::client::{table, Client, Format};
+use crate::views::{PsView, ServiceView, SlotView};
+
+/// A service command.
+#[derive(clap::Subcommand)]
+pub enum ServiceCmd {
+    /// Create or update a service from its spec file.
+    Deploy {
+        /// The service spec (TOML), e.g. examples/services/web.toml.
+        file: PathBuf,
+        /// Wait until every replica runs the new version and is healthy.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[command(flatten)]
+        client: crate::ClientArgs,
+    },
+    /// List services: desired, running and healthy replicas, version, rollout.
+    Services {
+        #[command(flatten)]
+        client: crate::ClientArgs,
+    },
+    /// Show where each replica of a service runs and how it is.
+    Ps {
+        /// Service name.
+        name: String,
+        #[command(flatten)]
+        client: crate::ClientArgs,
+    },
+    /// Set a service's desired replica count.
+    Scale {
+        /// Service name.
+        name: String,
+        /// Desired replicas.
+        replicas: u32,
+        #[command(flatten)]
+        client: crate::ClientArgs,
+    },
+    /// Print a service's logs (every slot unless --slot).
+    Logs {
+        /// Service name.
+        name: String,
+        /// Only this slot.
+        #[arg(long)]
+        slot: Option<u32>,
+        /// Only the last N lines of each slot.
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        client: crate::ClientArgs,
+    },
+    /// Remove a service: its replicas are stopped everywhere.
+    Rm {
+        /// Service name.
+        name: String,
+        #[command(flatten)]
+        client: crate::ClientArgs,
+    },
+}
+
+/// Runs a service command against the agent at `api`.
+pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
+    let args = match &cmd {
+        ServiceCmd::Deploy { client, .. }
+        | ServiceCmd::Services { client }
+        | ServiceCmd::Ps { client, .. }
+        | ServiceCmd::Scale { client, .. }
+        | ServiceCmd::Logs { client, .. }
+        | ServiceCmd::Rm { client, .. } => client.clone(),
+    };
+    let c = Client::new(&args.api)?;
+    let json = args.output == Format::Json;
+    match cmd {
+        ServiceCmd::Deploy {
+            file,
+            wait,
+            timeout,
+            ..
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let name = file.file_name().map_or_else(
+                || file.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            let v = c.deploy(&name, text).await?;
+            if json && !wait {
+                return print_json(&v);
+            }
+            if !json {
+                if v.changed {
+                    println!(
+                        "service {} deployed: version {}, {} replicas",
+                        v.name, v.version, v.replicas
+                    );
+                } else {
+                    println!(
+                        "service {} unchanged (version {}, {} replicas)",
+                        v.name, v.version, v.replicas
+                    );
+                }
+            }
+            if wait {
+                let ps = wait_rollout(&c, &v.name, v.version, Duration::from_secs(timeout), !json)
+                    .await?;
+                if json {
+                    return print_json(&ps);
+                }
+                print!("{}", slots_table(&ps.slots));
+            }
+            Ok(())
+        }
+        ServiceCmd::Services { .. } => {
+            let v = c.services().await?;
+            if json {
+                return print_json(&v);
+            }
+            print!("{}", services_table(&v));
+            Ok(())
+        }
+        ServiceCmd::Ps { name, .. } => {
+            let v = c.ps(&name).await?;
+            if json {
+                return print_json(&v.slots);
+            }
+            print!("{}", slots_table(&v.slots));
+            Ok(())
+        }
+        ServiceCmd::Scale { name, replicas, .. } => {
+            let v = c.scale(&name, replicas).await?;
+            if json {
+                return print_json(&v);
+            }
+            println!("service {name} scaled to {} replicas", v.replicas);
+            Ok(())
+        }
+        ServiceCmd::Rm { name, .. } => {
+            let v = c.rm(&name).await?;
+            if json {
+                return print_json(&v);
+            }
+            println!("service {name} removed; its replicas are being stopped");
+            Ok(())
+        }
+        ServiceCmd::Logs {
+            name,
+            slot,
+            tail,
+            follow,
+            ..
+        } => logs(&c, &name, slot, tail, follow).await,
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Polls until every replica of `name` runs `version` and is healthy; fails when
+/// the rollout stalls or `timeout` passes.
+pub async fn wait_rollout(
+    c: &Client,
+    name: &str,
+    version: u64,
+    timeout: Duration,
+    progress: bool,
+) -> anyhow::Result<PsView> {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        let ps = c.ps(name).await?;
+        let s = &ps.service;
+        if s.version > version {
+            bail!(
+                "service {name} was deployed again (now version {}) while waiting",
+                s.version
+            );
+        }
+        let line = format!(
+            "{}/{} replicas of version {version} healthy",
+            s.updated, s.desired
+        );
+        if progress && line != last {
+            println!("  {line}");
+            last = line;
+        }
+        if rollout_done(&ps, version) {
+            return Ok(ps);
+        }
+        if let Some(RolloutStatus::Stalled { reason }) = &s.rollout {
+            bail!("the rollout of {name} version {version} stalled: {reason}");
+        }
+        if start.elapsed() >= timeout {
+            let why: Vec<String> = ps
+                .slots
+                .iter()
+                .filter(|r| !r.healthy)
+                .map(|r| {
+                    format!(
+                        "slot {} {}{}",
+                        r.slot,
+                        r.state,
+                        r.reason
+                            .as_ref()
+                            .map_or(String::new(), |x| format!(" ({x})"))
+                    )
+                })
+                .collect();
+            bail!(
+                "timed out after {}s: {}/{} replicas of version {version} healthy; {}",
+                timeout.as_secs(),
+                s.updated,
+                s.desired,
+                why.join("; ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Every desired slot runs `version`, healthy, with no second allocation left.
+pub fn rollout_done(ps: &PsView, version: u64) -> bool {
+    let s = &ps.service;
+    s.version == version
+        && s.updated == s.desired
+        && ps.slots.len() as u32 == s.desired
+        && ps
+            .slots
+            .iter()
+            .all(|r| r.healthy && r.version == Some(version) && !r.next)
+}
+
+async fn logs(
+    c: &Client,
+    name: &str,
+    slot: Option<u32>,
+    tail: Option<usize>,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let views = c.logs(name, slot, tail, 0).await?;
+    let several = views.len() > 1;
+    // slot -> (alloc id, offset printed up to)
+    let mut at: BTreeMap<u32, (String, u64)> = BTreeMap::new();
+    for v in &views {
+        print_lines(name, v.slot, &v.text, several)?;
+        at.insert(v.slot, (v.alloc_id.clone(), v.next_offset));
+    }
+    while follow {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (slot, (alloc, offset)) in at.iter_mut() {
+            let Ok(views) = c.logs(name, Some(*slot), None, *offset).await else {
+                continue; // The slot may be between allocations; try again.
+            };
+            for v in views {
+                if v.alloc_id != *alloc {
+                    // The slot has a new allocation: print it from its start.
+                    let fresh = c.logs(name, Some(*slot), None, 0).await?;
+                    for f in fresh {
+                        print_lines(name, f.slot, &f.text, several)?;
+                        *alloc = f.alloc_id;
+                        *offset = f.next_offset;
+                    }
+                } else {
+                    print_lines(name, v.slot, &v.text, several)?;
+                    *offset = v.next_offset;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_lines(name: &str, slot: u32, text: &str, prefix: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for line in text.lines() {
+        if prefix {
+            writeln!(out, "[{name}.{slot}] {line}")?;
+        } else {
+            writeln!(out, "{line}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `shoal services` table.
+pub fn services_table(v: &[ServiceView]) -> String {
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.driver.clone(),
+                s.desired.to_string(),
+                s.running.to_string(),
+                s.healthy.to_string(),
+                s.version.to_string(),
+                rollout_text(s),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "DRIVER", "DESIRED", "RUNNING", "HEALTHY", "VERSION", "ROLLOUT",
+        ],
+        &rows,
+    )
+}
+
+fn rollout_text(s: &ServiceView) -> String {
+    if s.removing {
+        return "removing".into();
+    }
+    match &s.rollout {
+        Some(RolloutStatus::Complete) => "complete".into(),
+        Some(RolloutStatus::Progressing { updated, total }) => format!("{updated}/{total} updated"),
+        Some(RolloutStatus::Stalled { reason }) => format!("stalled: {reason}"),
+        Some(RolloutStatus::Removing) => "removing".into(),
+        None => "-".into(),
+    }
+}
+
+/// `shoal ps` table.
+pub fn slots_table(rows: &[SlotView]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                if r.next {
+                    format!("{}+", r.slot)
+                } else {
+                    r.slot.to_string()
+                },
+                r.node.clone().unwrap_or_else(|| "-".into()),
+                r.state.clone(),
+                if r.healthy { "yes" } else { "no" }.into(),
+                r.endpoint.clone().unwrap_or_else(|| "-".into()),
+                r.restarts.to_string(),
+                r.version.map_or_else(|| "-".into(), |v| v.to_string()),
+                r.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SLOT", "NODE", "STATE", "HEALTHY", "ENDPOINT", "RESTARTS", "VERSION", "REASON",
+        ],
+        &rows,
+    )
+}

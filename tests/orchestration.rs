@@ -1,0 +1,372 @@
+//! Black-box orchestration with the process driver: 5 real agents on loopback run
+//! `shoal workload http` replicas, driven only through the CLI.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{http_get, pid_alive, shoal, wait_for, Cluster};
+use serde_json::Value;
+
+/// A web service of `replicas` `shoal workload http` processes.
+fn web_spec(name: &str, replicas: u32, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+driver = "process"
+command = ["shoal", "workload", "http", "--bind", "127.0.0.1"]
+replicas = {replicas}
+reschedule_after = "2s"
+{extra}
+
+[resources]
+cpu = "100m"
+memory = "32Mi"
+
+[[ports]]
+name = "http"
+container_port = 8080
+
+[health]
+http = "/healthz"
+interval = "500ms"
+timeout = "1s"
+retries = 2
+
+[scheduler]
+strategy = "spread"
+"#
+    )
+}
+
+fn deploy(c: &Cluster, i: usize, file: &str, text: &str) {
+    let path = c.write_spec(file, text);
+    let out = shoal(&["deploy", &path, "--api", &c.agents[i].url()]);
+    assert!(
+        out.status.success(),
+        "deploy {file} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn healthy(rows: &[Value]) -> Vec<&Value> {
+    rows.iter()
+        .filter(|r| r["healthy"] == true && r["state"] == "running")
+        .collect()
+}
+
+/// Waits until `service` has exactly `n` slots, each healthy, none mid-update.
+fn wait_healthy(c: &Cluster, i: usize, service: &str, n: usize, limit: Duration) -> Vec<Value> {
+    wait_for(&format!("{n} healthy replicas of {service}"), limit, || {
+        let rows = c.ps(i, service);
+        (rows.len() == n && healthy(&rows).len() == n && rows.iter().all(|r| r["next"] == false))
+            .then_some(rows)
+    })
+}
+
+fn pids(rows: &[Value]) -> Vec<i32> {
+    rows.iter()
+        .filter_map(|r| r["handle"].as_str()?.parse().ok())
+        .collect()
+}
+
+fn endpoint_answers(row: &Value) -> bool {
+    let Some(ep) = row["endpoint"].as_str() else {
+        return false;
+    };
+    http_get(ep.parse().unwrap(), "/healthz").is_some()
+}
+
+/// Deploy with spread, dependency order, scale up and down, a rolling update that
+/// never drops below `replicas - max_unavailable` healthy, and `rm`.
+#[test]
+fn deploy_scale_update_and_remove() {
+    let c = Cluster::start(5);
+
+    // An invalid spec is refused, names the field, and changes nothing.
+    let bad = c.write_spec(
+        "bad.toml",
+        &web_spec("web", 3, "").replace("replicas = 3", "replicas = -1"),
+    );
+    let out = shoal(&["deploy", &bad, "--api", &c.agents[0].url()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("replicas"),
+        "error should name the field: {err}"
+    );
+    let typo = c.write_spec(
+        "typo.toml",
+        &format!("replcias = 2\n{}", web_spec("web", 3, "")),
+    );
+    let out = shoal(&["deploy", &typo, "--api", &c.agents[0].url()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replcias"));
+    assert!(
+        c.services(0).is_empty(),
+        "a refused spec must change nothing"
+    );
+
+    // depends_on: web waits for db, and says so.
+    deploy(
+        &c,
+        1,
+        "web.toml",
+        &web_spec("web", 3, "depends_on = [\"db\"]"),
+    );
+    let rows = wait_for(
+        "web pending on its dependency",
+        Duration::from_secs(20),
+        || {
+            let rows = c.ps(0, "web");
+            (rows.len() == 3
+                && rows.iter().all(|r| {
+                    r["state"] == "pending"
+                        && r["reason"]
+                            .as_str()
+                            .is_some_and(|x| x.contains("dependency") && x.contains("db"))
+                }))
+            .then_some(rows)
+        },
+    );
+    assert!(rows.iter().all(|r| r["node"].is_null()));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        healthy(&c.ps(0, "web")).is_empty(),
+        "web must not start before db"
+    );
+
+    deploy(&c, 2, "db.toml", &web_spec("db", 1, ""));
+    let db = wait_healthy(&c, 0, "db", 1, Duration::from_secs(30));
+    let web = wait_healthy(&c, 0, "web", 3, Duration::from_secs(30));
+    let db_started = db[0]["handle"].as_str().map(|_| ());
+    assert!(db_started.is_some());
+
+    // Spread: 3 replicas on 3 distinct nodes, each answering on its endpoint.
+    let nodes: BTreeSet<&str> = web.iter().map(|r| r["node"].as_str().unwrap()).collect();
+    assert_eq!(
+        nodes.len(),
+        3,
+        "spread puts replicas on distinct nodes: {web:?}"
+    );
+    assert!(web.iter().all(endpoint_answers), "{web:?}");
+    let services = c.services(4);
+    let w = services.iter().find(|s| s["name"] == "web").unwrap();
+    assert_eq!(
+        (w["desired"].as_u64(), w["healthy"].as_u64()),
+        (Some(3), Some(3))
+    );
+
+    // Scale up, then down: the replicas scaled away are stopped.
+    let out = shoal(&["scale", "web", "5", "--api", &c.agents[3].url()]);
+    assert!(out.status.success());
+    let five = wait_healthy(&c, 0, "web", 5, Duration::from_secs(30));
+    let out = shoal(&["scale", "web", "2", "--api", &c.agents[3].url()]);
+    assert!(out.status.success());
+    let two = wait_healthy(&c, 0, "web", 2, Duration::from_secs(30));
+    let kept: BTreeSet<i32> = pids(&two).into_iter().collect();
+    let dropped: Vec<i32> = pids(&five)
+        .into_iter()
+        .filter(|p| !kept.contains(p))
+        .collect();
+    assert_eq!(dropped.len(), 3);
+    wait_for(
+        "scaled-away replicas stopped",
+        Duration::from_secs(15),
+        || dropped.iter().all(|p| !pid_alive(*p)).then_some(()),
+    );
+
+    // Rolling update of 4 replicas, max_unavailable = 1: never below 3 healthy.
+    let out = shoal(&["scale", "web", "4", "--api", &c.agents[3].url()]);
+    assert!(out.status.success());
+    let before = wait_healthy(&c, 0, "web", 4, Duration::from_secs(30));
+    let v1 = before[0]["version"].as_u64().unwrap();
+    let update = web_spec(
+        "web",
+        4,
+        "depends_on = [\"db\"]\n[env]\nCOLOR = \"blue\"\n[update]\nmax_unavailable = 1\nhealthy_deadline = \"30s\"",
+    )
+    .replace("replicas = 4", "replicas = 4");
+    deploy(&c, 1, "web.toml", &update);
+    let start = Instant::now();
+    let mut lowest = 4;
+    loop {
+        let rows = c.ps(0, "web");
+        // Count slots with a healthy allocation (a slot mid-update may list two).
+        let slots: BTreeSet<u64> = healthy(&rows)
+            .iter()
+            .filter_map(|r| r["slot"].as_u64())
+            .collect();
+        lowest = lowest.min(slots.len());
+        let done = rows.len() == 4
+            && rows
+                .iter()
+                .all(|r| r["version"].as_u64() == Some(v1 + 1) && r["healthy"] == true);
+        if done {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "rolling update did not finish: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        lowest >= 3,
+        "healthy replicas dropped to {lowest} during the update"
+    );
+
+    // rm: every slot goes and no process is left.
+    let all = [pids(&c.ps(0, "web")), pids(&c.ps(0, "db"))].concat();
+    assert_eq!(all.len(), 5);
+    for svc in ["web", "db"] {
+        let out = shoal(&["rm", svc, "--api", &c.agents[2].url()]);
+        assert!(out.status.success());
+    }
+    wait_for("services removed", Duration::from_secs(30), || {
+        c.services(0).is_empty().then_some(())
+    });
+    wait_for("no workload process left", Duration::from_secs(15), || {
+        all.iter().all(|p| !pid_alive(*p)).then_some(())
+    });
+    assert!(common::workload_pids(c.path()).is_empty());
+    let out = shoal(&["ps", "web", "--api", &c.agents[0].url()]);
+    assert!(!out.status.success(), "ps of a removed service fails");
+}
+
+/// `kill -9` of an agent: its replica is placed elsewhere after `reschedule_after`.
+/// A restarted agent adopts its processes (same pids) instead of restarting them.
+#[test]
+fn node_loss_reschedules_and_restart_adopts() {
+    let mut c = Cluster::start(5);
+    deploy(&c, 0, "web.toml", &web_spec("web", 3, ""));
+    let rows = wait_healthy(&c, 0, "web", 3, Duration::from_secs(30));
+
+    // Kill the agent of a replica that is not agent 0 (which we ask).
+    let victim_name = rows
+        .iter()
+        .map(|r| r["node"].as_str().unwrap())
+        .find(|n| *n != "n1")
+        .unwrap()
+        .to_string();
+    let victim = c.agents.iter().position(|a| a.name == victim_name).unwrap();
+    let killed = Instant::now();
+    c.kill9(victim);
+    let after = wait_for(
+        "replica replaced on a live node",
+        Duration::from_secs(40),
+        || {
+            let rows = c.ps(0, "web");
+            (rows.len() == 3
+                && healthy(&rows).len() == 3
+                && rows.iter().all(|r| r["node"] != victim_name.as_str()))
+            .then_some(rows)
+        },
+    );
+    let took = killed.elapsed();
+    eprintln!("kill -9 to all replicas healthy elsewhere: {took:?}");
+    let nodes: BTreeSet<&str> = after.iter().map(|r| r["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes.len(), 3, "still spread: {after:?}");
+
+    // Adoption: a long reschedule_after so the restart does not move anything.
+    deploy(
+        &c,
+        0,
+        "api.toml",
+        &web_spec("api", 4, "").replace("reschedule_after = \"2s\"", "reschedule_after = \"5m\""),
+    );
+    let rows = wait_healthy(&c, 0, "api", 4, Duration::from_secs(30));
+    let node = rows
+        .iter()
+        .map(|r| r["node"].as_str().unwrap())
+        .find(|n| *n != "n1")
+        .unwrap()
+        .to_string();
+    let i = c.agents.iter().position(|a| a.name == node).unwrap();
+    let mine: Vec<(u64, String)> = rows
+        .iter()
+        .filter(|r| r["node"] == node.as_str())
+        .map(|r| {
+            (
+                r["slot"].as_u64().unwrap(),
+                r["handle"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(c.terminate(i), "graceful stop");
+    for (_, pid) in &mine {
+        assert!(
+            pid_alive(pid.parse().unwrap()),
+            "workloads outlive their agent"
+        );
+    }
+    c.spawn(i);
+    let again = wait_for(
+        "restarted agent reports its replicas",
+        Duration::from_secs(30),
+        || {
+            let rows = c.ps(0, "api");
+            let ok = rows.len() == 4
+                && healthy(&rows).len() == 4
+                && mine.iter().all(|(slot, pid)| {
+                    rows.iter().any(|r| {
+                        r["slot"].as_u64() == Some(*slot)
+                            && r["node"] == node.as_str()
+                            && r["handle"].as_str() == Some(pid.as_str())
+                    })
+                });
+            ok.then_some(rows)
+        },
+    );
+    for r in again.iter().filter(|r| r["node"] == node.as_str()) {
+        assert_eq!(r["restarts"], 0, "adopted, not restarted: {r}");
+    }
+}
+
+/// A replica that crashes is restarted by its agent with backoff, and `shoal logs`
+/// shows its output.
+#[test]
+fn crashed_replicas_restart_and_logs_are_served() {
+    let c = Cluster::start(3);
+    let spec = r#"name = "crashy"
+driver = "process"
+command = ["sh", "-c", "echo starting up; exit 3"]
+replicas = 1
+restart = "on-failure"
+restart_backoff = "200ms"
+restart_backoff_max = "1s"
+"#;
+    deploy(&c, 0, "crashy.toml", spec);
+    wait_for(
+        "restarts counted, with the exit reason",
+        Duration::from_secs(30),
+        || {
+            c.ps(0, "crashy").into_iter().find(|r| {
+                r["restarts"].as_u64().is_some_and(|n| n >= 2)
+                    && r["reason"]
+                        .as_str()
+                        .is_some_and(|x| x.contains("exited with code 3"))
+            })
+        },
+    );
+    let out = shoal(&["logs", "crashy", "--api", &c.agents[2].url()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("starting up"));
+
+    // A successful exit with on-failure stays exited.
+    let once = r#"name = "once"
+driver = "process"
+command = ["true"]
+replicas = 1
+restart = "on-failure"
+"#;
+    deploy(&c, 1, "once.toml", once);
+    let row = wait_for("exited for good", Duration::from_secs(20), || {
+        c.ps(0, "once").into_iter().find(|r| r["state"] == "exited")
+    });
+    assert_eq!(row["restarts"], 0);
+}
