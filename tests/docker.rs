@@ -1,0 +1,198 @@
+//! Black-box orchestration with the docker driver against the real Docker Engine:
+//! agents deploy a locally built `FROM scratch` image (no registry is reachable),
+//! apply resource limits, adopt containers after a restart and remove them on `rm`.
+//! These tests need Docker Engine and fail loudly without it.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{http_get, shoal, wait_for, Cluster};
+use serde_json::Value;
+use shoal_runtime::testutil::ensure_test_image;
+use shoal_runtime::DockerDriver;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+async fn engine() -> bollard::Docker {
+    bollard::Docker::connect_with_unix_defaults()
+        .expect("docker socket")
+        .negotiate_version()
+        .await
+        .expect("docker API version")
+}
+
+/// Containers labelled with any of `nodes`.
+fn containers_of(nodes: &[String]) -> Vec<String> {
+    runtime().block_on(async {
+        let docker = engine().await;
+        let mut out = Vec::new();
+        for n in nodes {
+            let filters = std::collections::HashMap::from([(
+                "label".to_string(),
+                vec![format!("shoal.node={n}")],
+            )]);
+            let opts = bollard::query_parameters::ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            };
+            for c in docker.list_containers(Some(opts)).await.expect("list") {
+                out.extend(c.id);
+            }
+        }
+        out
+    })
+}
+
+/// Removes every container of the test's nodes, pass or fail.
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let ids = containers_of(&self.0);
+        runtime().block_on(async {
+            let docker = engine().await;
+            for id in ids {
+                let opts = bollard::query_parameters::RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                };
+                let _ = docker.remove_container(&id, Some(opts)).await;
+            }
+        });
+    }
+}
+
+#[test]
+fn docker_services_run_with_limits_are_adopted_and_removed() {
+    let image = runtime().block_on(async {
+        let d = DockerDriver::connect("shoal-docker-test").await.unwrap_or_else(|e| {
+            panic!("this test needs Docker Engine on this machine (/var/run/docker.sock or $DOCKER_HOST): {e}")
+        });
+        ensure_test_image(&d)
+            .await
+            .unwrap_or_else(|e| panic!("cannot build the test image: {e}"))
+    });
+    let prefix = format!("dk{}-", std::process::id());
+    let mut c = Cluster::with(3, &prefix, true);
+    let names: Vec<String> = c.agents.iter().map(|a| a.name.clone()).collect();
+    let _cleanup = Cleanup(names.clone());
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    c.wait_all_alive(Duration::from_secs(20));
+
+    let spec = format!(
+        r#"name = "api"
+driver = "docker"
+image = "{image}"
+replicas = 2
+reschedule_after = "5m"
+
+[resources]
+cpu = 0.5
+memory = "64Mi"
+
+[[ports]]
+name = "http"
+container_port = 8080
+
+[env]
+GREETING = "hi"
+
+[health]
+http = "/healthz"
+interval = "500ms"
+
+[scheduler]
+strategy = "spread"
+"#
+    );
+    let path = c.write_spec("api.toml", &spec);
+    let out = shoal(&[
+        "deploy",
+        &path,
+        "--wait",
+        "--timeout",
+        "60",
+        "--api",
+        &c.agents[0].url(),
+    ]);
+    assert!(
+        out.status.success(),
+        "deploy --wait: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = c.ps(0, "api");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let nodes: BTreeSet<&str> = rows.iter().map(|r| r["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes.len(), 2, "spread over nodes: {rows:?}");
+    for r in &rows {
+        assert_eq!(r["healthy"], true, "{r}");
+        let ep: std::net::SocketAddr = r["endpoint"].as_str().unwrap().parse().unwrap();
+        assert!(http_get(ep, "/healthz").is_some(), "port answers: {r}");
+    }
+
+    // The engine applied the limits and labels.
+    let handles: Vec<String> = rows
+        .iter()
+        .map(|r| r["handle"].as_str().unwrap().to_string())
+        .collect();
+    runtime().block_on(async {
+        let docker = engine().await;
+        for (h, r) in handles.iter().zip(&rows) {
+            let info = docker.inspect_container(h, None).await.expect("inspect");
+            let host = info.host_config.expect("host config");
+            assert_eq!(host.nano_cpus, Some(500_000_000), "half a core");
+            assert_eq!(host.memory, Some(64 << 20));
+            let labels = info.config.and_then(|c| c.labels).expect("labels");
+            assert_eq!(
+                labels.get("shoal.node").map(String::as_str),
+                r["node"].as_str()
+            );
+            assert_eq!(labels.get("shoal.service").map(String::as_str), Some("api"));
+        }
+    });
+
+    // Restart the agent of a replica that agent 0 does not run: the container is
+    // adopted (same id), not restarted.
+    let row: &Value = rows
+        .iter()
+        .find(|r| r["node"] != c.agents[0].name.as_str())
+        .unwrap();
+    let node = row["node"].as_str().unwrap().to_string();
+    let handle = row["handle"].as_str().unwrap().to_string();
+    let i = c.agents.iter().position(|a| a.name == node).unwrap();
+    assert!(c.terminate(i));
+    c.spawn(i);
+    wait_for(
+        "container adopted after restart",
+        Duration::from_secs(30),
+        || {
+            c.ps(0, "api").into_iter().find(|r| {
+                r["node"] == node.as_str()
+                    && r["handle"].as_str() == Some(handle.as_str())
+                    && r["healthy"] == true
+                    && r["restarts"] == 0
+            })
+        },
+    );
+
+    // rm stops and removes every container.
+    let out = shoal(&["rm", "api", "--api", &c.agents[1].url()]);
+    assert!(out.status.success());
+    wait_for("containers removed", Duration::from_secs(40), || {
+        containers_of(&names).is_empty().then_some(())
+    });
+    wait_for("service gone", Duration::from_secs(20), || {
+        c.services(0).is_empty().then_some(())
+    });
+}
