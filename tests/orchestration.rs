@@ -185,8 +185,7 @@ fn deploy_scale_update_and_remove() {
         "web",
         4,
         "depends_on = [\"db\"]\n[env]\nCOLOR = \"blue\"\n[update]\nmax_unavailable = 1\nhealthy_deadline = \"30s\"",
-    )
-    .replace("replicas = 4", "replicas = 4");
+    );
     deploy(&c, 1, "web.toml", &update);
     let start = Instant::now();
     let mut lowest = 4;

@@ -261,7 +261,10 @@ async fn logs(
         print_lines(name, v.slot, &v.text, several)?;
         at.insert(v.slot, (v.alloc_id.clone(), v.next_offset));
     }
-    while follow {
+    if !follow {
+        return Ok(());
+    }
+    loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         for (slot, (alloc, offset)) in at.iter_mut() {
             let Ok(views) = c.logs(name, Some(*slot), None, *offset).await else {
@@ -283,7 +286,6 @@ async fn logs(
             }
         }
     }
-    Ok(())
 }
 
 fn print_lines(name: &str, slot: u32, text: &str, prefix: bool) -> anyhow::Result<()> {

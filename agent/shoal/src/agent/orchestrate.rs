@@ -220,17 +220,21 @@ impl Orch {
         let settled = self.settled(wall);
         let mut made = 0;
         if settled {
-            let (view, _) = view_of(node.state());
-            let facts = node_facts(node.state(), &self.members);
-            let snapshot = build_snapshot(&facts, &view.slots);
+            let (mut view, _) = view_of(node.state());
+            let mut snapshot =
+                build_snapshot(&node_facts(node.state(), &self.members), &view.slots);
             let alive = self.alive();
-            let names: BTreeSet<&String> = view.services.keys().chain(view.slots.keys()).collect();
-            let mut writes: Vec<(String, Write, Option<(String, Rollout)>)> = Vec::new();
-            for name in names {
+            let names: BTreeSet<String> = view
+                .services
+                .keys()
+                .chain(view.slots.keys())
+                .cloned()
+                .collect();
+            for name in &names {
                 if steward_for(name, alive.iter().map(String::as_str)) != Some(self.me.as_str()) {
                     continue;
                 }
-                let record = view.services.get(name);
+                let record = view.services.get(name).cloned();
                 if record.is_none() {
                     // Slots without a record: only a tombstone means the service is
                     // gone; a record not received yet must not delete anything.
@@ -255,42 +259,31 @@ impl Orch {
                     };
                 let out = tokio::task::block_in_place(|| reconcile(&input, &mut scheduler));
                 self.passes += 1;
-                let rollout = record.map(|r| {
-                    (
-                        name.clone(),
-                        Rollout {
-                            version: r.version,
-                            status: out.rollout.clone(),
-                        },
-                    )
-                });
-                let n = out.writes.len();
-                for (i, w) in out.writes.into_iter().enumerate() {
-                    writes.push((
-                        name.clone(),
-                        w,
-                        if i + 1 == n { rollout.clone() } else { None },
-                    ));
-                }
-                if n == 0 {
-                    if let Some((svc, r)) = rollout {
-                        self.publish_rollout(node, &svc, r, now);
+                let wrote = !out.writes.is_empty();
+                for w in &out.writes {
+                    let res = match w {
+                        Write::Put { key, value } => node.put(key, Some(value.clone()), now),
+                        Write::Delete { key } => node.put(key, None, now),
+                    };
+                    match res {
+                        Ok(_) => made += 1,
+                        Err(e) => {
+                            tracing::warn!(service = %name, key = w.key(), "steward write refused: {e}")
+                        }
                     }
                 }
-            }
-            for (name, w, rollout) in writes {
-                let res = match &w {
-                    Write::Put { key, value } => node.put(key, Some(value.clone()), now),
-                    Write::Delete { key } => node.put(key, None, now),
-                };
-                match res {
-                    Ok(_) => made += 1,
-                    Err(e) => {
-                        tracing::warn!(service = %name, key = w.key(), "steward write refused: {e}")
-                    }
+                if let Some(r) = record {
+                    let rollout = Rollout {
+                        version: r.version,
+                        status: out.rollout,
+                    };
+                    self.publish_rollout(node, name, rollout, now);
                 }
-                if let Some((svc, r)) = rollout {
-                    self.publish_rollout(node, &svc, r, now);
+                if wrote {
+                    // Later services must see what this one just reserved.
+                    view = view_of(node.state()).0;
+                    snapshot =
+                        build_snapshot(&node_facts(node.state(), &self.members), &view.slots);
                 }
             }
             self.writes += made as u64;
