@@ -73,8 +73,7 @@ struct Row {
 /// N agent processes on loopback with a throwaway CA; killed on drop.
 struct Mesh {
     dir: tempfile::TempDir,
-    // Held for its Drop: the agents die with the mesh.
-    _procs: Procs,
+    procs: Procs,
     clients: Vec<Client>,
     apis: Vec<SocketAddr>,
     /// Time from spawning until every agent saw all N alive.
@@ -122,6 +121,7 @@ impl Mesh {
                 // measure the mesh rather than N compilations on 2 cores.
                 .arg("--policy-cache")
                 .arg(dir.path().join("policy-cache"))
+                .args(["--docker", "off"])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(log);
@@ -163,12 +163,55 @@ impl Mesh {
         }
         Ok(Mesh {
             dir,
-            _procs: procs,
+            procs,
             clients,
             apis,
             membership: start.elapsed(),
         })
     }
+}
+
+impl Mesh {
+    /// SIGKILL agent `i` (its workloads keep running, as on a real dead machine's
+    /// network partition; they are killed with the mesh).
+    fn kill9(&mut self, i: usize) {
+        let _ = self.procs.0[i].kill();
+        let _ = self.procs.0[i].wait();
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        // Agents first, so none restarts a workload, then every workload's group.
+        for c in &mut self.procs.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for pid in workload_groups(self.dir.path()) {
+            // SAFETY: kill(2) on a process group this mesh's agents started.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Process groups recorded by the process drivers of the agents under `dir`.
+fn workload_groups(dir: &std::path::Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    for node in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let allocs = node.path().join("workloads/allocs");
+        for f in std::fs::read_dir(allocs).into_iter().flatten().flatten() {
+            let pid = std::fs::read(f.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["pid"].as_i64());
+            if let Some(pid) = pid.filter(|p| *p > 1) {
+                out.push(pid as i32);
+            }
+        }
+    }
+    out
 }
 
 async fn measure(n: usize, args: &MeshBenchArgs) -> anyhow::Result<Row> {
@@ -327,6 +370,221 @@ pub async fn run(args: MeshBenchArgs) -> anyhow::Result<()> {
             ],
             &rows
         )
+    );
+    Ok(())
+}
+
+/// A service of `replicas` `shoal workload http` processes for the benchmarks.
+fn bench_spec(replicas: u32, reschedule_after_ms: u64) -> String {
+    format!(
+        r#"name = "bench"
+driver = "process"
+command = ["shoal", "workload", "http", "--bind", "127.0.0.1"]
+replicas = {replicas}
+reschedule_after = "{reschedule_after_ms}ms"
+
+[resources]
+cpu = "10m"
+memory = "16Mi"
+
+[[ports]]
+name = "http"
+container_port = 8080
+
+[health]
+http = "/healthz"
+interval = "250ms"
+timeout = "1s"
+
+[scheduler]
+strategy = "spread"
+"#
+    )
+}
+
+/// Slots of `bench` healthy as agent `c` reports, and whether any sits on `avoid`.
+async fn healthy_slots(c: &Client, avoid: &str) -> Option<(usize, bool)> {
+    let ps = c.ps("bench").await.ok()?;
+    let healthy = ps.slots.iter().filter(|r| r.healthy && !r.next).count();
+    let on_avoid = ps.slots.iter().any(|r| r.node.as_deref() == Some(avoid));
+    Some((healthy, on_avoid))
+}
+
+/// Options of `shoal bench reschedule`.
+#[derive(Debug, clap::Args)]
+pub struct RescheduleBenchArgs {
+    /// Agents in the mesh.
+    #[arg(long, default_value_t = 5)]
+    pub agents: usize,
+    /// Replicas of the service (spread over the agents).
+    #[arg(long, default_value_t = 10)]
+    pub replicas: u32,
+    /// The service's reschedule_after, in ms.
+    #[arg(long, default_value_t = 0)]
+    pub reschedule_after_ms: u64,
+    /// Runs, each on a fresh mesh (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// First port, as for `bench mesh`.
+    #[arg(long, default_value_t = 31001)]
+    pub base_port: u16,
+}
+
+/// Times `kill -9` of an agent until every replica is healthy on the others.
+pub async fn run_reschedule(args: RescheduleBenchArgs) -> anyhow::Result<()> {
+    if args.agents < 2 || args.replicas == 0 {
+        bail!("--agents must be at least 2 and --replicas at least 1");
+    }
+    let mut rows = Vec::new();
+    let mut totals = Vec::new();
+    for run in 0..args.runs {
+        let mut mesh = Mesh::start(args.agents, args.base_port).await?;
+        let spec = bench_spec(args.replicas, args.reschedule_after_ms);
+        mesh.clients[0].deploy("bench.toml", spec).await?;
+        crate::service_cli::wait_rollout(
+            &mesh.clients[0],
+            "bench",
+            1,
+            Duration::from_secs(120),
+            false,
+        )
+        .await?;
+        // The victim: the agent of the last slot that is not agent 0 (we watch from 0).
+        let ps = mesh.clients[0].ps("bench").await?;
+        let victim_name = ps
+            .slots
+            .iter()
+            .rev()
+            .filter_map(|r| r.node.clone())
+            .find(|n| n != "n0")
+            .context("no replica outside agent 0")?;
+        let lost = ps
+            .slots
+            .iter()
+            .filter(|r| r.node.as_deref() == Some(victim_name.as_str()))
+            .count();
+        let victim: usize = victim_name[1..].parse()?;
+        let t0 = Instant::now();
+        mesh.kill9(victim);
+        let mut seen_down = None;
+        loop {
+            if seen_down.is_none() {
+                if let Ok(nodes) = mesh.clients[0].nodes().await {
+                    if nodes
+                        .iter()
+                        .any(|n| n.name == victim_name && matches!(n.status.as_str(), "down" | "left"))
+                    {
+                        seen_down = Some(t0.elapsed());
+                    }
+                }
+            }
+            if let Some((healthy, on_victim)) = healthy_slots(&mesh.clients[0], &victim_name).await {
+                if healthy == args.replicas as usize && !on_victim {
+                    break;
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(180) {
+                bail!("replicas of {victim_name} were not replaced within 180 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let total = t0.elapsed();
+        eprintln!("run {run}: {lost} replicas on {victim_name}, healthy elsewhere after {total:?}");
+        rows.push(vec![
+            run.to_string(),
+            lost.to_string(),
+            seen_down.map_or("-".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+            format!("{:.2} s", total.as_secs_f64()),
+        ]);
+        totals.push(total);
+    }
+    let med = median(totals);
+    println!(
+        "{}",
+        table(
+            &["RUN", "REPLICAS LOST", "SEEN DOWN", "ALL HEALTHY ELSEWHERE"],
+            &rows
+        )
+    );
+    println!(
+        "median kill -9 to all replicas healthy elsewhere: {:.2} s ({} agents, {} replicas, reschedule_after {} ms)",
+        med.as_secs_f64(),
+        args.agents,
+        args.replicas,
+        args.reschedule_after_ms
+    );
+    Ok(())
+}
+
+/// Options of `shoal bench deploy`.
+#[derive(Debug, clap::Args)]
+pub struct DeployBenchArgs {
+    /// Agents in the mesh.
+    #[arg(long, default_value_t = 5)]
+    pub agents: usize,
+    /// Replicas deployed.
+    #[arg(long, default_value_t = 100)]
+    pub replicas: u32,
+    /// Runs, each on a fresh mesh (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// First port, as for `bench mesh`.
+    #[arg(long, default_value_t = 33001)]
+    pub base_port: u16,
+}
+
+/// Times `deploy` until every replica is healthy, then `rm` until none is left.
+pub async fn run_deploy(args: DeployBenchArgs) -> anyhow::Result<()> {
+    if args.agents == 0 || args.replicas == 0 {
+        bail!("--agents and --replicas must be at least 1");
+    }
+    let mut rows = Vec::new();
+    let mut ups = Vec::new();
+    for run in 0..args.runs {
+        let mesh = Mesh::start(args.agents, args.base_port).await?;
+        let t0 = Instant::now();
+        let via = &mesh.clients[1 % args.agents];
+        via.deploy("bench.toml", bench_spec(args.replicas, 60_000))
+            .await?;
+        crate::service_cli::wait_rollout(
+            via,
+            "bench",
+            1,
+            Duration::from_secs(300),
+            false,
+        )
+        .await?;
+        let up = t0.elapsed();
+        let t1 = Instant::now();
+        mesh.clients[0].rm("bench").await?;
+        loop {
+            let left = workload_groups(mesh.dir.path()).len();
+            if left == 0 {
+                break;
+            }
+            if t1.elapsed() > Duration::from_secs(120) {
+                bail!("{left} workloads still recorded 120 s after rm");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let down = t1.elapsed();
+        eprintln!("run {run}: {} replicas healthy after {up:?}, all stopped {down:?} after rm", args.replicas);
+        rows.push(vec![
+            run.to_string(),
+            format!("{:.2} s", up.as_secs_f64()),
+            format!("{:.2} s", down.as_secs_f64()),
+        ]);
+        ups.push(up);
+    }
+    println!(
+        "{}",
+        table(&["RUN", "DEPLOY TO ALL HEALTHY", "RM TO ALL STOPPED"], &rows)
+    );
+    println!(
+        "median deploy to all {} replicas healthy on {} agents: {:.2} s",
+        args.replicas,
+        args.agents,
+        median(ups).as_secs_f64()
     );
     Ok(())
 }

@@ -108,6 +108,10 @@ enum BenchCmd {
     Mesh(bench::MeshBenchArgs),
     /// Time from `plugin install` on one agent to active on every agent.
     Plugin(bench::PluginBenchArgs),
+    /// Time from `kill -9` of an agent to all its replicas healthy elsewhere.
+    Reschedule(bench::RescheduleBenchArgs),
+    /// Time from `deploy` of many replicas to all healthy, and from `rm` to all stopped.
+    Deploy(bench::DeployBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -354,6 +358,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCmd::Plugin(args) => {
                 init_logging("warn");
                 bench::run_plugin(args).await
+            }
+            BenchCmd::Reschedule(args) => {
+                init_logging("warn");
+                bench::run_reschedule(args).await
+            }
+            BenchCmd::Deploy(args) => {
+                init_logging("warn");
+                bench::run_deploy(args).await
             }
         },
         Cmd::Ca { cmd } => match cmd {

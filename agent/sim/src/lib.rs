@@ -21,6 +21,8 @@
 //! The simulator does not model bandwidth, congestion, stream ordering or
 //! connection set-up cost; latency is per frame and independent.
 
+pub mod orch;
+
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt;

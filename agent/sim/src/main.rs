@@ -27,6 +27,31 @@ struct Cli {
 enum Cmd {
     /// Measure convergence time and bandwidth of one change.
     Bench(BenchArgs),
+    /// Measure kill-to-healthy-elsewhere: crash a node running replicas and time
+    /// until every replica is healthy on other nodes.
+    Reschedule(RescheduleArgs),
+}
+
+#[derive(clap::Args)]
+struct RescheduleArgs {
+    /// Cluster size.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Replicas of the service (spread over nodes).
+    #[arg(long, default_value_t = 100)]
+    replicas: u32,
+    /// The service's reschedule_after, in ms.
+    #[arg(long, default_value_t = 0)]
+    reschedule_after_ms: u64,
+    /// Virtual ms from an allocation being seen to it reporting healthy.
+    #[arg(long, default_value_t = 500)]
+    start_delay_ms: u64,
+    /// Runs (seeds seed..seed+runs); the report shows each and the median.
+    #[arg(long, default_value_t = 3)]
+    runs: u64,
+    /// Seed of the first run.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -224,7 +249,10 @@ fn fmt_t(t: Option<u64>) -> String {
 }
 
 fn main() -> ExitCode {
-    let Cmd::Bench(args) = Cli::parse().cmd;
+    let args = match Cli::parse().cmd {
+        Cmd::Bench(args) => args,
+        Cmd::Reschedule(args) => return reschedule(&args),
+    };
     let total = Instant::now();
     let mut rows = Vec::new();
     let (lo, hi) = args.latency_ms;
@@ -321,4 +349,113 @@ fn main() -> ExitCode {
     println!();
     println!("total wall time {:.1} s", total.elapsed().as_secs_f64());
     ExitCode::SUCCESS
+}
+
+/// Orchestration step of the reschedule bench (virtual ms).
+const ORCH_STEP_MS: u64 = 100;
+
+fn reschedule(args: &RescheduleArgs) -> ExitCode {
+    if args.nodes < 3 || args.nodes > shoal_sim::MAX_NODES || args.replicas == 0 {
+        eprintln!("--nodes must be 3..={} and --replicas at least 1", shoal_sim::MAX_NODES);
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "| nodes | replicas | reschedule_after | crashed node ran | seen down by steward (s) | all healthy elsewhere (s) | wall (s) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut totals = Vec::new();
+    for r in 0..args.runs {
+        let seed = args.seed + r;
+        let wall = Instant::now();
+        match reschedule_run(args, seed) {
+            Ok((lost, seen, done)) => {
+                println!(
+                    "| {} | {} | {} ms | {lost} replicas | {:.2} | {:.2} | {:.0} |",
+                    args.nodes,
+                    args.replicas,
+                    args.reschedule_after_ms,
+                    seen as f64 / 1000.0,
+                    done as f64 / 1000.0,
+                    wall.elapsed().as_secs_f64()
+                );
+                totals.push(done);
+            }
+            Err(e) => {
+                eprintln!("seed {seed}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    totals.sort_unstable();
+    println!(
+        "\nmedian kill -9 to all replicas healthy elsewhere: {:.2} s (virtual time)",
+        totals[totals.len() / 2] as f64 / 1000.0
+    );
+    ExitCode::SUCCESS
+}
+
+/// One run: (replicas the crashed node ran, ms until the steward saw it down,
+/// ms until every replica was healthy elsewhere).
+fn reschedule_run(args: &RescheduleArgs, seed: u64) -> Result<(u32, u64, u64), String> {
+    use shoal_sim::orch::OrchSim;
+    let n = args.nodes;
+    let mut sim = Sim::new(SimConfig::new(n, seed));
+    sim.join_all();
+    sim.run_until(|s| s.min_view() >= n, SWIM_WARMUP_MS)
+        .map_err(|e| format!("membership did not converge: {e}"))?;
+    let capacity = shoal_policy_logic::Resources {
+        cpu_millis: 4000,
+        memory_bytes: 8 << 30,
+        disk_bytes: 0,
+    };
+    let mut o = OrchSim::new(sim, capacity, args.start_delay_ms);
+    let text = format!(
+        "name = \"web\"\ndriver = \"process\"\ncommand = [\"web\"]\nreplicas = {}\nreschedule_after = \"{}ms\"\n[resources]\ncpu = \"100m\"\nmemory = \"64Mi\"\n[scheduler]\nstrategy = \"spread\"\n",
+        args.replicas, args.reschedule_after_ms
+    );
+    let spec = shoal_orch::ServiceSpec::from_toml("web.toml", &text).map_err(|e| e.to_string())?;
+    o.deploy(0, spec);
+    let want = args.replicas;
+    o.run_until(ORCH_STEP_MS, 60_000, |o| {
+        o.steward("web")
+            .is_some_and(|s| o.healthy_seen_by(s, "web", "").0 == want)
+    })
+    .ok_or("the service never became healthy")?;
+    // Crash a node that runs a replica and is not the steward.
+    let steward = o.steward("web").ok_or("no steward")?;
+    let mut pick = SmallRng::seed_from_u64(seed ^ 0x7e5c);
+    let victim = loop {
+        let v = pick.random_range(0..n);
+        let name = o.name(v).to_string();
+        if v != steward && o.healthy_seen_by(steward, "web", &name).1 {
+            break v;
+        }
+    };
+    let victim_name = o.name(victim).to_string();
+    let lost = {
+        let before = o.healthy_seen_by(steward, "web", "").0;
+        o.sim.crash(victim);
+        let after_crash = o.healthy_seen_by(steward, "web", "").0;
+        before - after_crash
+    };
+    let mut seen = None;
+    let done = o
+        .run_until(ORCH_STEP_MS, 600_000, |o| {
+            let Some(s) = o.steward("web") else {
+                return false;
+            };
+            if seen.is_none()
+                && matches!(
+                    o.status_seen_by(s, &victim_name),
+                    Some(shoal_policy_logic::NodeStatus::Down | shoal_policy_logic::NodeStatus::Left)
+                )
+            {
+                seen = Some(o.sim.now());
+            }
+            let (healthy, on_victim) = o.healthy_seen_by(s, "web", &victim_name);
+            healthy == want && !on_victim
+        })
+        .ok_or("replicas were not replaced within 600 s")?;
+    let crash_at = o.sim.now() - done;
+    Ok((lost, seen.map_or(done, |t| t - crash_at), done))
 }
