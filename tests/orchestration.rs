@@ -150,6 +150,13 @@ fn deploy_scale_update_and_remove() {
         "spread puts replicas on distinct nodes: {web:?}"
     );
     assert!(web.iter().all(endpoint_answers), "{web:?}");
+    let running: f64 = (0..5)
+        .filter_map(|i| c.metric(i, "shoal_allocations{state=\"running\"}"))
+        .sum();
+    assert_eq!(
+        running, 4.0,
+        "db + 3 web replicas, counted by the agents running them"
+    );
     let services = c.services(4);
     let w = services.iter().find(|s| s["name"] == "web").unwrap();
     assert_eq!(
@@ -368,4 +375,33 @@ restart = "on-failure"
         c.ps(0, "once").into_iter().find(|r| r["state"] == "exited")
     });
     assert_eq!(row["restarts"], 0);
+
+    // Replicas that fit nowhere stay pending and say why, per filter.
+    let huge = r#"name = "huge"
+driver = "process"
+command = ["true"]
+replicas = 2
+constraints = ["zone == mars"]
+[resources]
+memory = "100Ti"
+"#;
+    deploy(&c, 2, "huge.toml", huge);
+    let rows = wait_for(
+        "unplaceable replicas explained",
+        Duration::from_secs(20),
+        || {
+            let rows = c.ps(0, "huge");
+            (rows.len() == 2 && rows.iter().all(|r| r["reason"].is_string())).then_some(rows)
+        },
+    );
+    for r in &rows {
+        assert_eq!(r["state"], "pending");
+        assert!(r["node"].is_null());
+        let reason = r["reason"].as_str().unwrap();
+        assert!(reason.starts_with("0/3 nodes fit"), "{reason}");
+        assert!(reason.contains("zone"), "{reason}");
+    }
+    let table = shoal(&["services", "--api", &c.agents[0].url()]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("NAME") && text.contains("huge"), "{text}");
 }

@@ -470,15 +470,15 @@ pub async fn run_reschedule(args: RescheduleBenchArgs) -> anyhow::Result<()> {
         loop {
             if seen_down.is_none() {
                 if let Ok(nodes) = mesh.clients[0].nodes().await {
-                    if nodes
-                        .iter()
-                        .any(|n| n.name == victim_name && matches!(n.status.as_str(), "down" | "left"))
-                    {
+                    if nodes.iter().any(|n| {
+                        n.name == victim_name && matches!(n.status.as_str(), "down" | "left")
+                    }) {
                         seen_down = Some(t0.elapsed());
                     }
                 }
             }
-            if let Some((healthy, on_victim)) = healthy_slots(&mesh.clients[0], &victim_name).await {
+            if let Some((healthy, on_victim)) = healthy_slots(&mesh.clients[0], &victim_name).await
+            {
                 if healthy == args.replicas as usize && !on_victim {
                     break;
                 }
@@ -546,14 +546,7 @@ pub async fn run_deploy(args: DeployBenchArgs) -> anyhow::Result<()> {
         let via = &mesh.clients[1 % args.agents];
         via.deploy("bench.toml", bench_spec(args.replicas, 60_000))
             .await?;
-        crate::service_cli::wait_rollout(
-            via,
-            "bench",
-            1,
-            Duration::from_secs(300),
-            false,
-        )
-        .await?;
+        crate::service_cli::wait_rollout(via, "bench", 1, Duration::from_secs(300), false).await?;
         let up = t0.elapsed();
         let t1 = Instant::now();
         mesh.clients[0].rm("bench").await?;
@@ -568,7 +561,10 @@ pub async fn run_deploy(args: DeployBenchArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let down = t1.elapsed();
-        eprintln!("run {run}: {} replicas healthy after {up:?}, all stopped {down:?} after rm", args.replicas);
+        eprintln!(
+            "run {run}: {} replicas healthy after {up:?}, all stopped {down:?} after rm",
+            args.replicas
+        );
         rows.push(vec![
             run.to_string(),
             format!("{:.2} s", up.as_secs_f64()),
@@ -578,7 +574,10 @@ pub async fn run_deploy(args: DeployBenchArgs) -> anyhow::Result<()> {
     }
     println!(
         "{}",
-        table(&["RUN", "DEPLOY TO ALL HEALTHY", "RM TO ALL STOPPED"], &rows)
+        table(
+            &["RUN", "DEPLOY TO ALL HEALTHY", "RM TO ALL STOPPED"],
+            &rows
+        )
     );
     println!(
         "median deploy to all {} replicas healthy on {} agents: {:.2} s",

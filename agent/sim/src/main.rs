@@ -356,7 +356,10 @@ const ORCH_STEP_MS: u64 = 100;
 
 fn reschedule(args: &RescheduleArgs) -> ExitCode {
     if args.nodes < 3 || args.nodes > shoal_sim::MAX_NODES || args.replicas == 0 {
-        eprintln!("--nodes must be 3..={} and --replicas at least 1", shoal_sim::MAX_NODES);
+        eprintln!(
+            "--nodes must be 3..={} and --replicas at least 1",
+            shoal_sim::MAX_NODES
+        );
         return ExitCode::FAILURE;
     }
     println!(
@@ -447,7 +450,9 @@ fn reschedule_run(args: &RescheduleArgs, seed: u64) -> Result<(u32, u64, u64), S
             if seen.is_none()
                 && matches!(
                     o.status_seen_by(s, &victim_name),
-                    Some(shoal_policy_logic::NodeStatus::Down | shoal_policy_logic::NodeStatus::Left)
+                    Some(
+                        shoal_policy_logic::NodeStatus::Down | shoal_policy_logic::NodeStatus::Left
+                    )
                 )
             {
                 seen = Some(o.sim.now());

@@ -152,7 +152,13 @@ impl OrchSim {
                 } else {
                     NodeStatus::Down
                 };
-                (n.clone(), Member { status, since_ms: 0 })
+                (
+                    n.clone(),
+                    Member {
+                        status,
+                        since_ms: 0,
+                    },
+                )
             })
             .collect();
         let empty = BTreeMap::new();
@@ -160,7 +166,11 @@ impl OrchSim {
         let slots = view.slots.get(service).cloned().unwrap_or_default();
         let healthy = slots
             .values()
-            .filter(|s| s.current.as_ref().is_some_and(|p| is_healthy(p, reports, &members)))
+            .filter(|s| {
+                s.current
+                    .as_ref()
+                    .is_some_and(|p| is_healthy(p, reports, &members))
+            })
             .count() as u32;
         let on_avoid = slots.values().any(|s| s.node() == Some(avoid));
         (healthy, on_avoid)
@@ -216,11 +226,7 @@ impl OrchSim {
         }
         // Stewards reconcile on their own replica.
         for s in &services {
-            let Some(i) = candidates
-                .iter()
-                .copied()
-                .find(|&i| self.is_steward(s, i))
-            else {
+            let Some(i) = candidates.iter().copied().find(|&i| self.is_steward(s, i)) else {
                 continue;
             };
             let members = self.since[&i].clone();
@@ -314,7 +320,8 @@ fn slots_fingerprint(state: &State) -> u64 {
     state
         .scan_prefix(shoal_orch::SLOT_PREFIX)
         .fold(0u64, |acc, e| {
-            acc.wrapping_mul(31).wrapping_add(e.hlc.0 ^ e.key.len() as u64)
+            acc.wrapping_mul(31)
+                .wrapping_add(e.hlc.0 ^ e.key.len() as u64)
         })
 }
 

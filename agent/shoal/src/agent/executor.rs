@@ -275,6 +275,9 @@ impl Executor {
                     }
                     a.desired = Some(want.clone());
                 }
+                // Before the view settles, the slots may be stale (restored from
+                // disk): adopt what runs, but start nothing new yet.
+                None if !d.settled => {}
                 None => {
                     let (service, slot, version) = match &want.workload {
                         Ok(w) => (w.service.clone(), w.slot, w.version),

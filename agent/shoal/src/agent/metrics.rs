@@ -18,6 +18,12 @@ pub struct Snapshot<'a> {
     pub keys: usize,
     /// Persist failures.
     pub persist_errors: u64,
+    /// Reconcile passes run as a steward.
+    pub steward_passes: u64,
+    /// Slot writes made as a steward.
+    pub steward_writes: u64,
+    /// This node's allocations by reported state.
+    pub allocations: BTreeMap<&'static str, usize>,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -141,5 +147,28 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "shoal_tombstones_collected_total {}",
         s.core.tombstones_collected
     );
+    family(
+        &mut o,
+        "shoal_steward_passes_total",
+        "counter",
+        "Reconcile passes this agent ran as a service's steward.",
+    );
+    let _ = writeln!(o, "shoal_steward_passes_total {}", s.steward_passes);
+    family(
+        &mut o,
+        "shoal_steward_writes_total",
+        "counter",
+        "Allocation slot writes this agent made as a steward.",
+    );
+    let _ = writeln!(o, "shoal_steward_writes_total {}", s.steward_writes);
+    family(
+        &mut o,
+        "shoal_allocations",
+        "gauge",
+        "Allocations this agent runs, by state.",
+    );
+    for (state, n) in &s.allocations {
+        let _ = writeln!(o, "shoal_allocations{{state=\"{state}\"}} {n}");
+    }
     o
 }

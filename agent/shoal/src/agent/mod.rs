@@ -664,6 +664,9 @@ impl Driver {
             net: self.net.stats(),
             keys: self.node.state().len(),
             persist_errors: self.persist_errors,
+            steward_passes: self.orch.passes,
+            steward_writes: self.orch.writes,
+            allocations: self.orch.allocation_states(),
         })
     }
 

@@ -124,6 +124,15 @@ impl Orch {
         }
     }
 
+    /// This node's allocations by reported state.
+    pub fn allocation_states(&self) -> BTreeMap<&'static str, usize> {
+        let mut out = BTreeMap::new();
+        for r in self.reports.values() {
+            *out.entry(state_str(r.state)).or_insert(0) += 1;
+        }
+        out
+    }
+
     /// The executor has adopted what it runs.
     pub fn executor_ready(&mut self) {
         self.executor_ready = true;
