@@ -542,6 +542,9 @@ pub async fn run_deploy(args: DeployBenchArgs) -> anyhow::Result<()> {
     let mut ups = Vec::new();
     for run in 0..args.runs {
         let mesh = Mesh::start(args.agents, args.base_port).await?;
+        // Agents place nothing until their view settles (3 s after first seeing a
+        // peer): measure a settled cluster, as a user deploying to it would see.
+        tokio::time::sleep(Duration::from_secs(4)).await;
         let t0 = Instant::now();
         let via = &mesh.clients[1 % args.agents];
         via.deploy("bench.toml", bench_spec(args.replicas, 60_000))
