@@ -162,6 +162,19 @@ strategy = "spread"
         }
     });
 
+    // Logs come from the engine, through any agent.
+    let out = shoal(&["logs", "api", "--slot", "0", "--api", &c.agents[2].url()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("shoal-test-http listening"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // Restart the agent of a replica that agent 0 does not run: the container is
     // adopted (same id), not restarted.
     let row: &Value = rows

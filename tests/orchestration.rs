@@ -361,7 +361,25 @@ restart_backoff_max = "1s"
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("starting up"));
+    // Every run's output is kept: the crash output survives the restart after it.
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.matches("starting up").count() >= 2, "{text}");
+
+    // --follow keeps printing what later restarts write.
+    let before = text.matches("starting up").count();
+    let mut follow = std::process::Command::new(common::SHOAL)
+        .args(["logs", "crashy", "--follow", "--api", &c.agents[1].url()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    follow.kill().unwrap();
+    let out = follow.wait_with_output().unwrap();
+    let followed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        followed.matches("starting up").count() > before,
+        "follow printed nothing new: {followed}"
+    );
 
     // A successful exit with on-failure stays exited.
     let once = r#"name = "once"
@@ -375,6 +393,58 @@ restart = "on-failure"
         c.ps(0, "once").into_iter().find(|r| r["state"] == "exited")
     });
     assert_eq!(row["restarts"], 0);
+
+    // A new version that never gets healthy stalls its rollout: `deploy --wait`
+    // fails and says so, and the old replicas keep serving.
+    let good = web_spec(
+        "roll",
+        2,
+        "[update]\nmax_unavailable = 1\nhealthy_deadline = \"3s\"",
+    );
+    let path = c.write_spec("roll.toml", &good);
+    let out = shoal(&[
+        "deploy",
+        &path,
+        "--wait",
+        "--timeout",
+        "60",
+        "--api",
+        &c.agents[0].url(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = good.replace(
+        r#"command = ["shoal", "workload", "http", "--bind", "127.0.0.1"]"#,
+        r#"command = ["sh", "-c", "sleep 600"]"#,
+    );
+    let path = c.write_spec("roll.toml", &bad);
+    let out = shoal(&[
+        "deploy",
+        &path,
+        "--wait",
+        "--timeout",
+        "60",
+        "--api",
+        &c.agents[0].url(),
+    ]);
+    assert!(
+        !out.status.success(),
+        "a broken version must not report success"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stalled"), "{err}");
+    let rows = c.ps(0, "roll");
+    let old_healthy = rows
+        .iter()
+        .filter(|r| r["version"] == 1 && r["healthy"] == true)
+        .count();
+    assert!(old_healthy >= 1, "old replicas keep serving: {rows:?}");
+    let services = c.services(0);
+    let roll = services.iter().find(|s| s["name"] == "roll").unwrap();
+    assert_eq!(roll["rollout"]["state"], "stalled", "{roll}");
 
     // Replicas that fit nowhere stay pending and say why, per filter.
     let huge = r#"name = "huge"

@@ -6,7 +6,8 @@
 //!   the pid file: a restarted agent re-adopts a process only if a process with that
 //!   pid exists *and* has the recorded start time in the same boot, so a reused pid is
 //!   never mistaken for (or signalled as) the workload.
-//! - `logs/<alloc_id>.log` — stdout and stderr, interleaved. Not rotated.
+//! - `logs/<alloc_id>.log` — stdout and stderr, interleaved, appended across restarts
+//!   of the allocation. Not rotated.
 //!
 //! Each workload gets its own process group (leader = the spawned program), so `stop`
 //! signals everything it forked: SIGTERM to the group, SIGKILL after the grace period.
@@ -557,8 +558,14 @@ impl Driver for ProcessDriver {
                 return Ok(status);
             }
             // It ended; whatever it forked must not outlive it into the new run.
+            // Its log stays: the new run appends to it.
             inner.kill_group(&old, Duration::ZERO).await?;
-            inner.remove_files(alloc_id)?;
+            let record = inner.record_path(alloc_id);
+            match fs::remove_file(&record) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove", &record)(e)),
+            }
             inner.live().remove(alloc_id);
         }
 
@@ -576,10 +583,11 @@ impl Driver for ProcessDriver {
         }
 
         let log_path = inner.log_path(alloc_id);
+        // Appended across restarts of one allocation, so the output of a crash is
+        // still there after the restart that follows it.
         let log = OpenOptions::new()
             .create(true)
-            .write(true)
-            .truncate(true)
+            .append(true)
             .open(&log_path)
             .map_err(io_err("open log file", &log_path))?;
         // stdout and stderr share one open file (and so one offset): lines interleave

@@ -182,8 +182,8 @@ async fn exits_are_detected_with_their_code_and_survive_a_restart() {
     assert_ne!(again.handle, st.handle);
     assert_eq!(
         log_text(&d2, "exit7").await,
-        "",
-        "the new run has a fresh log"
+        "bye\n",
+        "the new run appends to the log, so the previous run's output stays"
     );
     d2.stop("exit7", Duration::from_secs(2))
         .await
