@@ -115,16 +115,7 @@ interval = "500ms"
 strategy = "spread"
 "#
     );
-    let path = c.write_spec("api.toml", &spec);
-    let out = shoal(&[
-        "deploy",
-        &path,
-        "--wait",
-        "--timeout",
-        "60",
-        "--api",
-        &c.agents[0].url(),
-    ]);
+    let out = c.deploy_wait(0, "api.toml", &spec);
     assert!(
         out.status.success(),
         "deploy --wait: {}{}",
@@ -161,6 +152,18 @@ strategy = "spread"
             assert_eq!(labels.get("shoal.service").map(String::as_str), Some("api"));
         }
     });
+
+    // CPU and memory come from the engine's stats (sampled every 5 s).
+    wait_for(
+        "container metrics reported",
+        Duration::from_secs(30),
+        || {
+            c.ps(0, "api")
+                .iter()
+                .all(|r| r["memory_bytes"].as_u64().is_some_and(|m| m > 0))
+                .then_some(())
+        },
+    );
 
     // Logs come from the engine, through any agent.
     let out = shoal(&["logs", "api", "--slot", "0", "--api", &c.agents[2].url()]);

@@ -150,6 +150,13 @@ fn deploy_scale_update_and_remove() {
         "spread puts replicas on distinct nodes: {web:?}"
     );
     assert!(web.iter().all(endpoint_answers), "{web:?}");
+    // CPU and memory are read from /proc (sampled every 5 s).
+    wait_for("process metrics reported", Duration::from_secs(30), || {
+        c.ps(0, "web")
+            .iter()
+            .all(|r| r["memory_bytes"].as_u64().is_some_and(|m| m > 0))
+            .then_some(())
+    });
     let running: f64 = (0..5)
         .filter_map(|i| c.metric(i, "shoal_allocations{state=\"running\"}"))
         .sum();
@@ -401,16 +408,7 @@ restart = "on-failure"
         2,
         "[update]\nmax_unavailable = 1\nhealthy_deadline = \"3s\"",
     );
-    let path = c.write_spec("roll.toml", &good);
-    let out = shoal(&[
-        "deploy",
-        &path,
-        "--wait",
-        "--timeout",
-        "60",
-        "--api",
-        &c.agents[0].url(),
-    ]);
+    let out = c.deploy_wait(0, "roll.toml", &good);
     assert!(
         out.status.success(),
         "{}",
@@ -420,16 +418,7 @@ restart = "on-failure"
         r#"command = ["shoal", "workload", "http", "--bind", "127.0.0.1"]"#,
         r#"command = ["sh", "-c", "sleep 600"]"#,
     );
-    let path = c.write_spec("roll.toml", &bad);
-    let out = shoal(&[
-        "deploy",
-        &path,
-        "--wait",
-        "--timeout",
-        "60",
-        "--api",
-        &c.agents[0].url(),
-    ]);
+    let out = c.deploy_wait(0, "roll.toml", &bad);
     assert!(
         !out.status.success(),
         "a broken version must not report success"

@@ -330,6 +330,20 @@ impl Cluster {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `shoal deploy <file> --wait --timeout 60` of `text` through agent `i`.
+    pub fn deploy_wait(&self, i: usize, file: &str, text: &str) -> Output {
+        let path = self.write_spec(file, text);
+        shoal(&[
+            "deploy",
+            &path,
+            "--wait",
+            "--timeout",
+            "60",
+            "--api",
+            &self.agents[i].url(),
+        ])
+    }
+
     /// Writes `text` as `<dir>/<file>` and returns its path.
     pub fn write_spec(&self, file: &str, text: &str) -> String {
         let path = self.dir.path().join(file);

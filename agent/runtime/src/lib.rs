@@ -35,5 +35,6 @@ pub use error::DriverError;
 pub use mem::{MemCall, MemDriver, MemOp};
 pub use process::ProcessDriver;
 pub use spec::{
-    port_env_name, PortSpec, Protocol, RunState, Usage, WorkloadKind, WorkloadSpec, WorkloadStatus,
+    port_env_name, tail_lines, PortSpec, Protocol, RunState, Usage, WorkloadKind, WorkloadSpec,
+    WorkloadStatus,
 };

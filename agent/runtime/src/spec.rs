@@ -301,7 +301,7 @@ impl WorkloadSpec {
 }
 
 /// The last `n` lines of `buf` (a final line without `\n` counts as a line).
-pub(crate) fn tail_lines(buf: &[u8], n: usize) -> &[u8] {
+pub fn tail_lines(buf: &[u8], n: usize) -> &[u8] {
     if n == 0 {
         return &buf[buf.len()..];
     }

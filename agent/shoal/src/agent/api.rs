@@ -301,7 +301,7 @@ async fn local_logs(
     let from = if offset > 0 {
         offset.min(len) as usize
     } else if let Some(n) = tail {
-        tail_start(&all, n)
+        all.len() - shoal_runtime::tail_lines(&all, n).len()
     } else {
         0
     };
@@ -309,24 +309,6 @@ async fn local_logs(
         text: String::from_utf8_lossy(&all[from..]).into_owned(),
         next_offset: len,
     })
-}
-
-/// Where the last `n` lines of `bytes` start.
-fn tail_start(bytes: &[u8], n: usize) -> usize {
-    if n == 0 {
-        return bytes.len();
-    }
-    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-    let mut seen = 0;
-    for (i, b) in body.iter().enumerate().rev() {
-        if *b == b'\n' {
-            seen += 1;
-            if seen == n {
-                return i + 1;
-            }
-        }
-    }
-    0
 }
 
 async fn alloc_logs(
