@@ -464,3 +464,59 @@ memory = "100Ti"
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("NAME") && text.contains("huge"), "{text}");
 }
+
+/// A node cut off (here: frozen with SIGSTOP, so it neither answers nor acts) loses
+/// its replicas to the others after `reschedule_after`; when it comes back it finds
+/// them placed elsewhere and stops its own copies, so each slot ends up run once.
+#[test]
+fn returning_node_stops_its_replaced_copies() {
+    let mut c = Cluster::start(4);
+    deploy(&c, 0, "web.toml", &web_spec("web", 3, ""));
+    let rows = wait_healthy(&c, 0, "web", 3, Duration::from_secs(30));
+    let node = rows
+        .iter()
+        .map(|r| r["node"].as_str().unwrap())
+        .find(|n| *n != "n1")
+        .unwrap()
+        .to_string();
+    let i = c.agents.iter().position(|a| a.name == node).unwrap();
+    let pids_there: Vec<i32> = rows
+        .iter()
+        .filter(|r| r["node"] == node.as_str())
+        .filter_map(|r| r["handle"].as_str()?.parse().ok())
+        .collect();
+    assert!(!pids_there.is_empty());
+    let agent_pid = c.agents[i].pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &agent_pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    wait_for("replicas replaced while the node is away", Duration::from_secs(40), || {
+        let rows = c.ps(0, "web");
+        (rows.len() == 3
+            && healthy(&rows).len() == 3
+            && rows.iter().all(|r| r["node"] != node.as_str()))
+        .then_some(())
+    });
+    // Its copies still run meanwhile: nothing could tell them to stop.
+    assert!(pids_there.iter().all(|p| pid_alive(*p)));
+    signal("-CONT");
+    wait_for("the returning node stops its copies", Duration::from_secs(40), || {
+        pids_there.iter().all(|p| !pid_alive(*p)).then_some(())
+    });
+    wait_for("the node is back and alive", Duration::from_secs(40), || {
+        (c.status_of(0, &node).as_deref() == Some("alive")).then_some(())
+    });
+    let rows = c.ps(0, "web");
+    assert_eq!(healthy(&rows).len(), 3, "{rows:?}");
+    // Every slot is run by exactly one process.
+    let live = common::workload_pids(c.path())
+        .into_iter()
+        .filter(|p| pid_alive(*p))
+        .count();
+    assert_eq!(live, 3, "one process per slot after the node came back");
+}
