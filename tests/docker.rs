@@ -153,6 +153,25 @@ strategy = "spread"
         }
     });
 
+    // Every agent tells the scheduler which images its engine holds.
+    wait_for(
+        "images in the scheduler's snapshot",
+        Duration::from_secs(30),
+        || {
+            let out = shoal(&["nodes", "--snapshot", "--api", &c.agents[1].url()]);
+            let snap: Value = serde_json::from_slice(&out.stdout).ok()?;
+            snap["nodes"]
+                .as_array()?
+                .iter()
+                .all(|n| {
+                    n["images"]
+                        .as_array()
+                        .is_some_and(|i| i.iter().any(|x| x == image))
+                })
+                .then_some(())
+        },
+    );
+
     // CPU and memory come from the engine's stats (sampled every 5 s).
     wait_for(
         "container metrics reported",

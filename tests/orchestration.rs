@@ -470,7 +470,7 @@ memory = "100Ti"
 /// them placed elsewhere and stops its own copies, so each slot ends up run once.
 #[test]
 fn returning_node_stops_its_replaced_copies() {
-    let mut c = Cluster::start(4);
+    let c = Cluster::start(4);
     deploy(&c, 0, "web.toml", &web_spec("web", 3, ""));
     let rows = wait_healthy(&c, 0, "web", 3, Duration::from_secs(30));
     let node = rows
@@ -495,22 +495,30 @@ fn returning_node_stops_its_replaced_copies() {
             .success());
     };
     signal("-STOP");
-    wait_for("replicas replaced while the node is away", Duration::from_secs(40), || {
-        let rows = c.ps(0, "web");
-        (rows.len() == 3
-            && healthy(&rows).len() == 3
-            && rows.iter().all(|r| r["node"] != node.as_str()))
-        .then_some(())
-    });
+    wait_for(
+        "replicas replaced while the node is away",
+        Duration::from_secs(40),
+        || {
+            let rows = c.ps(0, "web");
+            (rows.len() == 3
+                && healthy(&rows).len() == 3
+                && rows.iter().all(|r| r["node"] != node.as_str()))
+            .then_some(())
+        },
+    );
     // Its copies still run meanwhile: nothing could tell them to stop.
     assert!(pids_there.iter().all(|p| pid_alive(*p)));
     signal("-CONT");
-    wait_for("the returning node stops its copies", Duration::from_secs(40), || {
-        pids_there.iter().all(|p| !pid_alive(*p)).then_some(())
-    });
-    wait_for("the node is back and alive", Duration::from_secs(40), || {
-        (c.status_of(0, &node).as_deref() == Some("alive")).then_some(())
-    });
+    wait_for(
+        "the returning node stops its copies",
+        Duration::from_secs(40),
+        || pids_there.iter().all(|p| !pid_alive(*p)).then_some(()),
+    );
+    wait_for(
+        "the node is back and alive",
+        Duration::from_secs(40),
+        || (c.status_of(0, &node).as_deref() == Some("alive")).then_some(()),
+    );
     let rows = c.ps(0, "web");
     assert_eq!(healthy(&rows).len(), 3, "{rows:?}");
     // Every slot is run by exactly one process.

@@ -246,6 +246,24 @@ impl DockerDriver {
         format!("shoal-{}-{}-{}", spec.service, spec.slot, &hex[..10])
     }
 
+    /// Every tagged image on this node (`name:tag`), sorted: what the scheduler's
+    /// image-locality preference sees.
+    pub async fn images(&self) -> Result<Vec<String>, DriverError> {
+        let list = self
+            .docker
+            .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+            .await
+            .map_err(docker_err("list images"))?;
+        let mut out: Vec<String> = list
+            .into_iter()
+            .flat_map(|i| i.repo_tags)
+            .filter(|t| !t.starts_with("<none>"))
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     /// True if `image` is present on this node.
     pub async fn has_image(&self, image: &str) -> Result<bool, DriverError> {
         match self.docker.inspect_image(image).await {

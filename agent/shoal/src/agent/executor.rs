@@ -78,6 +78,8 @@ pub struct Runtimes {
     pub process: Arc<dyn Runtime>,
     /// The docker driver, or why there is none.
     pub docker: Result<Arc<dyn Runtime>, String>,
+    /// The same docker driver, for what only Docker has (the images it holds).
+    pub engine: Option<Arc<shoal_runtime::DockerDriver>>,
 }
 
 impl Runtimes {

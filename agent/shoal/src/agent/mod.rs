@@ -894,13 +894,15 @@ impl Driver {
 const ORCH_DEBOUNCE: Duration = Duration::from_millis(100);
 /// Orchestration pass interval without changes (health and time-driven decisions).
 const ORCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the images Docker holds are listed.
+const IMAGES_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The process driver, and the docker driver when wanted and the engine answers.
 async fn open_runtimes(cfg: &AgentConfig) -> anyhow::Result<executor::Runtimes> {
     let dir = cfg.data_dir.join("workloads");
     let process = shoal_runtime::ProcessDriver::new(&dir)
         .with_context(|| format!("opening the process driver in {}", dir.display()))?;
-    let docker: Result<Arc<dyn shoal_runtime::Driver>, String> = if cfg.docker {
+    let engine: Result<Arc<shoal_runtime::DockerDriver>, String> = if cfg.docker {
         let mut opts = shoal_runtime::DockerOptions::new(cfg.name.clone());
         opts.timeout = Duration::from_secs(60);
         match tokio::time::timeout(
@@ -916,13 +918,14 @@ async fn open_runtimes(cfg: &AgentConfig) -> anyhow::Result<executor::Runtimes> 
     } else {
         Err("disabled by config (docker = \"off\")".into())
     };
-    match &docker {
+    match &engine {
         Ok(_) => tracing::info!("docker driver ready"),
         Err(e) => tracing::info!("docker driver not available: {e}"),
     }
     Ok(executor::Runtimes {
         process: Arc::new(process),
-        docker,
+        docker: engine.clone().map(|d| d as Arc<dyn shoal_runtime::Driver>),
+        engine: engine.ok(),
     })
 }
 
@@ -989,6 +992,26 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let mut drivers = vec!["process".to_string()];
     if runtimes.docker.is_ok() {
         drivers.push("docker".to_string());
+    }
+    // The images Docker holds, for the scheduler's image-locality preference.
+    let (images_tx, mut images_rx) = mpsc::channel::<Vec<String>>(4);
+    if let Some(engine) = runtimes.engine.clone() {
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                match engine.images().await {
+                    Ok(images) if last.as_ref() != Some(&images) => {
+                        last = Some(images.clone());
+                        if images_tx.send(images).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!("listing docker images failed: {e}"),
+                }
+                tokio::time::sleep(IMAGES_INTERVAL).await;
+            }
+        });
     }
     let (desired_tx, desired_rx) = watch::channel(executor::Desired::default());
     let (exec_tx, mut exec_rx) = mpsc::channel::<executor::ExecEvent>(1024);
@@ -1097,6 +1120,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             }
             Some(c) = compiled_rx.recv() => d.on_compiled(c),
             Some(ev) = exec_rx.recv() => d.on_exec(ev),
+            Some(images) = images_rx.recv() => {
+                let key = d.node.node_key(orchestrate::IMAGES_SUFFIX);
+                let now = d.now();
+                match serde_json::to_vec(&images) {
+                    Ok(v) => {
+                        if let Err(e) = d.node.put(&key, Some(v), now) {
+                            tracing::warn!("publishing images failed: {e}");
+                        }
+                    }
+                    Err(e) => tracing::warn!("encoding images failed: {e}"),
+                }
+            }
             () = orch_sleep => {
                 d.orchestrate();
                 last_orch = tokio::time::Instant::now();

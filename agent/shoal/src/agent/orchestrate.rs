@@ -35,6 +35,8 @@ use crate::views::{NodeInfo, ServiceView, SlotView};
 const SETTLE_AFTER_PEER_MS: u64 = 3_000;
 /// Time after start before a node with no peers (no seeds) counts as settled.
 const SETTLE_ALONE_MS: u64 = 1_000;
+/// Where an agent publishes the images its Docker Engine holds: `node/<me>/images`.
+pub const IMAGES_SUFFIX: &str = "images";
 /// Suffix of a steward's published rollout status: `node/<me>/rollout/<service>`.
 const ROLLOUT_INFIX: &str = "/rollout/";
 
@@ -638,7 +640,9 @@ fn node_facts(state: &State, members: &Members) -> Vec<NodeFacts> {
                 status: m.status,
                 labels,
                 capacity,
-                images: Vec::new(),
+                images: read(IMAGES_SUFFIX)
+                    .and_then(|b| serde_json::from_slice(b).ok())
+                    .unwrap_or_default(),
                 ports_in_use: Vec::new(),
             }
         })
