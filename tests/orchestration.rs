@@ -334,6 +334,45 @@ fn node_loss_reschedules_and_restart_adopts() {
     for r in again.iter().filter(|r| r["node"] == node.as_str()) {
         assert_eq!(r["restarts"], 0, "adopted, not restarted: {r}");
     }
+
+    // A surge update (max_surge = 1): new replicas start beside the old ones, so
+    // every slot keeps a healthy replica throughout.
+    let surge = web_spec(
+        "api",
+        4,
+        "[env]\nCOLOR = \"green\"\n[update]\nmax_surge = 1\nhealthy_deadline = \"30s\"",
+    )
+    .replace("reschedule_after = \"2s\"", "reschedule_after = \"5m\"");
+    deploy(&c, 2, "api.toml", &surge);
+    let start = Instant::now();
+    let mut lowest = 4;
+    let mut saw_surge = false;
+    loop {
+        let rows = c.ps(0, "api");
+        let slots: BTreeSet<u64> = healthy(&rows)
+            .iter()
+            .filter_map(|r| r["slot"].as_u64())
+            .collect();
+        lowest = lowest.min(slots.len());
+        saw_surge |= rows.iter().any(|r| r["next"] == true);
+        if rows.len() == 4
+            && rows
+                .iter()
+                .all(|r| r["version"] == 2 && r["healthy"] == true)
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "surge update did not finish: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(saw_surge, "new replicas start beside the old ones");
+    assert_eq!(
+        lowest, 4,
+        "a surge update never leaves a slot without a healthy replica"
+    );
 }
 
 /// A replica that crashes is restarted by its agent with backoff, and `shoal logs`
