@@ -281,18 +281,51 @@ fn node_loss_reschedules_and_restart_adopts() {
     let nodes: BTreeSet<&str> = after.iter().map(|r| r["node"].as_str().unwrap()).collect();
     assert_eq!(nodes.len(), 3, "still spread: {after:?}");
 
+    // The steward dies: another node takes over by itself and acts on a new request.
+    let steward = c
+        .services(0)
+        .into_iter()
+        .find(|s| s["name"] == "web")
+        .and_then(|s| s["steward"].as_str().map(str::to_string))
+        .expect("web has a steward");
+    let s = c.agents.iter().position(|a| a.name == steward).unwrap();
+    let observer = (0..c.agents.len())
+        .find(|&j| j != s && j != victim)
+        .unwrap();
+    c.kill9(s);
+    let out = shoal(&["scale", "web", "4", "--api", &c.agents[observer].url()]);
+    assert!(out.status.success());
+    wait_for("a new steward scales web", Duration::from_secs(40), || {
+        let rows = c.ps(observer, "web");
+        (rows.len() == 4
+            && healthy(&rows).len() == 4
+            && rows
+                .iter()
+                .all(|r| r["node"] != steward.as_str() && r["node"] != victim_name.as_str()))
+        .then_some(())
+    });
+    let now_steward = c
+        .services(observer)
+        .into_iter()
+        .find(|s| s["name"] == "web")
+        .and_then(|s| s["steward"].as_str().map(str::to_string));
+    assert!(
+        now_steward.is_some_and(|n| n != steward),
+        "stewardship moved"
+    );
+
     // Adoption: a long reschedule_after so the restart does not move anything.
     deploy(
         &c,
-        0,
+        observer,
         "api.toml",
         &web_spec("api", 4, "").replace("reschedule_after = \"2s\"", "reschedule_after = \"5m\""),
     );
-    let rows = wait_healthy(&c, 0, "api", 4, Duration::from_secs(30));
+    let rows = wait_healthy(&c, observer, "api", 4, Duration::from_secs(30));
     let node = rows
         .iter()
         .map(|r| r["node"].as_str().unwrap())
-        .find(|n| *n != "n1")
+        .find(|n| *n != c.agents[observer].name)
         .unwrap()
         .to_string();
     let i = c.agents.iter().position(|a| a.name == node).unwrap();
@@ -313,12 +346,14 @@ fn node_loss_reschedules_and_restart_adopts() {
             "workloads outlive their agent"
         );
     }
+    // Its usual seed (agent 0) may be one of the agents killed above.
+    c.agents[i].join = vec![c.agents[observer].quic];
     c.spawn(i);
     let again = wait_for(
         "restarted agent reports its replicas",
         Duration::from_secs(30),
         || {
-            let rows = c.ps(0, "api");
+            let rows = c.ps(observer, "api");
             let ok = rows.len() == 4
                 && healthy(&rows).len() == 4
                 && mine.iter().all(|(slot, pid)| {
@@ -343,12 +378,12 @@ fn node_loss_reschedules_and_restart_adopts() {
         "[env]\nCOLOR = \"green\"\n[update]\nmax_surge = 1\nhealthy_deadline = \"30s\"",
     )
     .replace("reschedule_after = \"2s\"", "reschedule_after = \"5m\"");
-    deploy(&c, 2, "api.toml", &surge);
+    deploy(&c, observer, "api.toml", &surge);
     let start = Instant::now();
     let mut lowest = 4;
     let mut saw_surge = false;
     loop {
-        let rows = c.ps(0, "api");
+        let rows = c.ps(observer, "api");
         let slots: BTreeSet<u64> = healthy(&rows)
             .iter()
             .filter_map(|r| r["slot"].as_u64())
