@@ -436,7 +436,10 @@ restart_backoff_max = "1s"
             })
         },
     );
-    let out = shoal(&["logs", "crashy", "--api", &c.agents[2].url()]);
+    // Asked of an agent that does not run it: the request is proxied to the one that does.
+    let runs_it = c.ps(0, "crashy")[0]["node"].as_str().unwrap().to_string();
+    let other = c.agents.iter().position(|a| a.name != runs_it).unwrap();
+    let out = shoal(&["logs", "crashy", "--api", &c.agents[other].url()]);
     assert!(
         out.status.success(),
         "{}",
