@@ -6,7 +6,8 @@
 //!    (nodes known from the state but absent from SWIM count as down since they
 //!    were first missed, so they get the full `reschedule_after` grace);
 //! 2. once its view has *settled* (a few seconds after it first saw a peer, so a
-//!    restarted agent does not act on a one-node view), runs [`shoal_orch::reconcile`]
+//!    restarted agent does not act on a one-node view; 30 s after start if no seed
+//!    ever answers), runs [`shoal_orch::reconcile`]
 //!    for each service it is steward of, with the policy host as scheduler, and
 //!    writes the resulting slots;
 //! 3. hands the executor every allocation the slots assign to this node.
@@ -35,6 +36,8 @@ use crate::views::{NodeInfo, ServiceView, SlotView};
 const SETTLE_AFTER_PEER_MS: u64 = 3_000;
 /// Time after start before a node with no peers (no seeds) counts as settled.
 const SETTLE_ALONE_MS: u64 = 1_000;
+/// Time after start before a node whose seeds never answered counts as settled.
+pub const SETTLE_CUT_OFF_MS: u64 = 30_000;
 /// Where an agent publishes the images its Docker Engine holds: `node/<me>/images`.
 pub const IMAGES_SUFFIX: &str = "images";
 /// Suffix of a steward's published rollout status: `node/<me>/rollout/<service>`.
@@ -98,11 +101,15 @@ impl Orch {
         }
     }
 
-    /// Whether this agent's view has settled enough to act on.
+    /// Whether this agent's view has settled enough to act on: a few seconds after
+    /// it first saw a peer; without seeds, at once; with seeds none of which answers
+    /// (an edge site cut off while it restarted), after [`SETTLE_CUT_OFF_MS`], so
+    /// the site keeps working on its own.
     pub fn settled(&self, now_ms: u64) -> bool {
         match self.first_peer_ms {
             Some(t) => now_ms >= t + SETTLE_AFTER_PEER_MS,
-            None => !self.has_seeds && now_ms >= self.started_ms + SETTLE_ALONE_MS,
+            None if self.has_seeds => now_ms >= self.started_ms + SETTLE_CUT_OFF_MS,
+            None => now_ms >= self.started_ms + SETTLE_ALONE_MS,
         }
     }
 
@@ -647,4 +654,29 @@ fn node_facts(state: &State, members: &Members) -> Vec<NodeFacts> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn orch(has_seeds: bool) -> Orch {
+        Orch::new("n1", 1_000, has_seeds, watch::channel(Desired::default()).0)
+    }
+
+    #[test]
+    fn settles_after_a_peer_alone_or_cut_off() {
+        let mut o = orch(true);
+        assert!(
+            !o.settled(1_000 + SETTLE_CUT_OFF_MS - 1),
+            "seeds may still answer"
+        );
+        assert!(o.settled(1_000 + SETTLE_CUT_OFF_MS), "cut off: act alone");
+        o.first_peer_ms = Some(2_000);
+        assert!(!o.settled(2_000 + SETTLE_AFTER_PEER_MS - 1));
+        assert!(o.settled(2_000 + SETTLE_AFTER_PEER_MS));
+        let lone = orch(false);
+        assert!(!lone.settled(1_000));
+        assert!(lone.settled(1_000 + SETTLE_ALONE_MS));
+    }
 }
