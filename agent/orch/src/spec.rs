@@ -1081,6 +1081,10 @@ mod tests {
             "api.toml",
             include_str!("../../../examples/services/api.toml"),
         ),
+        (
+            "worker.toml",
+            include_str!("../../../examples/services/worker.toml"),
+        ),
     ];
 
     const BASE: &str = r#"

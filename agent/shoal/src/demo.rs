@@ -11,7 +11,7 @@ use crate::agent::config::{AgentConfig, Tls, Tuning};
 use crate::client::{nodes_table, Client};
 
 /// The example app the demo deploys, in dependency order.
-const APP: [(&str, &str); 2] = [
+const APP: [(&str, &str); 3] = [
     (
         "db.toml",
         include_str!("../../../examples/services/db.toml"),
@@ -19,6 +19,10 @@ const APP: [(&str, &str); 2] = [
     (
         "web.toml",
         include_str!("../../../examples/services/web.toml"),
+    ),
+    (
+        "worker.toml",
+        include_str!("../../../examples/services/worker.toml"),
     ),
 ];
 
@@ -142,7 +146,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     print!("{}", nodes_table(&nodes));
 
     // The example app: a database and a web tier that depends on it.
-    println!("\nDeploying the example app (examples/services/db.toml, web.toml):");
+    println!("\nDeploying the example app (examples/services/db.toml, web.toml, worker.toml):");
     for (file, text) in APP {
         let v = client.deploy(file, text.to_string()).await?;
         println!(
