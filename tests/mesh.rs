@@ -200,12 +200,15 @@ fn unreachable_agent_and_bad_config_are_clear_errors() {
 fn demo_starts_a_local_mesh() {
     // Pick a base port with a free range above it.
     let base = free_udp().port().clamp(20_000, 60_000);
+    let dir = tempfile::tempdir().unwrap();
     let out = shoal(&[
         "demo",
         "--nodes",
         "3",
         "--base-port",
         &base.to_string(),
+        "--dir",
+        dir.path().to_str().unwrap(),
         "--once",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -216,6 +219,18 @@ fn demo_starts_a_local_mesh() {
     );
     assert!(stdout.contains("3 agents up"), "{stdout}");
     assert_eq!(stdout.matches(" alive ").count(), 3, "{stdout}");
+    // The example app ran, and stopped with the demo.
+    for line in [
+        "db: 1 of 1 replicas healthy",
+        "web: 3 of 3 replicas healthy",
+        "worker: 2 of 2 replicas healthy",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing:\n{stdout}");
+    }
+    assert!(
+        common::workload_pids(dir.path()).is_empty(),
+        "the demo leaves no workload running"
+    );
 }
 
 #[test]
