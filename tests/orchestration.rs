@@ -243,6 +243,35 @@ fn deploy_scale_update_and_remove() {
         all.iter().all(|p| !pid_alive(*p)).then_some(())
     });
     assert!(common::workload_pids(c.path()).is_empty());
+    // Nothing of the services is left in the cluster state either.
+    wait_for("no rollout status left", Duration::from_secs(15), || {
+        let out = shoal(&[
+            "kv",
+            "ls",
+            "node/",
+            "-o",
+            "json",
+            "--api",
+            &c.agents[0].url(),
+        ]);
+        let keys: Vec<Value> = serde_json::from_slice(&out.stdout).ok()?;
+        keys.iter()
+            .all(|k| {
+                let key = k["key"].as_str().unwrap_or("");
+                !key.contains("/rollout/") && !key.contains("/alloc/")
+            })
+            .then_some(())
+    });
+    let out = shoal(&[
+        "kv",
+        "ls",
+        "alloc/",
+        "-o",
+        "json",
+        "--api",
+        &c.agents[0].url(),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
     let out = shoal(&["ps", "web", "--api", &c.agents[0].url()]);
     assert!(!out.status.success(), "ps of a removed service fails");
 }

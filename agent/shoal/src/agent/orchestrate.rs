@@ -64,7 +64,7 @@ pub struct Orch {
     reports: BTreeMap<String, AllocReport>,
     /// The executor has adopted and published what it runs.
     executor_ready: bool,
-    rollouts: BTreeMap<String, RolloutStatus>,
+    rollouts: BTreeMap<String, Rollout>,
     /// `PATH` for process workloads: the agent's own directory first, so a spec's
     /// `shoal workload http` runs this very binary.
     path_env: Option<String>,
@@ -304,6 +304,7 @@ impl Orch {
                         build_snapshot(&node_facts(node.state(), &self.members), &view.slots);
                 }
             }
+            self.forget_rollouts(node, &view.services, now);
             self.writes += made as u64;
             if self.executor_ready {
                 self.clean_stale_reports(node, now);
@@ -314,7 +315,7 @@ impl Orch {
     }
 
     fn publish_rollout(&mut self, node: &mut Node, service: &str, r: Rollout, now: Now) {
-        if self.rollouts.get(service) == Some(&r.status) {
+        if self.rollouts.get(service) == Some(&r) {
             return;
         }
         let key = format!("{NODE_PREFIX}{}{ROLLOUT_INFIX}{service}", self.me);
@@ -322,7 +323,27 @@ impl Orch {
             tracing::warn!(service, "rollout stalled: {reason}");
         }
         if node.put(&key, Some(encode(&r)), now).is_ok() {
-            self.rollouts.insert(service.to_string(), r.status);
+            self.rollouts.insert(service.to_string(), r);
+        }
+    }
+
+    /// Deletes this node's published rollout statuses of services that are gone.
+    fn forget_rollouts(
+        &mut self,
+        node: &mut Node,
+        services: &BTreeMap<String, ServiceRecord>,
+        now: Now,
+    ) {
+        let prefix = format!("{NODE_PREFIX}{}{ROLLOUT_INFIX}", self.me);
+        let gone: Vec<String> = node
+            .state()
+            .scan_prefix(&prefix)
+            .map(|e| e.key[prefix.len()..].to_string())
+            .filter(|svc| !services.contains_key(svc))
+            .collect();
+        for svc in gone {
+            self.rollouts.remove(&svc);
+            let _ = node.put(&format!("{prefix}{svc}"), None, now);
         }
     }
 
