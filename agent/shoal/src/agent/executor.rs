@@ -267,12 +267,18 @@ impl Executor {
     /// stops the rest (once settled).
     fn apply(&mut self, d: &Desired) {
         self.settled = d.settled;
+        let mut restart = Vec::new();
         for (id, want) in &d.allocs {
             match self.allocs.get_mut(id) {
                 Some(a) => {
                     if a.desired.is_none() {
                         if let Some(st) = &a.status {
                             tracing::info!(alloc = %id, handle = %st.handle, "adopted");
+                        }
+                        // It ended before anyone wanted it (e.g. it crashed while the
+                        // agent was down): now that a slot names it, run it again.
+                        if matches!(a.phase, Phase::Done { .. }) {
+                            restart.push(id.clone());
                         }
                     }
                     a.desired = Some(want.clone());
@@ -304,6 +310,9 @@ impl Executor {
             .collect();
         for id in unwanted {
             self.stop(&id);
+        }
+        for id in restart {
+            self.start(&id);
         }
     }
 
@@ -404,7 +413,13 @@ impl Executor {
             Done::Stopped(id, r) => match r {
                 Ok(()) => {
                     tracing::info!(alloc = %id, "stopped");
-                    self.allocs.remove(&id);
+                    let wanted_again = self.allocs.get(&id).is_some_and(|a| a.desired.is_some());
+                    if wanted_again {
+                        // A slot named it again while it stopped (a flapping view).
+                        self.start(&id);
+                    } else {
+                        self.allocs.remove(&id);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(alloc = %id, "stop failed, retrying: {e}");
@@ -782,5 +797,242 @@ fn human(d: Duration) -> String {
         format!("{}s", ms / 1000)
     } else {
         format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_orch::RestartMode;
+    use shoal_runtime::{MemDriver, WorkloadKind};
+
+    fn want(id: &str, mode: RestartMode) -> DesiredAlloc {
+        DesiredAlloc {
+            workload: Ok(WorkloadSpec {
+                service: "web".into(),
+                slot: 0,
+                version: 1,
+                alloc_id: id.into(),
+                kind: WorkloadKind::Process {
+                    command: vec!["web".into()],
+                },
+                env: BTreeMap::new(),
+                ports: Vec::new(),
+                cpu_millis: None,
+                memory_bytes: None,
+                labels: BTreeMap::new(),
+            }),
+            health: None,
+            restart: RestartPolicy {
+                mode,
+                backoff: Duration::from_millis(10),
+                backoff_max: Duration::from_millis(40),
+            },
+        }
+    }
+
+    struct Harness {
+        mem: Arc<MemDriver>,
+        desired: watch::Sender<Desired>,
+        events: mpsc::Receiver<ExecEvent>,
+        reports: BTreeMap<String, AllocReport>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Harness {
+        fn start(mem: Arc<MemDriver>, drain: bool) -> Harness {
+            let runtimes = Runtimes {
+                process: mem.clone(),
+                docker: Err("none in tests".into()),
+                engine: None,
+            };
+            let (desired, rx) = watch::channel(Desired::default());
+            let (tx, events) = mpsc::channel(256);
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(run(
+                runtimes,
+                IpAddr::from([127, 0, 0, 1]),
+                rx,
+                tx,
+                stop_rx,
+                drain,
+            ));
+            Harness {
+                mem,
+                desired,
+                events,
+                reports: BTreeMap::new(),
+                stop,
+                task,
+            }
+        }
+
+        fn set(&self, allocs: &[(&str, DesiredAlloc)], settled: bool) {
+            let allocs = allocs
+                .iter()
+                .map(|(id, w)| (id.to_string(), w.clone()))
+                .collect();
+            self.desired.send_replace(Desired { allocs, settled });
+        }
+
+        /// Applies reports until `pred` holds on them (5 s at most).
+        async fn until(
+            &mut self,
+            what: &str,
+            pred: impl Fn(&BTreeMap<String, AllocReport>) -> bool,
+        ) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while !pred(&self.reports) {
+                let ev = tokio::time::timeout_at(deadline, self.events.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", self.reports));
+                match ev {
+                    Some(ExecEvent::Report(id, Some(r))) => {
+                        self.reports.insert(id, r);
+                    }
+                    Some(ExecEvent::Report(id, None)) => {
+                        self.reports.remove(&id);
+                    }
+                    Some(ExecEvent::Ready) => {}
+                    None => panic!("executor ended while waiting for {what}"),
+                }
+            }
+        }
+
+        async fn shut(self) {
+            let _ = self.stop.send(true);
+            let mut events = self.events;
+            // Keep draining so the executor never blocks on a full channel.
+            tokio::spawn(async move { while events.recv().await.is_some() {} });
+            self.task.await.unwrap();
+        }
+    }
+
+    fn running(r: &BTreeMap<String, AllocReport>, id: &str) -> bool {
+        r.get(id)
+            .is_some_and(|r| r.state == AllocState::Running && r.healthy)
+    }
+
+    #[tokio::test]
+    async fn runs_restarts_and_stops_what_the_slots_say() {
+        let mut h = Harness::start(Arc::new(MemDriver::new()), false);
+        // Not settled: nothing new starts.
+        h.set(&[("a", want("a", RestartMode::Always))], false);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(h.mem.list().await.unwrap().is_empty());
+        h.set(&[("a", want("a", RestartMode::Always))], true);
+        h.until("a running", |r| running(r, "a")).await;
+
+        // It crashes: restarted with backoff, counted.
+        assert!(h.mem.exit("a", Some(1)));
+        h.until("a restarted", |r| {
+            r.get("a")
+                .is_some_and(|r| r.restarts == 1 && r.state == AllocState::Running)
+        })
+        .await;
+
+        // on-failure: a clean exit stays exited.
+        h.set(
+            &[
+                ("a", want("a", RestartMode::Always)),
+                ("b", want("b", RestartMode::OnFailure)),
+            ],
+            true,
+        );
+        h.until("b running", |r| running(r, "b")).await;
+        assert!(h.mem.exit("b", Some(0)));
+        h.until("b exited", |r| {
+            r.get("b")
+                .is_some_and(|r| r.state == AllocState::Exited && r.restarts == 0)
+        })
+        .await;
+
+        // No longer named: stopped and its report deleted.
+        h.set(&[("b", want("b", RestartMode::OnFailure))], true);
+        h.until("a gone", |r| !r.contains_key("a")).await;
+        assert!(h.mem.status("a").await.unwrap().is_none());
+        h.shut().await;
+    }
+
+    #[tokio::test]
+    async fn adopts_running_workloads_and_revives_ones_that_ended_meanwhile() {
+        let mem = Arc::new(MemDriver::new());
+        // What a previous agent left: one running, one that crashed while it was down,
+        // and one that no slot names any more.
+        for id in ["keep", "dead", "orphan"] {
+            mem.start(&want(id, RestartMode::Always).workload.unwrap())
+                .await
+                .unwrap();
+        }
+        let keep_handle = mem.status("keep").await.unwrap().unwrap().handle;
+        assert!(mem.exit("dead", Some(137)));
+        let mut h = Harness::start(mem.clone(), false);
+        // Before settling: adopt, start nothing, stop nothing.
+        h.set(
+            &[
+                ("keep", want("keep", RestartMode::Always)),
+                ("dead", want("dead", RestartMode::Always)),
+            ],
+            false,
+        );
+        h.until("keep adopted", |r| running(r, "keep")).await;
+        assert_eq!(
+            h.reports["keep"].handle.as_deref(),
+            Some(keep_handle.as_str())
+        );
+        assert_eq!(h.reports["keep"].restarts, 0, "adopted, not restarted");
+        h.until("dead revived", |r| running(r, "dead")).await;
+        assert!(
+            mem.status("orphan").await.unwrap().is_some(),
+            "not settled yet"
+        );
+        // Settled: the orphan goes.
+        h.set(
+            &[
+                ("keep", want("keep", RestartMode::Always)),
+                ("dead", want("dead", RestartMode::Always)),
+            ],
+            true,
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while mem.status("orphan").await.unwrap().is_some() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "orphan never stopped"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Without drain, workloads outlive the executor.
+        h.shut().await;
+        assert!(mem.status("keep").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn drain_stops_everything() {
+        let mem = Arc::new(MemDriver::new());
+        let mut h = Harness::start(mem.clone(), true);
+        h.set(&[("a", want("a", RestartMode::Always))], true);
+        h.until("a running", |r| running(r, "a")).await;
+        h.shut().await;
+        assert!(mem.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn start_failures_are_reported_and_retried() {
+        let mem = Arc::new(MemDriver::new());
+        mem.fail_next(shoal_runtime::MemOp::Start, "disk full");
+        let mut h = Harness::start(mem.clone(), false);
+        h.set(&[("a", want("a", RestartMode::Always))], true);
+        h.until("the failure reported", |r| {
+            r.get("a").is_some_and(|r| {
+                r.state == AllocState::Failed
+                    && r.reason.as_deref().is_some_and(|x| x.contains("disk full"))
+            })
+        })
+        .await;
+        h.until("a running after a retry", |r| running(r, "a"))
+            .await;
+        h.shut().await;
     }
 }
