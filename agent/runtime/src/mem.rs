@@ -114,6 +114,17 @@ impl MemState {
         }
     }
 
+    /// The workload of `alloc_id`, or the driver's not-found error.
+    fn existing(&self, alloc_id: &str) -> Result<&MemWorkload, DriverError> {
+        check_alloc_id(alloc_id)?;
+        self.workloads
+            .get(alloc_id)
+            .ok_or_else(|| DriverError::NotFound {
+                driver: NAME,
+                alloc_id: alloc_id.to_string(),
+            })
+    }
+
     fn dynamic_port(&mut self) -> u16 {
         if self.next_port < FIRST_DYNAMIC_PORT {
             self.next_port = FIRST_DYNAMIC_PORT;
@@ -326,29 +337,17 @@ impl Driver for MemDriver {
                 tail,
             },
         )?;
-        check_alloc_id(alloc_id)?;
-        let w = st
-            .workloads
-            .get(alloc_id)
-            .ok_or_else(|| DriverError::NotFound {
-                driver: NAME,
-                alloc_id: alloc_id.to_string(),
-            })?;
+        let w = st.existing(alloc_id)?;
         Ok(match tail {
             Some(n) => tail_lines(&w.logs, n).to_vec(),
             None => w.logs.clone(),
         })
     }
+
+    /// A health-check command "passes" (exit 0) while the workload is live, else 1.
     async fn exec(&self, alloc_id: &str, _command: &[String]) -> Result<i32, DriverError> {
         let st = self.state();
-        check_alloc_id(alloc_id)?;
-        let w = st
-            .workloads
-            .get(alloc_id)
-            .ok_or_else(|| DriverError::NotFound {
-                driver: NAME,
-                alloc_id: alloc_id.to_string(),
-            })?;
+        let w = st.existing(alloc_id)?;
         Ok(if w.status.state.is_live() { 0 } else { 1 })
     }
 }
