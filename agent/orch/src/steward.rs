@@ -681,6 +681,17 @@ mod tests {
         ServiceSpec::from_toml("web.toml", &text).unwrap()
     }
 
+    /// A live record of `spec` at `version` with `replicas` desired.
+    fn live(spec: &ServiceSpec, version: u64, replicas: u32) -> ServiceRecord {
+        ServiceRecord {
+            spec: spec.clone(),
+            version,
+            replicas,
+            deleted: false,
+            previous: vec![],
+        }
+    }
+
     fn nodes(n: usize) -> (Vec<NodeFacts>, Members) {
         let facts = (1..=n)
             .map(|i| NodeFacts {
@@ -805,13 +816,7 @@ mod tests {
     #[test]
     fn a_stalled_rollout_updates_nothing_more() {
         let spec = spec("[update]\nmax_unavailable = 4\nhealthy_deadline = \"10s\"");
-        let record = ServiceRecord {
-            spec: spec.clone(),
-            version: 2,
-            replicas: 4,
-            deleted: false,
-            previous: vec![],
-        };
+        let record = live(&spec, 2, 4);
         let (facts, members) = nodes(4);
         let mut slots = SlotMap::new();
         let mut reports = Reports::new();
@@ -868,13 +873,7 @@ mod tests {
     #[test]
     fn bad_scheduler_answers_are_refused() {
         let spec = spec("");
-        let record = ServiceRecord {
-            spec: spec.clone(),
-            version: 1,
-            replicas: 5,
-            deleted: false,
-            previous: vec![],
-        };
+        let record = live(&spec, 1, 5);
         let (facts, mut members) = nodes(3);
         members.get_mut("n3").unwrap().status = NodeStatus::Down;
         let mut facts = facts;
