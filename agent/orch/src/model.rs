@@ -389,6 +389,21 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    /// Decodes the orchestration keys of a replica of the cluster state (services,
+    /// slots and every node's reports; other keys are not read).
+    pub fn from_state(state: &shoal_core::State) -> (ClusterView, Vec<ModelError>) {
+        let entries = state
+            .scan_prefix(SERVICE_PREFIX)
+            .chain(state.scan_prefix(SLOT_PREFIX))
+            .chain(
+                state
+                    .scan_prefix(shoal_core::NODE_PREFIX)
+                    .filter(|e| parse_report_key(&e.key).is_some()),
+            )
+            .filter_map(|e| e.value.as_deref().map(|v| (e.key.as_str(), v)));
+        ClusterView::from_entries(entries)
+    }
+
     /// Decodes every orchestration key among `entries` (live `(key, value)` pairs);
     /// other keys are skipped. Values that do not decode are left out and returned
     /// as errors, so one bad writer cannot stop orchestration.

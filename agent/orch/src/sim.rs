@@ -147,12 +147,7 @@ impl Sim {
 
     /// Decodes one side's state.
     pub fn view(&self, side: usize) -> ClusterView {
-        let entries: Vec<(&str, &[u8])> = self.sides[side]
-            .state
-            .scan_prefix("")
-            .filter_map(|e| e.value.as_deref().map(|v| (e.key.as_str(), v)))
-            .collect();
-        let (view, errors) = ClusterView::from_entries(entries);
+        let (view, errors) = ClusterView::from_state(&self.sides[side].state);
         assert!(errors.is_empty(), "{errors:?}");
         view
     }

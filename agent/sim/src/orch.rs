@@ -327,14 +327,5 @@ fn slots_fingerprint(state: &State) -> u64 {
 
 /// The orchestration keys of a replica, decoded.
 fn view_of(state: &State) -> ClusterView {
-    let entries = state
-        .scan_prefix(shoal_orch::SERVICE_PREFIX)
-        .chain(state.scan_prefix(shoal_orch::SLOT_PREFIX))
-        .chain(
-            state
-                .scan_prefix("node/")
-                .filter(|e| shoal_orch::parse_report_key(&e.key).is_some()),
-        )
-        .filter_map(|e| e.value.as_deref().map(|v| (e.key.as_str(), v)));
-    ClusterView::from_entries(entries).0
+    ClusterView::from_state(state).0
 }

@@ -628,16 +628,7 @@ fn record_of(state: &State, name: &str) -> Option<ServiceRecord> {
 
 /// The orchestration keys of `state`, decoded.
 fn view_of(state: &State) -> (ClusterView, Vec<shoal_orch::ModelError>) {
-    let entries = state
-        .scan_prefix(SERVICE_PREFIX)
-        .chain(state.scan_prefix(SLOT_PREFIX))
-        .chain(
-            state
-                .scan_prefix(NODE_PREFIX)
-                .filter(|e| shoal_orch::parse_report_key(&e.key).is_some()),
-        )
-        .filter_map(|e| e.value.as_deref().map(|v| (e.key.as_str(), v)));
-    ClusterView::from_entries(entries)
+    ClusterView::from_state(state)
 }
 
 /// What the scheduler needs to know of every member, from its node-owned keys.
