@@ -443,7 +443,7 @@ fn node_loss_reschedules_and_restart_adopts() {
 /// shows its output.
 #[test]
 fn crashed_replicas_restart_and_logs_are_served() {
-    let c = Cluster::start(3);
+    let mut c = Cluster::start(3);
     let spec = r#"name = "crashy"
 driver = "process"
 command = ["sh", "-c", "echo starting up; exit 3"]
@@ -569,6 +569,19 @@ memory = "100Ti"
     let table = shoal(&["services", "--api", &c.agents[0].url()]);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("NAME") && text.contains("huge"), "{text}");
+
+    // Logs of a replica whose agent is gone: a clear error naming that node.
+    let runs_it = c.ps(0, "crashy")[0]["node"].as_str().unwrap().to_string();
+    let dead = c.agents.iter().position(|a| a.name == runs_it).unwrap();
+    let ask = c.agents.iter().position(|a| a.name != runs_it).unwrap();
+    c.kill9(dead);
+    let out = shoal(&["logs", "crashy", "--api", &c.agents[ask].url()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("runs on node {runs_it}")) && err.contains("cannot be reached"),
+        "{err}"
+    );
 }
 
 /// A node cut off (here: frozen with SIGSTOP, so it neither answers nor acts) loses
