@@ -259,3 +259,64 @@ fn workload_http_serves_root_health_and_burn_and_stops_on_sigterm() {
     });
     assert!(st.success());
 }
+
+/// The demo stops everything on SIGHUP (a closed terminal) as on Ctrl-C: every
+/// workload is stopped and its temporary directory removed. A busy port is one
+/// line, before anything is started.
+#[test]
+fn demo_cleans_up_on_sighup_and_refuses_a_busy_port() {
+    use std::io::{BufRead, BufReader};
+    let base = free_udp().port().clamp(20_000, 60_000);
+    let mut child = std::process::Command::new(SHOAL)
+        .args(["demo", "--nodes", "3", "--base-port", &base.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut dir = None;
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.split("CA and data in ").nth(1) {
+            dir = Some(std::path::PathBuf::from(rest.trim_end_matches("):")));
+        }
+        if line.contains("Ctrl-C stops every agent") {
+            break;
+        }
+    }
+    let dir = dir.expect("the demo names its directory");
+    assert!(!common::workload_pids(&dir).is_empty(), "the app runs");
+    let pids = common::workload_pids(&dir);
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGHUP);
+    }
+    let st = wait_for("the demo to exit", Duration::from_secs(60), || {
+        child.try_wait().unwrap()
+    });
+    assert!(st.success(), "{st}");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    for pid in pids {
+        assert!(!pid_alive(pid), "workload {pid} still runs");
+    }
+
+    // A port in the range is taken: one line, nothing started.
+    let busy = std::net::UdpSocket::bind(("127.0.0.1", base)).unwrap();
+    let out = shoal(&[
+        "demo",
+        "--nodes",
+        "3",
+        "--base-port",
+        &base.to_string(),
+        "--once",
+    ]);
+    drop(busy);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("port {base}")) && err.contains("--base-port"),
+        "{err}"
+    );
+}

@@ -215,6 +215,44 @@ impl Cluster {
         );
     }
 
+    /// Starts agent `i` without waiting for its API (it may be meant to fail).
+    pub fn spawn_detached(&mut self, i: usize) {
+        let a = &self.agents[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&a.log)
+            .unwrap();
+        let mut cmd = Command::new(SHOAL);
+        cmd.args(["agent", "--name", &a.name])
+            .args(["--listen", &a.quic.to_string()])
+            .args(["--api", &a.api.to_string()])
+            .arg("--data-dir")
+            .arg(&a.data)
+            .arg("--ca-dir")
+            .arg(&self.ca)
+            .args(["--docker", if self.docker { "auto" } else { "off" }])
+            .args(&a.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for j in &a.join {
+            cmd.args(["--join", &j.to_string()]);
+        }
+        self.agents[i].child = Some(cmd.spawn().expect("starting shoal agent"));
+    }
+
+    /// Waits up to `limit` for agent `i` to exit; its exit code (None: killed by a
+    /// signal). Panics if it is still running then.
+    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> Option<i32> {
+        let name = self.agents[i].name.clone();
+        let mut child = self.agents[i].child.take().expect("agent not running");
+        let st = wait_for(&format!("agent {name} to exit"), limit, || {
+            child.try_wait().unwrap()
+        });
+        st.code()
+    }
+
     fn check_running(&mut self, i: usize) {
         if let Some(c) = self.agents[i].child.as_mut() {
             if let Ok(Some(st)) = c.try_wait() {
@@ -425,4 +463,34 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     s.read_to_string(&mut buf).ok()?;
     let (head, body) = buf.split_once("\r\n\r\n")?;
     (head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")).then(|| body.to_string())
+}
+
+/// One raw HTTP/1.1 request with exactly the given headers (a `Host` among them if
+/// wanted): the status code and body. For replaying what a browser or a hostile
+/// page would send.
+pub fn http_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_string())
 }

@@ -9,10 +9,20 @@
 //! reads no clock and draws randomness only from its seed, which is what lets
 //! `shoal-sim` run thousands of nodes deterministically in one process.
 //!
+//! Two safety rules live here too. A node left without any live peer (every
+//! other member down, e.g. after a partition into singletons) keeps announcing
+//! itself to its seeds and to every member it knew, with backoff capped at
+//! [`Config::rejoin_max`], so every partition heals once the links are back.
+//! And one name has one live identity: a process that claims the name of a live
+//! member from another address is refused (and its node-owned writes dropped)
+//! as long as the holder answers at its address; a restart is accepted as soon
+//! as the old identity no longer answers (see the `identity` module).
+//!
 //! It does not know about QUIC, TLS, disks, containers or HTTP: those belong to
 //! `shoal-net`, `shoal-store` and the `shoal` binary.
 
 mod hlc;
+mod identity;
 mod membership;
 mod node;
 mod state;

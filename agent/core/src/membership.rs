@@ -186,6 +186,13 @@ impl Membership {
         self.foca.handle_timer(timer, &mut self.rt)
     }
 
+    /// Declares `id` down (a process elsewhere took over its name and it did not
+    /// answer); the update spreads through SWIM like any other.
+    pub fn declare_down(&mut self, id: NodeId) -> Result<(), foca::Error> {
+        self.foca
+            .apply_many(std::iter::once(Member::down(id)), true, &mut self.rt)
+    }
+
     /// Announces our departure; peers mark us down.
     pub fn leave(&mut self) -> Result<(), foca::Error> {
         self.foca.leave_cluster(&mut self.rt)

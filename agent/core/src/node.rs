@@ -17,6 +17,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::hlc::{Clock, Hlc};
+use crate::identity::{Guard, Verdict};
 use crate::membership::{packet_sender, MemberEffect, Membership, NodeId, Status, SwimTimer};
 use crate::state::{Entry, Reject, State, WriterId, NODE_PREFIX};
 use crate::wire::{self, Msg};
@@ -62,10 +63,19 @@ pub struct Config {
     /// sizes where running SWIM in every simulated node does not fit in memory;
     /// agents always run SWIM.
     pub static_peers: Option<Arc<[SocketAddr]>>,
+    /// Longest wait between announcements while the node has no live peer (the
+    /// wait doubles from 1 s up to this), so any partition heals once links return.
+    pub rejoin_max: Duration,
+    /// How long the holder of a name has to answer before a process claiming the
+    /// same name from another address replaces it ([`crate::identity`]).
+    pub verify_timeout: Duration,
 }
 
 /// Largest SWIM packet; stays under QUIC's datagram size on a 1200-byte path.
 pub const SWIM_PACKET_SIZE: usize = 1024;
+
+/// Most known members one rejoin round announces to (besides every seed).
+const REJOIN_SAMPLE: usize = 32;
 
 impl Config {
     /// A config from a timing preset, sized for about `cluster_size` nodes.
@@ -97,6 +107,10 @@ impl Config {
             Profile::Lan => (Duration::from_millis(200), Duration::from_secs(2)),
             Profile::Wan => (Duration::from_millis(500), Duration::from_secs(10)),
         };
+        let (rejoin_max, verify_timeout) = match profile {
+            Profile::Lan => (Duration::from_secs(8), Duration::from_secs(2)),
+            Profile::Wan => (Duration::from_secs(30), Duration::from_secs(5)),
+        };
         Config {
             name: name.into(),
             addr,
@@ -110,6 +124,8 @@ impl Config {
             max_drift: Duration::from_secs(60),
             tombstone_ttl: Duration::from_secs(24 * 3600),
             static_peers: None,
+            rejoin_max,
+            verify_timeout,
         }
     }
 }
@@ -148,6 +164,36 @@ pub enum Event {
     MemberDown(NodeId),
     /// An entry became the current value of its key (local write, push or sync).
     Changed(Entry),
+    /// A process claiming the name of a live member from another address was
+    /// refused (see [`crate::identity`]); it has been told why.
+    IdentityRefused {
+        /// The name.
+        name: String,
+        /// Where the refused process listens.
+        claimant: SocketAddr,
+        /// Where the live holder of the name listens.
+        holder: SocketAddr,
+    },
+    /// A process claiming a member's name from another address replaced it, because
+    /// the old identity no longer answered (a restart on a new address).
+    IdentityReplaced {
+        /// The name.
+        name: String,
+        /// The old identity's address.
+        old: SocketAddr,
+        /// The new identity's address.
+        new: SocketAddr,
+    },
+    /// A peer refused our SWIM packets, e.g. because a live node holds our name.
+    JoinRefused {
+        /// The refusing peer's name.
+        by: String,
+        /// Its one-line reason.
+        reason: String,
+    },
+    /// SWIM had declared us down (e.g. during a partition) and we rejoined under a
+    /// renewed identity.
+    Rejoined(NodeId),
     /// A blob-transfer payload arrived from an authenticated peer.
     Blob {
         /// The sender's certificate name.
@@ -176,6 +222,10 @@ pub struct Stats {
     pub sync_rounds: u64,
     /// Tombstones collected.
     pub tombstones_collected: u64,
+    /// Announcements sent while the node had no live peer.
+    pub rejoin_announces: u64,
+    /// Processes refused because a live node holds their name.
+    pub identity_refusals: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,8 +234,14 @@ enum TimerKind {
     Gossip,
     Sync,
     Gc,
-    /// Re-announce to the seeds while we know no peer (seeds may start after us).
+    /// Re-announce to the seeds and every member we knew while we have no live
+    /// peer (seeds may start after us; a partition may have cut us off).
     Rejoin(Duration),
+    /// The verification of a claimed name times out.
+    Verify {
+        name: String,
+        nonce: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,6 +286,11 @@ pub struct Node {
     stats: Stats,
     left: bool,
     seeds: Vec<SocketAddr>,
+    /// The last known address of every member ever seen, kept after SWIM forgets
+    /// down members, so a node left alone can announce to all of them.
+    known: BTreeMap<String, SocketAddr>,
+    rejoin_armed: bool,
+    guard: Guard,
 }
 
 impl Node {
@@ -265,6 +326,9 @@ impl Node {
             stats: Stats::default(),
             left: false,
             seeds: Vec::new(),
+            known: BTreeMap::new(),
+            rejoin_armed: false,
+            guard: Guard::default(),
             cfg,
         };
         // Random first ticks keep nodes started together from acting in lockstep.
@@ -313,8 +377,9 @@ impl Node {
 
     /// Asks the nodes at `seeds` to let us into their cluster; also clears a
     /// `left` marker from an earlier run. Until some peer answers, the
-    /// announcement is repeated with backoff (1 s doubling to 30 s), so agents
-    /// may start in any order.
+    /// announcement is repeated with backoff (1 s doubling to
+    /// [`Config::rejoin_max`]), so agents may start in any order. The same happens
+    /// whenever the node is later left without any live peer.
     pub fn join(&mut self, seeds: &[SocketAddr], now: Now) {
         let left_key = self.node_key(LEFT_SUFFIX);
         // Clearing our own previous "left" marker cannot be refused.
@@ -327,20 +392,50 @@ impl Node {
             .copied()
             .filter(|s| *s != self.cfg.addr)
             .collect();
-        self.announce_to_seeds(now);
-        if !self.seeds.is_empty() {
-            let first = Duration::from_secs(1);
-            self.schedule(now, first, TimerKind::Rejoin(first));
-        }
+        self.announce_everywhere(now);
+        self.arm_rejoin(now);
     }
 
-    fn announce_to_seeds(&mut self, now: Now) {
-        for seed in self.seeds.clone() {
-            if let Err(e) = self.swim.announce(NodeId::seed(seed)) {
+    /// Starts the rejoin loop unless it runs already (or there is nobody to ask).
+    fn arm_rejoin(&mut self, now: Now) {
+        if self.rejoin_armed || self.left || (self.seeds.is_empty() && self.known.is_empty()) {
+            return;
+        }
+        let first = Duration::from_secs(1);
+        self.schedule(now, first, TimerKind::Rejoin(first));
+        self.rejoin_armed = true;
+    }
+
+    /// Announces to every seed and to every member we knew (a random sample of at
+    /// most [`REJOIN_SAMPLE`] of them in large clusters).
+    fn announce_everywhere(&mut self, now: Now) {
+        let me = self.cfg.addr;
+        let mut targets: Vec<SocketAddr> = self.seeds.clone();
+        let mut known: Vec<SocketAddr> = self
+            .known
+            .values()
+            .copied()
+            .filter(|a| *a != me && !targets.contains(a))
+            .collect();
+        let n = known.len().min(REJOIN_SAMPLE);
+        for i in 0..n {
+            let j = self.rng.random_range(i..known.len());
+            known.swap(i, j);
+        }
+        known.truncate(n);
+        targets.extend(known);
+        for to in targets {
+            self.stats.rejoin_announces += 1;
+            if let Err(e) = self.swim.announce(NodeId::seed(to)) {
                 self.drop_reason("swim_error", &e);
             }
         }
         self.drain_swim(now);
+    }
+
+    /// Whether the node currently has at least one live (alive or suspect) peer.
+    pub fn joined(&self) -> bool {
+        self.swim.num_active() > 0
     }
 
     /// `node/<our name>/<suffix>`.
@@ -399,7 +494,20 @@ impl Node {
                 *st = Status::Left;
             }
         }
-        all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        // One row per name: a restarted or moved node is known under several
+        // identities for a while; its live one (else its newest) speaks for it.
+        let rank = |st: Status| match st {
+            Status::Alive => 0,
+            Status::Suspect => 1,
+            Status::Down | Status::Left => 2,
+        };
+        all.sort_by(|a, b| {
+            a.0.name
+                .cmp(&b.0.name)
+                .then(rank(a.1).cmp(&rank(b.1)))
+                .then(b.0.gen.cmp(&a.0.gen))
+        });
+        all.dedup_by(|later, first| later.0.name == first.0.name);
         all
     }
 
@@ -421,17 +529,43 @@ impl Node {
         self.stats.bytes_in += bytes.len() as u64;
         match msg {
             Msg::Swim(packet) => {
-                match packet_sender(&packet) {
+                let src = match packet_sender(&packet) {
                     // The name is what the certificate vouches for; the address
                     // may differ on multi-homed hosts, so only the name must match.
-                    Some(src) if src.name == from_name => {}
+                    Some(src) if src.name == from_name => src,
                     Some(_) => return self.count_drop("impersonation"),
                     None => return self.count_drop("swim_malformed"),
+                };
+                if !self.admit(&src, from, now) {
+                    return;
                 }
                 if let Err(e) = self.swim.handle_data(&packet) {
                     self.drop_reason("swim_error", &e);
                 }
                 self.drain_swim(now);
+            }
+            Msg::Probe { nonce } => {
+                let gen = self.id().gen;
+                self.transmit(from, true, &Msg::ProbeAck { nonce, gen });
+            }
+            Msg::ProbeAck { nonce, .. } => {
+                if let Some((claimant, holder, reason)) =
+                    self.guard.on_ack(from_name, from, nonce, now.mono_ms)
+                {
+                    self.stats.identity_refusals += 1;
+                    self.transmit(claimant.addr, true, &Msg::Refused { reason });
+                    self.out.push_back(Output::Event(Event::IdentityRefused {
+                        name: claimant.name,
+                        claimant: claimant.addr,
+                        holder: holder.addr,
+                    }));
+                }
+            }
+            Msg::Refused { reason } => {
+                self.out.push_back(Output::Event(Event::JoinRefused {
+                    by: from_name.to_string(),
+                    reason,
+                }));
             }
             Msg::Blob(payload) => {
                 self.out.push_back(Output::Event(Event::Blob {
@@ -477,7 +611,7 @@ impl Node {
             } => {
                 let mut ok = Vec::with_capacity(delta.entries.len());
                 for e in delta.entries {
-                    if self.clock_accepts(&e, now) {
+                    if !self.written_by_refused(&e) && self.clock_accepts(&e, now) {
                         ok.push(e);
                     }
                 }
@@ -504,6 +638,65 @@ impl Node {
         }
     }
 
+    /// Runs the identity guard on a SWIM packet from `src` (see [`crate::identity`]);
+    /// false if the packet must be dropped.
+    fn admit(&mut self, src: &NodeId, from: SocketAddr, now: Now) -> bool {
+        let holder = self
+            .swim
+            .active_peers()
+            .find(|id| id.name == src.name && *id != src)
+            .cloned();
+        let me = self.id().clone();
+        let seed = self.rng.random::<u64>();
+        match self
+            .guard
+            .judge(src, holder.as_ref(), &me, now.mono_ms, seed)
+        {
+            Verdict::Admit => true,
+            Verdict::Wait => {
+                self.count_drop("identity_check");
+                false
+            }
+            Verdict::Verify { holder, nonce } => {
+                self.count_drop("identity_check");
+                self.transmit(holder, true, &Msg::Probe { nonce });
+                let name = src.name.clone();
+                self.schedule(
+                    now,
+                    self.cfg.verify_timeout,
+                    TimerKind::Verify { name, nonce },
+                );
+                false
+            }
+            Verdict::Refuse { tell } => {
+                self.count_drop("identity_refused");
+                if let Some(reason) = tell {
+                    if src.name == me.name {
+                        // Someone claims our own name: nobody else will tell it.
+                        self.stats.identity_refusals += 1;
+                        self.out.push_back(Output::Event(Event::IdentityRefused {
+                            name: src.name.clone(),
+                            claimant: from,
+                            holder: me.addr,
+                        }));
+                    }
+                    self.transmit(from, true, &Msg::Refused { reason });
+                }
+                false
+            }
+        }
+    }
+
+    /// Whether a received entry must be dropped because its writer is a process that
+    /// was refused for claiming a live node's name.
+    fn written_by_refused(&mut self, e: &Entry) -> bool {
+        if e.is_node_owned() && self.guard.is_refused_writer(&e.writer) {
+            self.count_drop("refused_identity");
+            return true;
+        }
+        false
+    }
+
     fn clock_accepts(&mut self, e: &Entry, now: Now) -> bool {
         if self.clock.observe(e.hlc, now.wall_ms).is_err() {
             self.count_drop("clock_drift");
@@ -513,7 +706,7 @@ impl Node {
     }
 
     fn receive_entry(&mut self, e: Entry, now: Now, rumor: bool) {
-        if !self.clock_accepts(&e, now) {
+        if self.written_by_refused(&e) || !self.clock_accepts(&e, now) {
             return;
         }
         match self.state.apply(e.clone()) {
@@ -701,10 +894,25 @@ impl Node {
                 }
             }
             TimerKind::Rejoin(after) => {
+                self.rejoin_armed = false;
                 if self.swim.num_active() == 0 && !self.left {
-                    self.announce_to_seeds(now);
-                    let next = (after * 2).min(Duration::from_secs(30));
+                    self.announce_everywhere(now);
+                    let next = (after * 2).min(self.cfg.rejoin_max.max(Duration::from_secs(1)));
                     self.schedule(now, next, TimerKind::Rejoin(next));
+                    self.rejoin_armed = true;
+                }
+            }
+            TimerKind::Verify { name, nonce } => {
+                if let Some((old, new)) = self.guard.on_timeout(&name, nonce, now.mono_ms) {
+                    if let Err(e) = self.swim.declare_down(old.clone()) {
+                        self.drop_reason("swim_error", &e);
+                    }
+                    self.drain_swim(now);
+                    self.out.push_back(Output::Event(Event::IdentityReplaced {
+                        name,
+                        old: old.addr,
+                        new: new.addr,
+                    }));
                 }
             }
             TimerKind::Gc => {
@@ -755,6 +963,8 @@ impl Node {
     }
 
     fn drain_swim(&mut self, now: Now) {
+        let mut idle = false;
+        let mut renewed = false;
         let mut effects = std::mem::take(&mut self.effects);
         self.swim.drain(&mut effects);
         for eff in effects.drain(..) {
@@ -769,16 +979,33 @@ impl Node {
                 }
                 MemberEffect::Notify(n) => match n {
                     OwnedNotification::MemberUp(id) | OwnedNotification::Rename(_, id) => {
+                        self.known.insert(id.name.clone(), id.addr);
                         self.out.push_back(Output::Event(Event::MemberUp(id)));
                     }
                     OwnedNotification::MemberDown(id) => {
                         self.out.push_back(Output::Event(Event::MemberDown(id)));
+                    }
+                    // No live peer left: SWIM stops probing, so keep announcing
+                    // ourselves until someone answers.
+                    OwnedNotification::Idle => idle = true,
+                    OwnedNotification::Rejoin(id) => {
+                        renewed = true;
+                        self.out.push_back(Output::Event(Event::Rejoined(id)));
                     }
                     _ => {}
                 },
             }
         }
         self.effects = effects;
+        if idle {
+            self.arm_rejoin(now);
+        }
+        if renewed {
+            // Someone just told us the cluster holds us down (so the link to it
+            // works): announce the renewed identity now instead of at the next
+            // rejoin or down-member round, which heals a split in round trips.
+            self.announce_everywhere(now);
+        }
     }
 
     fn schedule(&mut self, now: Now, after: Duration, kind: TimerKind) {

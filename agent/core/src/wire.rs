@@ -47,6 +47,24 @@ pub enum Msg {
     /// A blob-transfer message (`shoal-blob`'s wire format), carried opaquely:
     /// the core hands it to the driver as [`crate::Event::Blob`].
     Blob(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// "Are you still there?": sent to the holder of a name that another process
+    /// claims ([`crate::identity`]); the holder answers with [`Msg::ProbeAck`].
+    Probe {
+        /// Echoed in the answer.
+        nonce: u64,
+    },
+    /// The answer to a [`Msg::Probe`]: the sender (named by its certificate) is alive.
+    ProbeAck {
+        /// The probe's nonce.
+        nonce: u64,
+        /// The sender's current SWIM generation.
+        gen: u64,
+    },
+    /// Our SWIM packets were refused, and why (e.g. our name is held by a live node).
+    Refused {
+        /// One line for the operator.
+        reason: String,
+    },
 }
 
 impl Msg {
@@ -58,6 +76,9 @@ impl Msg {
             Msg::SyncReq { .. } => "sync_req",
             Msg::SyncResp { .. } => "sync_resp",
             Msg::Blob(_) => "blob",
+            Msg::Probe { .. } => "probe",
+            Msg::ProbeAck { .. } => "probe_ack",
+            Msg::Refused { .. } => "refused",
         }
     }
 }

@@ -151,6 +151,41 @@ struct Inner {
     closing: AtomicBool,
     handshakes: Arc<Semaphore>,
     stats: Counters,
+    /// Why the last dial of each address failed, until one succeeds.
+    dial_errors: Mutex<HashMap<SocketAddr, String>>,
+    /// When a refused inbound handshake from each IP was last logged (rate limit).
+    refused_logged: Mutex<HashMap<std::net::IpAddr, std::time::Instant>>,
+}
+
+/// How often refused inbound handshakes from one IP are logged.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Operator-facing words for a failed handshake. `outbound`: we dialled (so a
+/// certificate our side rejected is the peer's; one the peer rejected is ours).
+pub fn describe_handshake_error(e: &quinn::ConnectionError, outbound: bool) -> String {
+    use quinn::ConnectionError as E;
+    let is_crypto = |code: quinn::TransportErrorCode| u64::from(code) & !0xff == 0x100;
+    match e {
+        E::TransportError(t) if is_crypto(t.code) || t.reason.contains("certificate") => {
+            if t.reason.contains("certificate") {
+                let whose = if outbound { "its" } else { "the dialler's" };
+                format!(
+                    "{whose} certificate is not from this cluster's CA ({})",
+                    t.reason
+                )
+            } else {
+                format!("TLS handshake failed: {t}")
+            }
+        }
+        E::ConnectionClosed(c) if is_crypto(c.error_code) => {
+            let whose = if outbound { "ours" } else { "this agent's" };
+            format!(
+                "the peer refused {whose}: {c} (is the certificate issued by the same cluster CA?)"
+            )
+        }
+        E::TimedOut => "no answer: nothing listens there, or the network drops UDP".into(),
+        other => other.to_string(),
+    }
 }
 
 struct Outgoing {
@@ -254,6 +289,8 @@ impl Net {
             closing: AtomicBool::new(false),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             stats: Counters::default(),
+            dial_errors: Mutex::new(HashMap::new()),
+            refused_logged: Mutex::new(HashMap::new()),
         });
         runtime.spawn(accept_loop(inner.clone()));
         Ok((Net { inner }, rx))
@@ -308,6 +345,17 @@ impl Net {
         self.inner
             .cached(canonical(to))
             .and_then(|conn| conn.max_datagram_size())
+    }
+
+    /// Why the last attempt to connect to `to` failed, if it did and no later one
+    /// succeeded: for "cannot join through seed …" messages.
+    pub fn dial_error(&self, to: SocketAddr) -> Option<String> {
+        lock(&self.inner.dial_errors).get(&canonical(to)).cloned()
+    }
+
+    /// Whether a connection to `to` is open.
+    pub fn is_connected(&self, to: SocketAddr) -> bool {
+        self.inner.cached(canonical(to)).is_some()
     }
 
     /// Snapshot of the counters.
@@ -373,6 +421,7 @@ impl Inner {
             Ok(connecting) => connecting,
             Err(e) => {
                 debug!(peer = %to, error = %e, "cannot dial");
+                lock(&self.dial_errors).insert(to, format!("cannot dial: {e}"));
                 return None;
             }
         };
@@ -381,11 +430,19 @@ impl Inner {
             Ok(Err(e)) => {
                 bump(&self.stats.handshakes_failed, 1);
                 debug!(peer = %to, error = %e, "dial failed");
+                lock(&self.dial_errors).insert(to, describe_handshake_error(&e, true));
                 None
             }
             Err(_) => {
                 bump(&self.stats.handshakes_failed, 1);
                 debug!(peer = %to, "dial timed out");
+                lock(&self.dial_errors).insert(
+                    to,
+                    format!(
+                        "no answer within {:?}: nothing listens there, or the network drops UDP",
+                        self.cfg.connect_timeout
+                    ),
+                );
                 None
             }
         }
@@ -407,6 +464,7 @@ impl Inner {
         };
         bump(&self.stats.handshakes_ok, 1);
         bump(&self.stats.connections_open, 1);
+        lock(&self.dial_errors).remove(&addr);
         // The newest connection wins the cache slot. A peer that restarted on the
         // same address dials us afresh while our old connection to its dead
         // process still looks open (until the idle timeout); keeping the old one
@@ -455,6 +513,23 @@ impl Inner {
                 }
             },
         }
+    }
+
+    /// Logs a refused inbound handshake, at most once a minute per IP.
+    fn log_refusal(&self, peer: SocketAddr, why: &str) {
+        let now = std::time::Instant::now();
+        let mut seen = lock(&self.refused_logged);
+        if seen
+            .get(&peer.ip())
+            .is_some_and(|t| now.duration_since(*t) < REFUSAL_LOG_EVERY)
+        {
+            return;
+        }
+        if seen.len() > 4096 {
+            seen.retain(|_, t| now.duration_since(*t) < REFUSAL_LOG_EVERY);
+        }
+        seen.insert(peer.ip(), now);
+        tracing::warn!(peer = %peer, "refused a QUIC handshake from {peer}: {why}");
     }
 
     /// Removes the queue of `to` if nothing is waiting in it; true if removed.
@@ -520,6 +595,7 @@ async fn accept_loop(inner: Arc<Inner>) {
                 Ok(Err(e)) => {
                     bump(&inner.stats.handshakes_failed, 1);
                     debug!(peer = %peer, error = %e, "inbound handshake failed");
+                    inner.log_refusal(peer, &describe_handshake_error(&e, false));
                 }
                 Err(_) => {
                     bump(&inner.stats.handshakes_failed, 1);

@@ -49,3 +49,4 @@ pub use steward::{
     allocs_for_node, healthy_replicas, is_healthy, orphans, reconcile, rendezvous_score,
     steward_for, Assignment, ReconcileInput, Reconciled, RolloutStatus, Write,
 };
+pub use units::parse_size;

@@ -248,9 +248,15 @@ fn dependencies_are_placed_first() {
     let view = sim.view(0);
     for slot in view.slots["web"].values() {
         assert!(slot.current.is_none());
-        assert_eq!(slot.reason.as_deref(), Some("waiting for dependency db"));
+        assert_eq!(slot.reason.as_deref(), Some("dependency db does not exist"));
     }
     sim.deploy(&spec("db", 1, ""));
+    // db exists but has no healthy replica yet: web waits for it.
+    sim.tick();
+    for slot in sim.view(0).slots["web"].values() {
+        assert!(slot.current.is_none());
+        assert_eq!(slot.reason.as_deref(), Some("waiting for dependency db"));
+    }
     let mut db_healthy_at = None;
     let mut web_placed_at = None;
     for _ in 0..15 {

@@ -116,7 +116,8 @@ pub struct ReconcileInput<'a> {
     pub slots: &'a SlotMap,
     /// Every report of its allocations, from every node.
     pub reports: &'a Reports,
-    /// Healthy replicas of each service this one depends on (missing = none).
+    /// Healthy replicas of each service this one depends on; a dependency missing
+    /// here does not exist (no live record).
     pub dependencies: BTreeMap<String, u32>,
     /// Membership: every node a slot may name. A node missing here counts as gone
     /// long ago (its slots are placed elsewhere), so reconcile only once the
@@ -146,6 +147,8 @@ impl ClusterView {
                 r.spec
                     .depends_on
                     .iter()
+                    // A dependency with no live record is left out: it does not exist.
+                    .filter(|d| self.services.get(*d).is_some_and(|r| !r.deleted))
                     .map(|d| {
                         let healthy = self
                             .slots
@@ -302,7 +305,8 @@ impl Fit {
 ///    orphan its node stops).
 /// 4. A slot whose node has been down or left for `reschedule_after` is placed
 ///    elsewhere (suspect nodes are waited for); a slot with no allocation is placed,
-///    unless a `depends_on` service has no healthy replica ("waiting for dependency").
+///    unless a `depends_on` service has no healthy replica ("waiting for dependency"),
+///    or does not exist ("dependency … does not exist").
 /// 5. Rolling update, unless a current-version replica has missed
 ///    `update.healthy_deadline` (then the rollout is `Stalled`): with `max_surge = 0`
 ///    old replicas are replaced in place, at most `max_unavailable` in flight and
@@ -394,20 +398,37 @@ pub fn reconcile(
     }
 
     // What needs placing.
-    let waiting: Vec<&str> = spec
+    let (missing, waiting): (Vec<&str>, Vec<&str>) = spec
         .depends_on
         .iter()
-        .filter(|d| input.dependencies.get(*d).copied().unwrap_or(0) == 0)
         .map(String::as_str)
-        .collect();
+        .filter(|d| input.dependencies.get(*d).copied().unwrap_or(0) == 0)
+        .partition(|d| !input.dependencies.contains_key(*d));
+    let blocked = {
+        let plural = |v: &[&str]| if v.len() == 1 { "y" } else { "ies" };
+        let mut parts = Vec::new();
+        if !missing.is_empty() {
+            let verb = if missing.len() == 1 { "does" } else { "do" };
+            parts.push(format!(
+                "dependenc{} {} {verb} not exist",
+                plural(&missing),
+                missing.join(", ")
+            ));
+        }
+        if !waiting.is_empty() {
+            parts.push(format!(
+                "waiting for dependenc{} {}",
+                plural(&waiting),
+                waiting.join(", ")
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    };
     let mut needs: Vec<(Need, u32)> = Vec::new();
     for (&n, slot) in work.iter_mut() {
         match &slot.current {
-            None if waiting.is_empty() => needs.push((Need::Fresh, n)),
-            None => {
-                let s = if waiting.len() == 1 { "y" } else { "ies" };
-                slot.reason = Some(format!("waiting for dependenc{s} {}", waiting.join(", ")));
-            }
+            None if blocked.is_none() => needs.push((Need::Fresh, n)),
+            None => slot.reason = blocked.clone(),
             Some(c) if lost(members, &c.node, now, after_ms) => needs.push((Need::Lost, n)),
             Some(_) => {}
         }

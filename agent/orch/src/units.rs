@@ -54,7 +54,7 @@ fn scale(number: &str, unit: u64) -> Option<u64> {
 }
 
 /// Parses a size in bytes: `1024`, `256Mi`, `1G`, `1.5Gi`, `512MB`.
-pub(crate) fn parse_size(s: &str) -> Option<u64> {
+pub fn parse_size(s: &str) -> Option<u64> {
     let (number, unit) = split_number(s.trim());
     let mult = if unit.is_empty() {
         1

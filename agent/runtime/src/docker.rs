@@ -35,6 +35,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::driver::Driver;
 use crate::error::DriverError;
+use crate::logfile::{LogChunk, LogQuery};
 use crate::spec::{
     check_alloc_id, port_env_name, Protocol, RunState, Usage, WorkloadKind, WorkloadSpec,
     WorkloadStatus,
@@ -782,7 +783,7 @@ impl Driver for DockerDriver {
         }))
     }
 
-    async fn logs(&self, alloc_id: &str, tail: Option<usize>) -> Result<Vec<u8>, DriverError> {
+    async fn logs(&self, alloc_id: &str, query: LogQuery) -> Result<LogChunk, DriverError> {
         check_alloc_id(alloc_id)?;
         let Some((st, _)) = self.find_one(alloc_id).await? else {
             return Err(DriverError::NotFound {
@@ -790,19 +791,70 @@ impl Driver for DockerDriver {
                 alloc_id: alloc_id.to_string(),
             });
         };
+        let limit = query.limit.clamp(1, crate::MAX_LOG_CHUNK);
+        // The engine rotates the log (json-file, 3 x 10 MB) and streams it; offsets
+        // count bytes of that stream, and nothing beyond `limit` is kept in memory.
+        let tail = match (query.offset, query.tail) {
+            (None, Some(n)) => n.to_string(),
+            _ => "all".to_string(),
+        };
         let opts = LogsOptions {
             stdout: true,
             stderr: true,
-            tail: tail.map_or_else(|| "all".to_string(), |n| n.to_string()),
+            tail,
             ..Default::default()
         };
-        let mut out = Vec::new();
+        let skip = query.offset.unwrap_or(0);
+        let mut seen: u64 = 0;
+        let mut out: Vec<u8> = Vec::new();
+        let mut more = false;
         let mut stream = self.docker.logs(&st.handle, Some(opts));
         while let Some(item) = stream.next().await {
             let item = item.map_err(docker_err(format!("read logs of container {}", st.handle)))?;
-            out.extend_from_slice(&item.into_bytes());
+            let bytes = item.into_bytes();
+            let start = seen;
+            seen += bytes.len() as u64;
+            if seen <= skip {
+                continue;
+            }
+            let from = skip.saturating_sub(start) as usize;
+            out.extend_from_slice(&bytes[from..]);
+            if query.tail.is_some() && query.offset.is_none() {
+                // A tail: keep the newest `limit` bytes.
+                if out.len() > limit {
+                    out.drain(..out.len() - limit);
+                }
+            } else if out.len() >= limit {
+                more = out.len() > limit || stream.next().await.is_some();
+                out.truncate(limit);
+                break;
+            }
         }
-        Ok(out)
+        let next_offset = if query.tail.is_some() && query.offset.is_none() {
+            // Offsets count bytes of the whole stream: count it (without keeping it)
+            // so a follower can continue after the tail.
+            let opts = LogsOptions {
+                stdout: true,
+                stderr: true,
+                tail: "all".to_string(),
+                ..Default::default()
+            };
+            let mut total = 0u64;
+            let mut all = self.docker.logs(&st.handle, Some(opts));
+            while let Some(item) = all.next().await {
+                let item =
+                    item.map_err(docker_err(format!("read logs of container {}", st.handle)))?;
+                total += item.into_bytes().len() as u64;
+            }
+            total
+        } else {
+            skip.min(seen) + out.len() as u64
+        };
+        Ok(LogChunk {
+            bytes: out,
+            next_offset,
+            more,
+        })
     }
 
     async fn exec(&self, alloc_id: &str, command: &[String]) -> Result<i32, DriverError> {

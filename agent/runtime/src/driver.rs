@@ -1,10 +1,12 @@
 //! The narrow trait every runtime driver implements.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::error::DriverError;
+use crate::logfile::{LogChunk, LogQuery};
 use crate::spec::{Usage, WorkloadSpec, WorkloadStatus};
 
 /// Starts, stops and observes the workloads of one node.
@@ -36,8 +38,31 @@ pub trait Driver: Send + Sync {
     /// Resource use, or `None` if the workload does not exist or is not running.
     async fn usage(&self, alloc_id: &str) -> Result<Option<Usage>, DriverError>;
 
-    /// Captured stdout and stderr, interleaved; the last `tail` lines if given.
-    async fn logs(&self, alloc_id: &str, tail: Option<usize>) -> Result<Vec<u8>, DriverError>;
+    /// Resource use of several workloads in one pass over the host where the driver
+    /// can (the process driver reads `/proc` once for all of them); workloads that do
+    /// not exist or do not run are left out.
+    async fn usage_many(
+        &self,
+        alloc_ids: &[String],
+    ) -> Result<HashMap<String, Usage>, DriverError> {
+        let mut out = HashMap::new();
+        for id in alloc_ids {
+            if let Some(u) = self.usage(id).await? {
+                out.insert(id.clone(), u);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Captured stdout and stderr, interleaved: the part `query` asks for, and never
+    /// more than its limit, however large the log is.
+    async fn logs(&self, alloc_id: &str, query: LogQuery) -> Result<LogChunk, DriverError>;
+
+    /// Periodic upkeep, such as rotating logs that reached their size cap; cheap when
+    /// nothing is due. The agent calls it every few seconds.
+    async fn housekeep(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
 
     /// Runs `command` (a health check) inside the workload's container (docker) or on
     /// the host with the workload's environment (process), and returns its exit code

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 
 use crate::driver::Driver;
 use crate::error::DriverError;
+use crate::logfile::{LogChunk, LogQuery};
 use crate::spec::{
     check_alloc_id, tail_lines, RunState, Usage, WorkloadKind, WorkloadSpec, WorkloadStatus,
 };
@@ -69,7 +70,7 @@ pub enum MemCall {
     List,
     /// `usage(alloc_id)`.
     Usage(String),
-    /// `logs(alloc_id, tail)`.
+    /// `logs(alloc_id, query)`.
     Logs {
         /// The alloc asked for.
         alloc_id: String,
@@ -328,19 +329,33 @@ impl Driver for MemDriver {
             .map(|w| w.usage))
     }
 
-    async fn logs(&self, alloc_id: &str, tail: Option<usize>) -> Result<Vec<u8>, DriverError> {
+    async fn logs(&self, alloc_id: &str, query: LogQuery) -> Result<LogChunk, DriverError> {
         let mut st = self.state();
         st.enter(
             MemOp::Logs,
             MemCall::Logs {
                 alloc_id: alloc_id.to_string(),
-                tail,
+                tail: query.tail,
             },
         )?;
         let w = st.existing(alloc_id)?;
-        Ok(match tail {
-            Some(n) => tail_lines(&w.logs, n).to_vec(),
-            None => w.logs.clone(),
+        let len = w.logs.len();
+        let limit = query.limit.clamp(1, crate::MAX_LOG_CHUNK);
+        Ok(match (query.offset, query.tail) {
+            (None, Some(n)) => LogChunk {
+                bytes: tail_lines(&w.logs, n).to_vec(),
+                next_offset: len as u64,
+                more: false,
+            },
+            (offset, _) => {
+                let start = offset.map_or(0, |o| (o as usize).min(len));
+                let end = (start + limit).min(len);
+                LogChunk {
+                    bytes: w.logs[start..end].to_vec(),
+                    next_offset: end as u64,
+                    more: end < len,
+                }
+            }
         })
     }
 

@@ -7,7 +7,17 @@
 //!   pid exists *and* has the recorded start time in the same boot, so a reused pid is
 //!   never mistaken for (or signalled as) the workload.
 //! - `logs/<alloc_id>.log` — stdout and stderr, interleaved, appended across restarts
-//!   of the allocation. Not rotated.
+//!   of the allocation, rotated at a size cap ([`LogPolicy`]; `<alloc_id>.log.1` … are
+//!   the older parts) by [`Driver::housekeep`] and at every start, so a crash loop
+//!   cannot fill the disk.
+//!
+//! The records are read from disk once, when the driver opens, and kept in memory
+//! in step with the files; a workload this driver spawned is watched by a task that
+//! reaps it, so its status needs no `/proc` read at all. The cost of `list` and
+//! `status` is therefore O(own workloads), and `/proc` is scanned only by
+//! [`Driver::usage_many`] (once per sampling pass, for every workload together, on
+//! a blocking thread). Waiting for a process group to go away asks the kernel
+//! (`kill(-pgid, 0)`), never scans.
 //!
 //! Each workload gets its own process group (leader = the spawned program), so `stop`
 //! signals everything it forked: SIGTERM to the group, SIGKILL after the grace period.
@@ -22,11 +32,11 @@
 //!
 //! Not done here: `cpu_millis` and `memory_bytes` are not enforced (no cgroups); a
 //! descendant that leaves the group (`setsid`, daemonising) escapes `stop` and usage;
-//! the working directory is the agent's; logs are not rotated.
+//! the working directory is the agent's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -39,10 +49,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::driver::Driver;
 use crate::error::DriverError;
+use crate::logfile::{self, LogChunk, LogPolicy, LogQuery};
 use crate::procfs;
 use crate::spec::{
-    check_alloc_id, port_env_name, tail_lines, Protocol, RunState, Usage, WorkloadKind,
-    WorkloadSpec, WorkloadStatus,
+    check_alloc_id, port_env_name, Protocol, RunState, Usage, WorkloadKind, WorkloadSpec,
+    WorkloadStatus,
 };
 
 const NAME: &str = "process";
@@ -63,6 +74,12 @@ struct Inner {
     boot_id: Option<String>,
     ticks_per_sec: u64,
     page_size: u64,
+    logs: LogPolicy,
+    /// Every alloc record, read from `allocs/` when the driver opened and kept in
+    /// step with the files since (they stay the source of truth across restarts).
+    records: Mutex<HashMap<String, AllocRecord>>,
+    /// Records that could not be read when the driver opened: id -> why.
+    corrupt: Mutex<HashMap<String, String>>,
     /// What this instance learnt in memory; the files stay the source of truth.
     live: Mutex<HashMap<String, Live>>,
     /// One async lock per alloc id, so start/stop/exit-recording of one alloc never
@@ -78,6 +95,8 @@ struct Live {
     exit: Option<(i32, ExitRecord)>,
     /// Previous CPU reading, for `usage` deltas.
     cpu: Option<CpuSample>,
+    /// Bytes rotated out of the current log file: its first byte's logical offset.
+    log_base: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -187,11 +206,36 @@ impl ProcessDriver {
     /// Opens (creating if needed) the driver's state under `state_dir`. Workloads
     /// recorded there by an earlier instance are adopted, not restarted.
     pub fn new(state_dir: impl Into<PathBuf>) -> Result<Self, DriverError> {
+        Self::with_logs(state_dir, LogPolicy::default())
+    }
+
+    /// Like [`ProcessDriver::new`], rotating workload logs by `logs`.
+    pub fn with_logs(state_dir: impl Into<PathBuf>, logs: LogPolicy) -> Result<Self, DriverError> {
         let state_dir = state_dir.into();
         let allocs_dir = state_dir.join("allocs");
         let logs_dir = state_dir.join("logs");
         for dir in [&allocs_dir, &logs_dir] {
             fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        }
+        let mut records = HashMap::new();
+        let mut corrupt = HashMap::new();
+        for entry in fs::read_dir(&allocs_dir).map_err(io_err("list", &allocs_dir))? {
+            let entry = entry.map_err(io_err("list", &allocs_dir))?;
+            let name = entry.file_name();
+            let Some(alloc_id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue; // temp files of an interrupted write
+            };
+            match load_record(&entry.path()) {
+                Ok(Some(rec)) => {
+                    records.insert(alloc_id.to_string(), rec);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // One bad file must not hide every other workload from adoption.
+                    tracing::warn!(alloc_id, error = %e, "skipping unreadable alloc record");
+                    corrupt.insert(alloc_id.to_string(), e.to_string());
+                }
+            }
         }
         Ok(ProcessDriver {
             inner: Arc::new(Inner {
@@ -200,6 +244,9 @@ impl ProcessDriver {
                 boot_id: procfs::boot_id(),
                 ticks_per_sec: procfs::ticks_per_sec(),
                 page_size: procfs::page_size(),
+                logs,
+                records: Mutex::new(records),
+                corrupt: Mutex::new(corrupt),
                 live: Mutex::new(HashMap::new()),
                 locks: Mutex::new(HashMap::new()),
             }),
@@ -247,19 +294,22 @@ impl Inner {
         }
     }
 
+    fn records(&self) -> std::sync::MutexGuard<'_, HashMap<String, AllocRecord>> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn read_record(&self, alloc_id: &str) -> Result<Option<AllocRecord>, DriverError> {
-        let path = self.record_path(alloc_id);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("read alloc record", &path)(e)),
-        };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| DriverError::CorruptRecord {
-                path,
-                reason: e.to_string(),
-            })
+        if let Some(rec) = self.records().get(alloc_id) {
+            return Ok(Some(rec.clone()));
+        }
+        let corrupt = self.corrupt.lock().unwrap_or_else(|e| e.into_inner());
+        match corrupt.get(alloc_id) {
+            Some(reason) => Err(DriverError::CorruptRecord {
+                path: self.record_path(alloc_id),
+                reason: reason.clone(),
+            }),
+            None => Ok(None),
+        }
     }
 
     fn write_record(&self, rec: &AllocRecord) -> Result<(), DriverError> {
@@ -277,18 +327,53 @@ impl Inner {
             f.sync_all()?;
             fs::rename(&tmp, &path)
         })()
-        .map_err(io_err("write alloc record", &path))
+        .map_err(io_err("write alloc record", &path))?;
+        self.records().insert(rec.alloc_id.clone(), rec.clone());
+        Ok(())
+    }
+
+    /// Forgets the record of `alloc_id` (file and memory), keeping its log.
+    fn remove_record(&self, alloc_id: &str) -> Result<(), DriverError> {
+        let path = self.record_path(alloc_id);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &path)(e)),
+        }
+        self.records().remove(alloc_id);
+        self.corrupt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(alloc_id);
+        Ok(())
     }
 
     fn remove_files(&self, alloc_id: &str) -> Result<(), DriverError> {
-        for path in [self.record_path(alloc_id), self.log_path(alloc_id)] {
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("remove", &path)(e)),
-            }
+        self.remove_record(alloc_id)?;
+        let log = self.log_path(alloc_id);
+        match fs::remove_file(&log) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &log)(e)),
         }
+        logfile::remove_rotated(&log, self.logs);
         Ok(())
+    }
+
+    /// Rotates the log of `alloc_id` if it reached the cap, moving its logical base.
+    fn rotate_log(&self, alloc_id: &str) {
+        let path = self.log_path(alloc_id);
+        match logfile::rotate_if_needed(&path, self.logs) {
+            Ok(0) => {}
+            Ok(moved) => {
+                self.live()
+                    .entry(alloc_id.to_string())
+                    .or_default()
+                    .log_base += moved;
+                tracing::debug!(alloc_id, moved, "rotated workload log");
+            }
+            Err(e) => tracing::warn!(alloc_id, error = %e, "cannot rotate workload log"),
+        }
     }
 
     fn same_boot(&self, rec: &AllocRecord) -> bool {
@@ -301,6 +386,15 @@ impl Inner {
     fn leader(&self, rec: &AllocRecord) -> Leader {
         if !self.same_boot(rec) {
             return Leader::Gone(None);
+        }
+        // Our own child: its watcher reaps it and records the exit, so until then it
+        // runs (or is a zombie about to be reaped), and nothing needs reading.
+        if self
+            .live()
+            .get(&rec.alloc_id)
+            .is_some_and(|l| l.watched_pid == Some(rec.pid) && l.exit.is_none())
+        {
+            return Leader::Alive;
         }
         let Some(st) = procfs::read_stat(rec.pid) else {
             return Leader::Gone(None);
@@ -395,7 +489,7 @@ impl Inner {
             Some(_) => false,
             // Leader gone; members left in its group are its descendants (a group id is
             // not reused while the group has members).
-            None => procfs::group_members(rec.pid).is_ok_and(|m| !m.is_empty()),
+            None => group_exists(rec.pid),
         }
     }
 
@@ -415,23 +509,28 @@ impl Inner {
         if wait_group_gone(pgid, KILL_WAIT).await {
             return Ok(());
         }
+        // Still there after SIGKILL: only now look at who (zombies waiting for their
+        // parent to reap them do not count).
+        let pids: Vec<i32> = tokio::task::spawn_blocking(move || procfs::group_members(pgid))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+            .iter()
+            .map(|p| p.pid)
+            .collect();
+        if pids.is_empty() {
+            return Ok(());
+        }
         Err(DriverError::StillRunning {
             alloc_id: rec.alloc_id.clone(),
-            pids: procfs::group_members(pgid)
-                .unwrap_or_default()
-                .iter()
-                .map(|p| p.pid)
-                .collect(),
+            pids,
         })
     }
 
-    fn usage_of(&self, rec: &AllocRecord) -> Usage {
-        let members = procfs::group_members(rec.pid).unwrap_or_default();
-        let ticks: u64 = members.iter().map(|m| m.cpu_ticks).sum();
-        let memory_bytes = members
-            .iter()
-            .filter_map(|m| procfs::rss_bytes(m.pid, self.page_size))
-            .sum();
+    /// CPU and memory of `rec`'s group from one reading of its members' totals.
+    fn usage_of(&self, rec: &AllocRecord, ticks: u64, rss_pages: u64) -> Usage {
+        let memory_bytes = rss_pages * self.page_size;
         let now = Instant::now();
         let tps = self.ticks_per_sec as f64;
         let mut live = self.live();
@@ -483,14 +582,23 @@ fn signal_group(pgid: i32, sig: libc::c_int) {
     }
 }
 
+/// Whether any process (a zombie included) is in group `pgid`: one syscall, no scan.
+fn group_exists(pgid: i32) -> bool {
+    if pgid <= 1 {
+        return false;
+    }
+    // SAFETY: plain syscall; signal 0 only checks that the group exists.
+    let r = unsafe { libc::kill(-pgid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
 /// Polls until group `pgid` has no live member; false if `within` passes first.
 async fn wait_group_gone(pgid: i32, within: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + within;
     let mut step = Duration::from_millis(5);
     loop {
-        match procfs::group_members(pgid) {
-            Ok(m) if m.is_empty() => return true,
-            _ => {}
+        if !group_exists(pgid) {
+            return true;
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
@@ -509,29 +617,48 @@ fn pick_port(proto: Protocol) -> io::Result<u16> {
     }
 }
 
-/// Reads the whole file, or only its last `tail` lines without reading all of it.
-fn read_log(path: &Path, tail: Option<usize>) -> io::Result<Vec<u8>> {
-    let mut f = File::open(path)?;
-    let Some(n) = tail else {
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        return Ok(buf);
+/// Reads one alloc record file; `None` if it vanished meanwhile.
+fn load_record(path: &Path) -> Result<Option<AllocRecord>, DriverError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("read alloc record", path)(e)),
     };
-    let len = f.metadata()?.len();
-    let mut chunk: u64 = 64 * 1024;
-    loop {
-        let start = len.saturating_sub(chunk);
-        f.seek(SeekFrom::Start(start))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        let lines = buf.iter().filter(|b| **b == b'\n').count();
-        // One more newline than lines wanted guarantees the first line is whole.
-        if start == 0 || lines > n {
-            let tail = tail_lines(&buf, n);
-            return Ok(tail.to_vec());
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| DriverError::CorruptRecord {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// CPU ticks and resident pages of the live members of each group in `pgids`, from
+/// one pass over `/proc` (blocking: run it on a blocking thread).
+fn scan_groups(pgids: &HashSet<i32>, page_size: u64) -> HashMap<i32, (u64, u64)> {
+    let mut out: HashMap<i32, (u64, u64)> = HashMap::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // Processes come and go during the scan; a vanished one is simply not counted.
+        let Some(st) = procfs::read_stat(pid) else {
+            continue;
+        };
+        if !st.is_alive() || !pgids.contains(&st.pgrp) {
+            continue;
         }
-        chunk = chunk.saturating_mul(4);
+        let e = out.entry(st.pgrp).or_default();
+        e.0 += st.cpu_ticks;
+        e.1 += procfs::rss_bytes(pid, page_size).map_or(0, |b| b / page_size.max(1));
     }
+    out
 }
 
 #[async_trait]
@@ -560,14 +687,16 @@ impl Driver for ProcessDriver {
             // It ended; whatever it forked must not outlive it into the new run.
             // Its log stays: the new run appends to it.
             inner.kill_group(&old, Duration::ZERO).await?;
-            let record = inner.record_path(alloc_id);
-            match fs::remove_file(&record) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("remove", &record)(e)),
-            }
-            inner.live().remove(alloc_id);
+            inner.remove_record(alloc_id)?;
+            let base = inner.live().remove(alloc_id).map_or(0, |l| l.log_base);
+            inner
+                .live()
+                .entry(alloc_id.to_string())
+                .or_default()
+                .log_base = base;
         }
+        // A crash loop appends to one log: keep it under its cap at every start too.
+        inner.rotate_log(alloc_id);
 
         let mut ports = Vec::with_capacity(spec.ports.len());
         for p in &spec.ports {
@@ -659,13 +788,15 @@ impl Driver for ProcessDriver {
             let _ = fs::remove_file(&log_path);
             return Err(e);
         }
-        inner.live().insert(
-            alloc_id.to_string(),
-            Live {
+        {
+            let mut live = inner.live();
+            let l = live.entry(alloc_id.to_string()).or_default();
+            *l = Live {
                 watched_pid: Some(pid),
+                log_base: l.log_base,
                 ..Live::default()
-            },
-        );
+            };
+        }
 
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let watched_alloc = alloc_id.to_string();
@@ -694,7 +825,12 @@ impl Driver for ProcessDriver {
         let _guard = inner.lock(alloc_id).await;
         let rec = match inner.read_record(alloc_id) {
             Ok(Some(rec)) => rec,
-            Ok(None) => return Ok(()),
+            Ok(None) => {
+                // Unknown here; files left under its name (e.g. written after this
+                // driver opened) go, so the slot can start afresh.
+                inner.remove_files(alloc_id)?;
+                return Ok(());
+            }
             Err(e @ DriverError::CorruptRecord { .. }) => {
                 // Unreadable record: the pid cannot be trusted, so nothing is signalled;
                 // removing the files lets the slot be started afresh.
@@ -722,38 +858,54 @@ impl Driver for ProcessDriver {
 
     async fn list(&self) -> Result<Vec<WorkloadStatus>, DriverError> {
         let inner = &self.inner;
-        let dir = &inner.allocs_dir;
-        let mut out = Vec::new();
-        for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
-            let entry = entry.map_err(io_err("list", dir))?;
-            let name = entry.file_name();
-            let Some(alloc_id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue; // temp files of an interrupted write
-            };
-            match inner.read_record(alloc_id) {
-                Ok(Some(rec)) => out.push(inner.status_of(&rec)),
-                Ok(None) => {} // stopped meanwhile
-                // One bad file must not hide every other workload from adoption.
-                Err(e) => tracing::warn!(alloc_id, error = %e, "skipping unreadable alloc record"),
-            }
-        }
+        let recs: Vec<AllocRecord> = inner.records().values().cloned().collect();
+        let mut out: Vec<WorkloadStatus> = recs.iter().map(|r| inner.status_of(r)).collect();
         out.sort_by(|a, b| a.alloc_id.cmp(&b.alloc_id));
         Ok(out)
     }
 
     async fn usage(&self, alloc_id: &str) -> Result<Option<Usage>, DriverError> {
         check_alloc_id(alloc_id)?;
-        let inner = &self.inner;
-        let Some(rec) = inner.read_record(alloc_id)? else {
-            return Ok(None);
-        };
-        if !inner.status_of(&rec).state.is_live() {
-            return Ok(None);
-        }
-        Ok(Some(inner.usage_of(&rec)))
+        let mut all = self.usage_many(&[alloc_id.to_string()]).await?;
+        Ok(all.remove(alloc_id))
     }
 
-    async fn logs(&self, alloc_id: &str, tail: Option<usize>) -> Result<Vec<u8>, DriverError> {
+    async fn usage_many(
+        &self,
+        alloc_ids: &[String],
+    ) -> Result<HashMap<String, Usage>, DriverError> {
+        let inner = self.inner.clone();
+        let mut live: Vec<AllocRecord> = Vec::new();
+        for id in alloc_ids {
+            check_alloc_id(id)?;
+            if let Some(rec) = inner.read_record(id)? {
+                if inner.status_of(&rec).state.is_live() {
+                    live.push(rec);
+                }
+            }
+        }
+        if live.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let pgids: HashSet<i32> = live.iter().map(|r| r.pid).collect();
+        let page_size = inner.page_size;
+        let totals = tokio::task::spawn_blocking(move || scan_groups(&pgids, page_size))
+            .await
+            .map_err(|e| DriverError::Io {
+                what: "scan /proc",
+                path: PathBuf::from("/proc"),
+                source: io::Error::other(e.to_string()),
+            })?;
+        Ok(live
+            .iter()
+            .map(|rec| {
+                let (ticks, pages) = totals.get(&rec.pid).copied().unwrap_or_default();
+                (rec.alloc_id.clone(), inner.usage_of(rec, ticks, pages))
+            })
+            .collect())
+    }
+
+    async fn logs(&self, alloc_id: &str, query: LogQuery) -> Result<LogChunk, DriverError> {
         check_alloc_id(alloc_id)?;
         let inner = &self.inner;
         if inner.read_record(alloc_id)?.is_none() {
@@ -763,12 +915,28 @@ impl Driver for ProcessDriver {
             });
         }
         let path = inner.log_path(alloc_id);
-        match read_log(&path, tail) {
-            Ok(b) => Ok(b),
-            // A workload started by hand-edited state may never have had a log.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(io_err("read log", &path)(e)),
-        }
+        let base = inner.live().get(alloc_id).map_or(0, |l| l.log_base);
+        let read_path = path.clone();
+        tokio::task::spawn_blocking(move || logfile::read(&read_path, base, query))
+            .await
+            .map_err(|e| io_err("read log", &path)(io::Error::other(e.to_string())))?
+            .map_err(|e| io_err("read log", &path)(e))
+    }
+
+    async fn housekeep(&self) -> Result<(), DriverError> {
+        let inner = self.inner.clone();
+        let ids: Vec<String> = inner.records().keys().cloned().collect();
+        tokio::task::spawn_blocking(move || {
+            for id in ids {
+                inner.rotate_log(&id);
+            }
+        })
+        .await
+        .map_err(|e| DriverError::Io {
+            what: "rotate logs",
+            path: PathBuf::new(),
+            source: io::Error::other(e.to_string()),
+        })
     }
 
     async fn exec(&self, alloc_id: &str, command: &[String]) -> Result<i32, DriverError> {

@@ -15,8 +15,8 @@ use std::time::Duration;
 use common::{free_port, http_get, wait_for};
 use shoal_runtime::testutil::{ensure_test_image, TEST_IMAGE};
 use shoal_runtime::{
-    labels, DockerDriver, DockerOptions, Driver, DriverError, PortSpec, Protocol, RunState,
-    WorkloadKind, WorkloadSpec,
+    labels, DockerDriver, DockerOptions, Driver, DriverError, LogQuery, PortSpec, Protocol,
+    RunState, WorkloadKind, WorkloadSpec,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -222,10 +222,21 @@ async fn a_container_serves_http_with_its_limits_labels_and_logs() {
         "{usage:?}"
     );
 
-    let logs = String::from_utf8(adopted.logs("main-a1", None).await.expect("logs")).expect("utf8");
+    let logs = String::from_utf8(
+        adopted
+            .logs("main-a1", LogQuery::all())
+            .await
+            .expect("logs")
+            .bytes,
+    )
+    .expect("utf8");
     assert!(logs.contains("listening on port 8080"), "stdout: {logs}");
     assert!(logs.contains("GET /healthz -> 200 OK"), "stderr: {logs}");
-    let last = adopted.logs("main-a1", Some(1)).await.expect("tail");
+    let last = adopted
+        .logs("main-a1", LogQuery::tail(1))
+        .await
+        .expect("tail")
+        .bytes;
     assert_eq!(last.iter().filter(|b| **b == b'\n').count(), 1, "{last:?}");
 
     adopted
@@ -280,7 +291,11 @@ async fn an_exit_is_reported_with_its_code_and_a_restart_replaces_it() {
     .await;
     assert_eq!(ended.state, RunState::Exited { code: Some(3) });
     assert_eq!(d.usage("exit-a1").await.expect("usage"), None);
-    let logs = d.logs("exit-a1", None).await.expect("logs");
+    let logs = d
+        .logs("exit-a1", LogQuery::all())
+        .await
+        .expect("logs")
+        .bytes;
     assert!(String::from_utf8_lossy(&logs).contains("exiting with 3"));
 
     s.env.remove("EXIT_WITH");

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_runtime::{
-    Driver, DriverError, MemCall, MemDriver, MemOp, PortSpec, Protocol, RunState, Usage,
+    Driver, DriverError, LogQuery, MemCall, MemDriver, MemOp, PortSpec, Protocol, RunState, Usage,
     WorkloadKind, WorkloadSpec,
 };
 
@@ -96,9 +96,12 @@ async fn tests_can_script_exits_usage_logs_and_clock() {
     assert_eq!(d.usage("a").await.expect("usage"), Some(u));
 
     assert!(d.append_log("a", b"one\ntwo\nthree\n"));
-    assert_eq!(d.logs("a", Some(2)).await.expect("logs"), b"two\nthree\n");
+    assert_eq!(
+        d.logs("a", LogQuery::tail(2)).await.expect("logs").bytes,
+        b"two\nthree\n"
+    );
     assert!(matches!(
-        d.logs("zzz", None).await,
+        d.logs("zzz", LogQuery::all()).await,
         Err(DriverError::NotFound { .. })
     ));
 

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::{free_port, pid_is_running, pid_start_ticks, wait_for};
 use shoal_runtime::{
-    Driver, DriverError, PortSpec, ProcessDriver, Protocol, RunState, WorkloadKind, WorkloadSpec,
-    WorkloadStatus,
+    Driver, DriverError, LogQuery, PortSpec, ProcessDriver, Protocol, RunState, WorkloadKind,
+    WorkloadSpec, WorkloadStatus,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -39,7 +39,7 @@ fn pid(st: &WorkloadStatus) -> i32 {
 }
 
 async fn log_text(d: &ProcessDriver, alloc: &str) -> String {
-    String::from_utf8_lossy(&d.logs(alloc, None).await.expect("logs")).into_owned()
+    String::from_utf8_lossy(&d.logs(alloc, LogQuery::all()).await.expect("logs").bytes).into_owned()
 }
 
 async fn wait_log(d: &ProcessDriver, alloc: &str, needle: &str) -> String {
@@ -87,14 +87,14 @@ async fn env_and_output_reach_the_workload_and_its_log() {
     assert!(text.contains("alloc=env1 slot=2\n"), "{text}");
     // Only PATH is passed on from the agent: its HOME (and secrets) are not.
     assert!(text.contains("home=[]\n"), "{text}");
-    let last = d.logs("env1", Some(1)).await.expect("tail");
+    let last = d.logs("env1", LogQuery::tail(1)).await.expect("tail").bytes;
     assert_eq!(last, b"home=[]\n");
 
     d.stop("env1", Duration::from_secs(2)).await.expect("stop");
     assert!(!pid_is_running(pid(&st)));
     assert!(d.status("env1").await.expect("status").is_none());
     assert!(matches!(
-        d.logs("env1", None).await,
+        d.logs("env1", LogQuery::all()).await,
         Err(DriverError::NotFound { .. })
     ));
     assert!(!d.log_path("env1").exists(), "stop removes the log");
@@ -335,7 +335,10 @@ async fn bad_requests_are_clear_errors_and_leave_nothing_behind() {
         .await
         .expect_err("bad id");
     assert!(matches!(err, DriverError::InvalidSpec { .. }), "{err}");
-    let err = d.logs("unknown", None).await.expect_err("unknown alloc");
+    let err = d
+        .logs("unknown", LogQuery::all())
+        .await
+        .expect_err("unknown alloc");
     assert!(matches!(err, DriverError::NotFound { .. }), "{err}");
     d.stop("unknown", Duration::ZERO)
         .await
@@ -354,4 +357,97 @@ async fn bad_requests_are_clear_errors_and_leave_nothing_behind() {
             .count(),
         0
     );
+}
+
+#[tokio::test]
+async fn usage_of_many_workloads_is_one_call_and_skips_the_stopped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = ProcessDriver::new(dir.path()).expect("driver");
+    for id in ["m1", "m2", "m3"] {
+        d.start(&spec(id, &["sleep", "300"])).await.expect("start");
+    }
+    d.start(&sh("done1", "exit 0")).await.expect("start");
+    wait_state(&d, "done1", &RunState::Exited { code: Some(0) }).await;
+    let ids: Vec<String> = ["m1", "m2", "m3", "done1", "unknown"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let all = d.usage_many(&ids).await.expect("usage_many");
+    let mut got: Vec<&str> = all.keys().map(String::as_str).collect();
+    got.sort_unstable();
+    assert_eq!(got, vec!["m1", "m2", "m3"], "{all:?}");
+    assert!(all.values().all(|u| u.memory_bytes > 0), "{all:?}");
+    for id in ["m1", "m2", "m3", "done1"] {
+        d.stop(id, Duration::from_secs(2)).await.expect("stop");
+    }
+}
+
+#[tokio::test]
+async fn logs_rotate_at_their_cap_and_reads_stay_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = shoal_runtime::LogPolicy {
+        max_bytes: 256 << 10,
+        max_files: 3,
+    };
+    let d = ProcessDriver::with_logs(dir.path(), policy).expect("driver");
+    // 1 MB of 100-byte lines, then quiet.
+    d.start(&sh(
+        "chatty",
+        "i=0; while [ $i -lt 10000 ]; do echo \"line $i $(printf '%080d' 0)\"; i=$((i+1)); done; echo done; sleep 300",
+    ))
+    .await
+    .expect("start");
+    wait_log(&d, "chatty", "done\n").await;
+    let path = d.log_path("chatty");
+    let before = std::fs::metadata(&path).expect("log").len();
+    assert!(before > 512 << 10, "{before}");
+    // A tail reads from the end: one line, whatever the size.
+    let last = d.logs("chatty", LogQuery::tail(2)).await.expect("tail");
+    assert_eq!(
+        String::from_utf8_lossy(&last.bytes)
+            .lines()
+            .last()
+            .unwrap_or(""),
+        "done"
+    );
+    assert_eq!(last.next_offset, before);
+    // A page is bounded and says more follows.
+    let page = d
+        .logs(
+            "chatty",
+            LogQuery {
+                limit: 4096,
+                ..LogQuery::from(0)
+            },
+        )
+        .await
+        .expect("page");
+    assert!(
+        page.bytes.len() <= 4096 && page.more,
+        "{}",
+        page.bytes.len()
+    );
+    assert!(page.bytes.ends_with(b"\n"), "pages end on a line");
+
+    d.housekeep().await.expect("housekeep");
+    let rotated = dir.path().join("logs/chatty.log.1");
+    assert_eq!(
+        std::fs::metadata(&rotated).expect("rotated copy").len(),
+        before
+    );
+    assert!(std::fs::metadata(&path).expect("log").len() < 4096);
+    // The workload keeps writing into the (now small) current file.
+    let after = d
+        .logs("chatty", LogQuery::from(before))
+        .await
+        .expect("follow");
+    assert_eq!(
+        after.next_offset,
+        before + std::fs::metadata(&path).unwrap().len()
+    );
+
+    d.stop("chatty", Duration::from_secs(2))
+        .await
+        .expect("stop");
+    assert!(!rotated.exists(), "stop removes the rotated copies too");
 }

@@ -590,3 +590,197 @@ pub async fn run_deploy(args: DeployBenchArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Options of `shoal bench replicas`.
+#[derive(Debug, clap::Args)]
+pub struct ReplicasBenchArgs {
+    /// Agents in the mesh.
+    #[arg(long, default_value_t = 3)]
+    pub agents: usize,
+    /// Replica counts to measure, comma separated (one fresh mesh each).
+    #[arg(long, value_delimiter = ',', default_value = "100,300,1000")]
+    pub counts: Vec<u32>,
+    /// Seconds of steady state measured once every replica runs.
+    #[arg(long, default_value_t = 20)]
+    pub steady_secs: u64,
+    /// First port, as for `bench mesh`.
+    #[arg(long, default_value_t = 35001)]
+    pub base_port: u16,
+}
+
+/// CPU ticks (user + system) of process `pid`.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest: Vec<&str> = s.get(s.rfind(')')? + 1..)?.split_whitespace().collect();
+    Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Resident memory of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    Some(s.split_whitespace().nth(1)?.parse::<u64>().ok()? * page)
+}
+
+/// Latencies of API reads made while something else goes on.
+#[derive(Default)]
+struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    fn quantile(&self, q: f64) -> Duration {
+        let mut v = self.0.clone();
+        v.sort();
+        let i = ((v.len() as f64 * q).ceil() as usize).saturating_sub(1);
+        v.get(i.min(v.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// Polls `GET /v1/services` on every agent every 200 ms until `stop`, recording each
+/// answer's latency (a failed or timed-out read counts as its timeout, 10 s).
+async fn probe_api(
+    clients: std::sync::Arc<Vec<Client>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Latencies {
+    let mut lat = Latencies::default();
+    while !*stop.borrow() {
+        let times = join_all(clients.iter().map(|c| async move {
+            let t = Instant::now();
+            match c.services().await {
+                Ok(_) => t.elapsed(),
+                Err(_) => Duration::from_secs(10),
+            }
+        }))
+        .await;
+        lat.0.extend(times);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    lat
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Many replicas on few agents: API latency while they start and while they run,
+/// CPU and memory per agent, duplicates, and the time `rm` takes.
+pub async fn run_replicas(args: ReplicasBenchArgs) -> anyhow::Result<()> {
+    if args.agents == 0 || args.counts.is_empty() {
+        bail!("--agents and --counts must not be empty");
+    }
+    let mut rows = Vec::new();
+    for &count in &args.counts {
+        let mesh = Mesh::start(args.agents, args.base_port).await?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let clients = std::sync::Arc::new(
+            mesh.apis
+                .iter()
+                .map(|a| Client::new(&a.to_string()))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        );
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let prober = tokio::spawn(probe_api(clients.clone(), stop_rx));
+        let spec = format!(
+            "name = \"many\"\ndriver = \"process\"\ncommand = [\"sleep\", \"3600\"]\nreplicas = {count}\n\
+             [resources]\ncpu = \"1m\"\nmemory = \"1Mi\"\n"
+        );
+        let t0 = Instant::now();
+        mesh.clients[0].deploy("many.toml", spec).await?;
+        crate::service_cli::wait_rollout(
+            &mesh.clients[0],
+            "many",
+            1,
+            Duration::from_secs(600),
+            false,
+        )
+        .await?;
+        let up = t0.elapsed();
+        let _ = stop_tx.send(true);
+        let during = prober.await?;
+
+        // Steady state: API latency, CPU and memory of each agent.
+        let pids: Vec<u32> = mesh.procs.0.iter().map(Child::id).collect();
+        let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p).unwrap_or(0)).collect();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let prober = tokio::spawn(probe_api(clients.clone(), stop_rx));
+        let t1 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(args.steady_secs)).await;
+        let _ = stop_tx.send(true);
+        let steady = prober.await?;
+        let secs = t1.elapsed().as_secs_f64();
+        // SAFETY: sysconf has no preconditions.
+        let tps = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cpu: Vec<f64> = pids
+            .iter()
+            .zip(&before)
+            .map(|(p, b)| {
+                (cpu_ticks(*p).unwrap_or(0).saturating_sub(*b)) as f64 / tps / secs * 100.0
+            })
+            .collect();
+        let rss: Vec<u64> = pids.iter().map(|p| rss_bytes(*p).unwrap_or(0)).collect();
+
+        // Every slot runs exactly once.
+        let groups = workload_groups(mesh.dir.path());
+        let alive = groups
+            .iter()
+            // SAFETY: signal 0 only checks that the group exists.
+            .filter(|g| unsafe { libc::kill(-**g, 0) } == 0)
+            .count();
+        let t2 = Instant::now();
+        mesh.clients[0].rm("many").await?;
+        loop {
+            let left = workload_groups(mesh.dir.path()).len();
+            if left == 0 {
+                break;
+            }
+            if t2.elapsed() > Duration::from_secs(300) {
+                bail!("{left} workloads still recorded 300 s after rm");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let down = t2.elapsed();
+        eprintln!(
+            "{count} replicas: all running after {up:?}; {alive} workloads alive; rm took {down:?}"
+        );
+        let cpu_max = cpu.iter().cloned().fold(0.0, f64::max);
+        let rss_max = rss.iter().copied().max().unwrap_or(0);
+        rows.push(vec![
+            count.to_string(),
+            format!("{:.1} s", up.as_secs_f64()),
+            format!(
+                "{} / {}",
+                ms(during.quantile(0.99)),
+                ms(during.quantile(1.0))
+            ),
+            format!(
+                "{} / {} / {}",
+                ms(steady.quantile(0.5)),
+                ms(steady.quantile(0.99)),
+                ms(steady.quantile(1.0))
+            ),
+            format!("{cpu_max:.1}%"),
+            format!("{} MiB", rss_max >> 20),
+            format!("{}", alive as i64 - i64::from(count)),
+            format!("{:.1} s", down.as_secs_f64()),
+        ]);
+    }
+    println!(
+        "{}",
+        table(
+            &[
+                "REPLICAS",
+                "DEPLOY TO ALL RUNNING",
+                "API WHILE DEPLOYING p99 / max",
+                "API STEADY p50 / p99 / max",
+                "CPU PER AGENT (max)",
+                "RSS PER AGENT (max)",
+                "EXTRA WORKLOADS",
+                "RM TO ALL STOPPED",
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}

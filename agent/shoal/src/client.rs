@@ -17,6 +17,24 @@ pub enum Format {
     Json,
 }
 
+/// The API token of this process's clients (`--token-file`), set once at start.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the API token every [`Client`] of this process sends (from `--token-file`).
+pub fn set_token(token: String) {
+    let _ = TOKEN.set(token);
+}
+
+/// The token to send: `--token-file`, else `$SHOAL_TOKEN`.
+fn token() -> Option<String> {
+    TOKEN
+        .get()
+        .cloned()
+        .or_else(|| std::env::var("SHOAL_TOKEN").ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
 /// A client for one agent's API.
 pub struct Client {
     base: String,
@@ -44,8 +62,22 @@ impl Client {
         if !base.starts_with("http://") {
             bail!("--api must be an http:// address, got {api:?}");
         }
+        let mut headers = reqwest::header::HeaderMap::new();
+        // Marks requests as the CLI's: the agent refuses mutations without it that a
+        // web page could forge.
+        headers.insert(
+            crate::agent::http_guard::CLIENT_HEADER,
+            reqwest::header::HeaderValue::from_static("1"),
+        );
+        if let Some(t) = token() {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+                .context("the API token contains characters a header cannot carry")?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
+            .default_headers(headers)
             .build()
             .context("building the HTTP client")?;
         Ok(Client { base, http })
@@ -126,9 +158,12 @@ impl Client {
         name: &str,
         slot: Option<u32>,
         tail: Option<usize>,
-        offset: u64,
+        offset: Option<u64>,
     ) -> anyhow::Result<Vec<LogsView>> {
-        let mut q = vec![("offset", offset.to_string())];
+        let mut q = Vec::new();
+        if let Some(o) = offset {
+            q.push(("offset", o.to_string()));
+        }
         if let Some(s) = slot {
             q.push(("slot", s.to_string()));
         }
@@ -154,12 +189,13 @@ impl Client {
             .await
     }
 
-    /// `GET /v1/kv?prefix=`.
-    pub async fn kv_list(&self, prefix: &str) -> anyhow::Result<Vec<KvView>> {
+    /// `GET /v1/kv?prefix=[&internal=true]`.
+    pub async fn kv_list(&self, prefix: &str, internal: bool) -> anyhow::Result<Vec<KvView>> {
         let req = self
             .http
             .get(format!("{}/v1/kv", self.base))
-            .query(&[("prefix", prefix)]);
+            .query(&[("prefix", prefix)])
+            .query(&[("internal", internal)]);
         self.send(req).await
     }
 
@@ -242,30 +278,85 @@ fn bytes_human(b: u64) -> String {
     }
 }
 
-/// Renders rows as a left-aligned table with a header.
+/// `s` with control characters (ANSI escapes, NUL, newlines…) shown as escapes,
+/// so text from the cluster can never drive the terminal or break a table.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    escape(s, false)
+}
+
+/// Like [`printable`], but newlines and tabs are kept (multi-line values).
+pub fn printable_text(s: &str) -> std::borrow::Cow<'_, str> {
+    escape(s, true)
+}
+
+fn escape(s: &str, keep_lines: bool) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() && !(keep_lines && (c == '\n' || c == '\t'));
+    if !s.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            c if !bad(c) => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\0' => out.push_str("\\0"),
+            c if (c as u32) < 0x100 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Renders rows as a left-aligned table with a header. Cells are escaped with
+/// [`printable`]; any cell length and any row length work (missing cells are empty).
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
+    let cols = rows
+        .iter()
+        .map(Vec::len)
+        .chain([header.len()])
+        .max()
+        .unwrap_or(0);
+    let cell = |r: &[String], i: usize| -> String {
+        r.get(i)
+            .map(|c| printable(c).into_owned())
+            .unwrap_or_default()
+    };
+    let header: Vec<String> = (0..cols)
+        .map(|i| header.get(i).copied().unwrap_or("").to_string())
+        .collect();
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| (0..cols).map(|i| cell(r, i)).collect())
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in &body {
         for (i, c) in r.iter().enumerate() {
             widths[i] = widths[i].max(c.chars().count());
         }
     }
     let mut out = String::new();
-    let line = |out: &mut String, cells: Vec<&str>| {
+    let line = |out: &mut String, cells: &[String]| {
         let mut s = String::new();
         for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                let _ = write!(s, "{:<w$}  ", c, w = widths[i]);
+            s.push_str(c);
+            if i + 1 < cells.len() {
+                // Padded by hand: format widths are limited to u16, cells are not.
+                let pad = widths[i] - c.chars().count() + 2;
+                s.extend(std::iter::repeat_n(' ', pad));
             }
         }
         out.push_str(s.trim_end());
         out.push('\n');
     };
-    line(&mut out, header.to_vec());
-    for r in rows {
-        line(&mut out, r.iter().map(String::as_str).collect());
+    line(&mut out, &header);
+    for r in &body {
+        line(&mut out, r);
     }
     out
 }
@@ -297,7 +388,7 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
             ]
         })
         .collect();
-    table(
+    let mut out = table(
         &[
             "NAME",
             "ADDRESS",
@@ -308,7 +399,13 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
             "LABELS",
         ],
         &rows,
-    )
+    );
+    for n in nodes {
+        if let Some(note) = &n.note {
+            let _ = writeln!(out, "{}: {}", printable(&n.name), printable(note));
+        }
+    }
+    out
 }
 
 /// The `shoal plugin ls` table.
@@ -357,6 +454,21 @@ mod tests {
             &[vec!["xxx".into(), "y".into()], vec!["z".into(), "w".into()]],
         );
         assert_eq!(t, "A    BB\nxxx  y\nz    w\n");
+    }
+
+    #[test]
+    fn tables_take_any_cell_and_escape_control_characters() {
+        // Format widths are limited to u16: a 70,000-character cell used to panic.
+        let long = "v".repeat(70_000);
+        let t = table(&["K", "V"], &[vec!["k".into(), long.clone()]]);
+        assert!(t.contains(&long));
+        // Rows longer or shorter than the header.
+        let t = table(&["A"], &[vec!["1".into(), "2".into()], vec![]]);
+        assert_eq!(t.lines().count(), 3);
+        let t = table(&["KEY"], &[vec!["a\u{1b}[31mred\0\nb\u{7f}\u{85}".into()]]);
+        assert!(t.contains("a\\x1b[31mred\\0\\nb\\x7f\\x85"), "{t}");
+        assert!(!t.contains('\u{1b}'));
+        assert_eq!(printable_text("a\nb\t\u{1b}"), "a\nb\t\\x1b");
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             args.nodes
         );
     }
+    // Stop on Ctrl-C, SIGTERM or SIGHUP, whenever it comes: every exit path below
+    // stops the agents (which stop their workloads) and removes the temp dir.
+    let signals = stop_signals()?;
+    tokio::pin!(signals);
+    check_ports_free(&args)?;
     let tmp;
     let dir = match &args.dir {
         Some(d) => d.clone(),
@@ -67,10 +72,47 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if !ca_dir.join("ca.pem").exists() {
         shoal_net::init_ca(&ca_dir).context("creating the demo CA")?;
     }
-    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut apis = Vec::new();
+    let result = tokio::select! {
+        r = start_and_show(&args, &dir, &ca_dir, &stop_rx, &mut tasks, &mut apis) => r,
+        sig = &mut signals => {
+            eprintln!("\n{sig}: stopping the demo");
+            Ok(false)
+        }
+    };
+    let wait_for_signal = matches!(result, Ok(true));
+    if wait_for_signal {
+        println!("\nCtrl-C stops every agent (they leave the cluster gracefully).");
+        let sig = (&mut signals).await;
+        eprintln!("\n{sig}: stopping the demo");
+    }
+    let _ = stop_tx.send(true);
+    for (name, t) in tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("agent {name}: {e:#}"),
+            Err(e) => eprintln!("agent {name} panicked: {e}"),
+        }
+    }
+    result.map(|_| ())
+}
+
+/// Agents handed to the demo's caller, so they are stopped on every exit path.
+type Agents = Vec<(String, tokio::task::JoinHandle<anyhow::Result<()>>)>;
+
+/// Starts the agents, deploys the app and prints where it runs. Ok(true): the
+/// demo should keep running until a signal.
+async fn start_and_show(
+    args: &DemoArgs,
+    dir: &std::path::Path,
+    ca_dir: &std::path::Path,
+    stop_rx: &watch::Receiver<bool>,
+    tasks: &mut Agents,
+    apis: &mut Vec<SocketAddr>,
+) -> anyhow::Result<bool> {
+    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     for i in 0..args.nodes {
         let quic = addr(args.base_port + i as u16);
         let api = addr(args.base_port + 100 + i as u16);
@@ -81,7 +123,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             api,
             data_dir: dir.join(format!("n{}", i + 1)),
             tls: Tls::SelfIssued {
-                ca_dir: ca_dir.clone(),
+                ca_dir: ca_dir.to_path_buf(),
             },
             join: if i == 0 {
                 vec![]
@@ -102,6 +144,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             // The example app runs as processes; every workload stops with the demo.
             docker: false,
             drain_on_exit: true,
+            api_hosts: Vec::new(),
+            api_token: None,
+            logs: shoal_runtime::LogPolicy::default(),
             tuning: Tuning {
                 cluster_size: Some(args.nodes as u32),
                 ..Tuning::default()
@@ -119,6 +164,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     let client = Client::new(&apis[0].to_string())?;
+    let tasks: &Agents = tasks;
     let deadline = Instant::now() + Duration::from_secs(30);
     let nodes = loop {
         if let Some((name, t)) = tasks.iter().find(|(_, t)| t.is_finished()) {
@@ -180,18 +226,37 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("  open http://{}/ for the dashboard", apis[0]);
 
-    if !args.once {
-        println!("\nCtrl-C stops every agent (they leave the cluster gracefully).");
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
-    }
-    let _ = stop_tx.send(true);
-    for (name, t) in tasks {
-        match t.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("agent {name}: {e:#}"),
-            Err(e) => eprintln!("agent {name} panicked: {e}"),
+    Ok(!args.once)
+}
+
+/// Resolves with the signal's name on SIGINT, SIGTERM or SIGHUP.
+fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut hup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => "interrupted",
+            _ = term.recv() => "terminated",
+            _ = hup.recv() => "hung up",
+        }
+    })
+}
+
+/// Fails with one line, before anything is started, if a port the demo needs is taken.
+fn check_ports_free(args: &DemoArgs) -> anyhow::Result<()> {
+    for i in 0..args.nodes {
+        let quic = args.base_port + i as u16;
+        let api = args.base_port + 100 + i as u16;
+        let name = format!("n{}", i + 1);
+        if let Err(e) = std::net::UdpSocket::bind(("127.0.0.1", quic)) {
+            bail!("port {quic} (QUIC of {name}) is not free: {e}; pick another range with --base-port");
+        }
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", api)) {
+            bail!(
+                "port {api} (API of {name}) is not free: {e}; pick another range with --base-port"
+            );
         }
     }
     Ok(())

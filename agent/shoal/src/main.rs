@@ -9,6 +9,7 @@ mod agent;
 mod bench;
 mod client;
 mod demo;
+mod kv_cli;
 mod plugin_cli;
 mod service_cli;
 mod views;
@@ -22,12 +23,15 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use agent::config::{AgentConfig, FileConfig};
-use client::{kv_table, nodes_table, AgentError, Client, Format};
+use client::{nodes_table, AgentError, Client, Format};
 
 /// A masterless container orchestrator.
 #[derive(Parser)]
 #[command(name = "shoal", version, about)]
 struct Cli {
+    /// File with the API token client commands send (or set SHOAL_TOKEN).
+    #[arg(long, global = true, env = "SHOAL_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -75,7 +79,7 @@ enum Cmd {
     /// The cluster-wide key/value store.
     Kv {
         #[command(subcommand)]
-        cmd: KvCmd,
+        cmd: kv_cli::KvCmd,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -112,32 +116,8 @@ enum BenchCmd {
     Reschedule(bench::RescheduleBenchArgs),
     /// Time from `deploy` of many replicas to all healthy, and from `rm` to all stopped.
     Deploy(bench::DeployBenchArgs),
-}
-
-#[derive(Subcommand)]
-enum KvCmd {
-    /// Write a key (acknowledged once on disk).
-    Put {
-        /// The key, e.g. app/color.
-        key: String,
-        /// The value (text).
-        value: String,
-    },
-    /// Read a key from the agent's replica; exits 1 if missing.
-    Get {
-        /// The key.
-        key: String,
-    },
-    /// List keys under a prefix.
-    Ls {
-        /// Key prefix (all keys when omitted).
-        prefix: Option<String>,
-    },
-    /// Delete a key; exits 1 if missing.
-    Rm {
-        /// The key.
-        key: String,
-    },
+    /// Many replicas on few agents: API latency, CPU and memory per agent, duplicates, rm time.
+    Replicas(bench::ReplicasBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -210,6 +190,18 @@ struct AgentArgs {
     /// Stop every workload when the agent exits (default: leave them running for the next start to adopt).
     #[arg(long)]
     drain_on_exit: bool,
+    /// Host name the HTTP API answers to besides IP addresses and localhost (repeatable; `*` for any).
+    #[arg(long = "api-host", value_name = "NAME")]
+    api_host: Vec<String>,
+    /// Require this token (file, mode 600) on every API request: for hosts with several users.
+    #[arg(long, value_name = "FILE")]
+    api_token_file: Option<PathBuf>,
+    /// Rotate workload logs at this size [default: 10Mi].
+    #[arg(long, value_name = "SIZE")]
+    log_max_size: Option<String>,
+    /// Workload log files kept, the current one included [default: 3].
+    #[arg(long, value_name = "N")]
+    log_max_files: Option<u32>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -239,8 +231,12 @@ impl AgentArgs {
             key,
             profile,
             policy_cache,
-            docker
+            docker,
+            api_token_file,
+            log_max_size,
+            log_max_files
         );
+        f.api_hosts.extend(self.api_host);
         if self.drain_on_exit {
             f.drain_on_exit = Some(true);
         }
@@ -255,9 +251,12 @@ impl AgentArgs {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal: a log file or pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .try_init();
 }
 
@@ -276,7 +275,8 @@ async fn shutdown_signal() {
     }
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+/// Prints `v` as pretty JSON on stdout.
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -309,44 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Kv { cmd, client } => {
-            let c = Client::new(&client.api)?;
-            let json = client.output == Format::Json;
-            match cmd {
-                KvCmd::Put { key, value } => {
-                    let e = c.kv_put(&key, &value).await?;
-                    if json {
-                        print_json(&e)?;
-                    }
-                    Ok(())
-                }
-                KvCmd::Get { key } => {
-                    let e = c.kv_get(&key).await?;
-                    if json {
-                        print_json(&e)
-                    } else {
-                        println!("{}", e.value);
-                        Ok(())
-                    }
-                }
-                KvCmd::Ls { prefix } => {
-                    let v = c.kv_list(prefix.as_deref().unwrap_or("")).await?;
-                    if json {
-                        print_json(&v)
-                    } else {
-                        print!("{}", kv_table(&v));
-                        Ok(())
-                    }
-                }
-                KvCmd::Rm { key } => {
-                    let v = c.kv_rm(&key).await?;
-                    if json {
-                        print_json(&v)?;
-                    }
-                    Ok(())
-                }
-            }
-        }
+        Cmd::Kv { cmd, client } => kv_cli::run(cmd, &client.api, client.output).await,
         Cmd::Workload {
             cmd: WorkloadCmd::Http(args),
         } => workload::run(args).await,
@@ -366,6 +329,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCmd::Deploy(args) => {
                 init_logging("warn");
                 bench::run_deploy(args).await
+            }
+            BenchCmd::Replicas(args) => {
+                init_logging("warn");
+                bench::run_replicas(args).await
             }
         },
         Cmd::Ca { cmd } => match cmd {
@@ -400,6 +367,15 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    if let Some(path) = &cli.token_file {
+        match std::fs::read_to_string(path) {
+            Ok(t) => client::set_token(t.trim().to_string()),
+            Err(e) => {
+                eprintln!("error: cannot read the token file {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

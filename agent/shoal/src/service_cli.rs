@@ -99,6 +99,9 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
                 |n| n.to_string_lossy().into_owned(),
             );
             let v = c.deploy(&name, text).await?;
+            for w in &v.warnings {
+                eprintln!("warning: {}", crate::client::printable(w));
+            }
             if json && !wait {
                 return print_json(&v);
             }
@@ -253,13 +256,29 @@ async fn logs(
     tail: Option<usize>,
     follow: bool,
 ) -> anyhow::Result<()> {
-    let views = c.logs(name, slot, tail, 0).await?;
+    let views = c.logs(name, slot, tail, None).await?;
     let several = views.len() > 1;
     // slot -> (alloc id, offset printed up to)
     let mut at: BTreeMap<u32, (String, u64)> = BTreeMap::new();
     for v in &views {
         print_lines(name, v.slot, &v.text, several)?;
-        at.insert(v.slot, (v.alloc_id.clone(), v.next_offset));
+        let mut offset = v.next_offset;
+        let mut more = v.more;
+        // A long log comes in pages of bounded size.
+        while more {
+            let Some(page) = c
+                .logs(name, Some(v.slot), None, Some(offset))
+                .await?
+                .into_iter()
+                .find(|p| p.alloc_id == v.alloc_id)
+            else {
+                break;
+            };
+            print_lines(name, page.slot, &page.text, several)?;
+            more = page.more && page.next_offset > offset;
+            offset = page.next_offset;
+        }
+        at.insert(v.slot, (v.alloc_id.clone(), offset));
     }
     if !follow {
         return Ok(());
@@ -267,13 +286,13 @@ async fn logs(
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         for (slot, (alloc, offset)) in at.iter_mut() {
-            let Ok(views) = c.logs(name, Some(*slot), None, *offset).await else {
+            let Ok(views) = c.logs(name, Some(*slot), None, Some(*offset)).await else {
                 continue; // The slot may be between allocations; try again.
             };
             for v in views {
                 if v.alloc_id != *alloc {
                     // The slot has a new allocation: print it from its start.
-                    let fresh = c.logs(name, Some(*slot), None, 0).await?;
+                    let fresh = c.logs(name, Some(*slot), None, Some(0)).await?;
                     for f in fresh {
                         print_lines(name, f.slot, &f.text, several)?;
                         *alloc = f.alloc_id;

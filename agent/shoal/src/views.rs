@@ -21,6 +21,10 @@ pub struct NodeView {
     pub labels: BTreeMap<String, String>,
     /// Last published host resources, if any arrived yet.
     pub resources: Option<Resources>,
+    /// Something the operator should know about this member, e.g. on the agent's
+    /// own row `not joined: <seed>: <reason>` while none of its seeds let it in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// One key/value entry.
@@ -154,6 +158,9 @@ pub struct DeployView {
     pub replicas: u32,
     /// False when the spec was already deployed as is.
     pub changed: bool,
+    /// Things the operator should know, e.g. `dependency dbb does not exist`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Logs of one allocation, from `offset` on.
@@ -167,6 +174,9 @@ pub struct LogsView {
     pub alloc_id: String,
     /// Log text (invalid UTF-8 replaced).
     pub text: String,
-    /// Offset to ask from next time (`--follow`).
+    /// Offset to ask from next time (`--follow`, or the next page when `more`).
     pub next_offset: u64,
+    /// The answer stopped at its size limit: more follows from `next_offset`.
+    #[serde(default)]
+    pub more: bool,
 }

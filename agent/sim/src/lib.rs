@@ -267,6 +267,10 @@ pub struct EventCounts {
     pub member_down: u64,
     /// `Changed` events (an entry became current on a node).
     pub changed: u64,
+    /// `IdentityRefused` events (a node refused a process claiming a live name).
+    pub identity_refused: u64,
+    /// `IdentityReplaced` events (a claimant replaced a silent holder of its name).
+    pub identity_replaced: u64,
 }
 
 /// First arrival of one watched `(key, value)` at each node.
@@ -287,6 +291,8 @@ struct Slot {
     group: u32,
     /// Time of the timer event queued for this node, if any (later ones are stale).
     timer_at: Option<u64>,
+    /// Reasons peers gave for refusing this node (`JoinRefused` events).
+    refused: Vec<String>,
 }
 
 enum Job {
@@ -381,6 +387,7 @@ impl Sim {
                 life: Life::Running,
                 group: 0,
                 timer_at: None,
+                refused: Vec::new(),
             });
         }
         let mut sim = Sim {
@@ -553,6 +560,26 @@ impl Sim {
         for s in &mut self.slots {
             s.group = 0;
         }
+    }
+
+    /// Hands node `to` a frame as if node `from` had sent it (test hook for
+    /// hand-crafted or hostile frames); the frame skips the network model.
+    pub fn inject(&mut self, from: usize, to: usize, bytes: &[u8]) {
+        if self.slots[to].life != Life::Running {
+            return;
+        }
+        let now = self.now_of(to);
+        let (name, addr) = (
+            self.slots[from].node.name().to_string(),
+            self.slots[from].addr,
+        );
+        self.slots[to].node.handle_frame(&name, addr, bytes, now);
+        self.drain(to);
+    }
+
+    /// The reasons peers gave node `i` for refusing it, oldest first.
+    pub fn refusals(&self, i: usize) -> &[String] {
+        &self.slots[i].refused
     }
 
     /// Node `i` stops dead: no more frames in or out, no timers.
@@ -771,7 +798,11 @@ impl Sim {
                 }
                 self.net.delivered += 1;
                 let now = self.now_of(to);
-                let (name, addr) = (format!("n{from}"), self.slots[from].addr);
+                // What the sender's certificate would vouch for: its configured name.
+                let (name, addr) = (
+                    self.slots[from].node.name().to_string(),
+                    self.slots[from].addr,
+                );
                 self.slots[to].node.handle_frame(&name, addr, &bytes, now);
                 self.drain(to);
             }
@@ -808,6 +839,9 @@ impl Sim {
             Event::MemberUp(_) => self.events.member_up += 1,
             Event::MemberDown(_) => self.events.member_down += 1,
             Event::Changed(_) => self.events.changed += 1,
+            Event::IdentityRefused { .. } => self.events.identity_refused += 1,
+            Event::IdentityReplaced { .. } => self.events.identity_replaced += 1,
+            Event::JoinRefused { reason, .. } => self.slots[i].refused.push(reason.clone()),
             _ => {}
         }
         if let (Event::Changed(e), Some(w)) = (ev, self.watch.as_mut()) {

@@ -304,3 +304,238 @@ fn failure_names_the_seed() {
     );
     assert_eq!(sim.now(), 50);
 }
+
+/// Every way of splitting `n` nodes into groups (set partitions, as restricted
+/// growth strings), the whole-cluster "split" excluded.
+fn splits(n: usize) -> Vec<Vec<Vec<usize>>> {
+    fn grow(i: usize, n: usize, labels: &mut Vec<usize>, out: &mut Vec<Vec<Vec<usize>>>) {
+        if i == n {
+            let groups = labels.iter().max().map_or(0, |m| m + 1);
+            if groups > 1 {
+                let mut g = vec![Vec::new(); groups];
+                for (node, &l) in labels.iter().enumerate() {
+                    g[l].push(node);
+                }
+                out.push(g);
+            }
+            return;
+        }
+        let next = labels.iter().max().map_or(0, |m| m + 1);
+        for l in 0..=next {
+            labels.push(l);
+            grow(i + 1, n, labels, out);
+            labels.pop();
+        }
+    }
+    let mut out = Vec::new();
+    grow(0, n, &mut Vec::new(), &mut out);
+    out
+}
+
+/// Whether node `i` sees exactly the members of its group alive (itself included).
+fn sees_only(sim: &Sim, i: usize, group: &[usize]) -> bool {
+    let alive: Vec<String> = sim
+        .node(i)
+        .members()
+        .into_iter()
+        .filter(|(_, st)| *st == Status::Alive)
+        .map(|(id, _)| id.name)
+        .collect();
+    alive.len() == group.len() && group.iter().all(|g| alive.contains(&format!("n{g}")))
+}
+
+/// Longest time membership may take to become whole again after the links return.
+/// A node left without peers announces itself at least every `rejoin_max` (8 s on
+/// LAN); a split into connected groups heals through SWIM's announcements to down
+/// members (every 10 s).
+const HEAL_BOUND_MS: u64 = 30_000;
+
+/// Every partition of 3 and of 5 nodes, all-singletons included, heals by itself
+/// within a bound once the links are back: no restart needed.
+#[test]
+fn every_partition_of_3_and_5_nodes_heals() {
+    let mut worst = 0;
+    for n in [3usize, 5] {
+        let shapes = splits(n);
+        assert_eq!(
+            shapes.len(),
+            if n == 3 { 4 } else { 51 },
+            "Bell numbers - 1"
+        );
+        for (k, groups) in shapes.iter().enumerate() {
+            for seed in test_seeds(1) {
+                let seed = seed + 100 * k as u64 + n as u64;
+                let mut sim = joined(SimConfig::new(n, seed), 60_000);
+                sim.partition(groups);
+                sim.run_until(
+                    |s| groups.iter().all(|g| g.iter().all(|&i| sees_only(s, i, g))),
+                    120_000,
+                )
+                .unwrap_or_else(|e| panic!("split {groups:?} never took hold: {e}"));
+                // Stay cut off long enough for every backoff to reach its cap.
+                sim.run_for(60_000);
+                sim.heal();
+                let took = sim
+                    .run_until(|s| s.all_see_alive(n), HEAL_BOUND_MS)
+                    .unwrap_or_else(|e| panic!("split {groups:?} of {n} did not heal: {e}"));
+                worst = worst.max(took);
+            }
+        }
+    }
+    eprintln!("every split of 3 and 5 nodes healed; slowest took {worst} virtual ms");
+}
+
+/// One name, one live identity: a second process with a live node's name is
+/// refused (told why, its node-owned writes dropped, nothing of the real node
+/// changed); once the real node is gone, the same process takes the name over.
+#[test]
+fn a_duplicate_name_is_refused_until_the_holder_is_gone() {
+    use shoal_core::wire::{encode, Msg};
+    use shoal_core::{Entry, Hlc, WriterId};
+    for seed in test_seeds(3) {
+        // Node 4 is configured with node 1's name, as with a copied certificate.
+        let cfg = SimConfig {
+            tune: Some(|i, c| {
+                if i == 4 {
+                    c.name = "n1".into();
+                }
+            }),
+            ..SimConfig::new(5, seed)
+        };
+        let mut sim = Sim::new(cfg);
+        let seeds = [shoal_sim::node_addr(0)];
+        for i in 0..4 {
+            sim.join(i, &seeds);
+        }
+        let real = shoal_sim::node_addr(1);
+        let alive_view = |s: &Sim, i: usize| {
+            s.node(i)
+                .members()
+                .into_iter()
+                .filter(|(_, st)| *st == Status::Alive)
+                .map(|(id, _)| (id.name, id.addr))
+                .collect::<Vec<_>>()
+        };
+        sim.run_until(|s| (0..4).all(|i| alive_view(s, i).len() == 4), 60_000)
+            .unwrap_or_else(|e| panic!("four nodes never joined: {e}"));
+        sim.put(1, "node/n1/labels", b"zone=a").expect("put");
+        sim.run_for(1_000);
+
+        sim.join(4, &seeds);
+        sim.run_for(10_000);
+        let told = sim.refusals(4).to_vec();
+        assert!(
+            told.iter()
+                .any(|r| r == &format!("name n1 is held by a live node at {real}")),
+            "seed {seed}: the duplicate was not told why: {told:?}"
+        );
+        for i in [0, 2, 3] {
+            let view = alive_view(&sim, i);
+            assert_eq!(
+                view.iter().filter(|(n, _)| n == "n1").collect::<Vec<_>>(),
+                vec![&("n1".to_string(), real)],
+                "seed {seed}: node {i} sees another n1"
+            );
+            assert_eq!(
+                sim.node(i).state().value("node/n1/labels"),
+                Some(&b"zone=a"[..])
+            );
+        }
+        // Even handed straight to a node, the duplicate's node-owned writes are dropped.
+        let forged = Entry {
+            key: "node/n1/labels".into(),
+            value: Some(b"stolen".to_vec()),
+            hlc: Hlc::new(shoal_sim::BASE_WALL_MS + sim.now() + 1_000, 0),
+            writer: WriterId {
+                node: "n1".into(),
+                gen: sim.node(4).id().gen,
+            },
+            seq: 1,
+        };
+        sim.inject(
+            4,
+            0,
+            &encode(&Msg::Push {
+                entries: vec![forged],
+            }),
+        );
+        assert_eq!(
+            sim.node(0).state().value("node/n1/labels"),
+            Some(&b"zone=a"[..]),
+            "seed {seed}: a refused identity overwrote node-owned state"
+        );
+        assert!(sim.event_counts().identity_refused >= 1);
+
+        // The real n1 dies: the newcomer's announcements now get it in.
+        sim.crash(1);
+        let moved = shoal_sim::node_addr(4);
+        let took = sim
+            .run_until(
+                |s| {
+                    [0, 2, 3].iter().all(|&i| {
+                        alive_view(s, i)
+                            .iter()
+                            .filter(|(n, _)| n == "n1")
+                            .eq([&("n1".to_string(), moved)])
+                    })
+                },
+                60_000,
+            )
+            .unwrap_or_else(|e| panic!("the new n1 never replaced the dead one: {e}"));
+        eprintln!(
+            "seed {seed}: a restart of n1 at a new address was accepted {took} ms after the crash"
+        );
+    }
+}
+
+/// A node that crashed and comes back at another address (a new process, a new
+/// generation) is let in within seconds: its old identity no longer answers.
+#[test]
+fn a_restart_at_a_new_address_is_accepted_within_seconds() {
+    for seed in test_seeds(3) {
+        let cfg = SimConfig {
+            tune: Some(|i, c| {
+                if i == 4 {
+                    c.name = "n1".into();
+                }
+            }),
+            ..SimConfig::new(5, seed)
+        };
+        let mut sim = Sim::new(cfg);
+        let seeds = [shoal_sim::node_addr(0)];
+        for i in 0..4 {
+            sim.join(i, &seeds);
+        }
+        sim.run_until(
+            |s| (0..4).all(|i| s.node(i).num_active_peers() == 3),
+            60_000,
+        )
+        .unwrap_or_else(|e| panic!("four nodes never joined: {e}"));
+        // n1 dies and is restarted at once elsewhere, before anyone noticed.
+        sim.crash(1);
+        sim.join(4, &seeds);
+        let moved = shoal_sim::node_addr(4);
+        let took = sim
+            .run_until(
+                |s| {
+                    [0, 2, 3].iter().all(|&i| {
+                        s.node(i).members().iter().any(|(id, st)| {
+                            id.name == "n1" && id.addr == moved && *st == Status::Alive
+                        })
+                    })
+                },
+                30_000,
+            )
+            .unwrap_or_else(|e| panic!("the restarted n1 was not let in: {e}"));
+        assert!(
+            sim.refusals(4).is_empty(),
+            "seed {seed}: {:?}",
+            sim.refusals(4)
+        );
+        assert!(
+            took <= 6_000,
+            "seed {seed}: a restart took {took} ms to be accepted (verification is 2 s)"
+        );
+        eprintln!("seed {seed}: n1 restarted at a new address was accepted after {took} ms");
+    }
+}

@@ -14,9 +14,12 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use shoal_policy::{PolicyError, PolicyHost, PolicyKind};
+use shoal_runtime::{LogQuery, MAX_LOG_CHUNK};
 use tokio::sync::{mpsc, oneshot};
 
 use super::executor::Runtimes;
+use super::http_guard::{self, HttpGuard};
+use super::keys;
 use super::{ApiError, Command};
 use crate::views::{ErrorView, KvView, LogsView};
 
@@ -29,6 +32,8 @@ pub struct AppState {
     tx: Tx,
     host: Arc<PolicyHost>,
     runtimes: Runtimes,
+    /// This agent's API token, passed on when asking another agent for logs.
+    token: Option<Arc<str>>,
 }
 
 impl axum::extract::FromRef<AppState> for Tx {
@@ -76,15 +81,26 @@ async fn nodes(State(tx): State<Tx>) -> Result<Response, ApiError> {
 struct ListQuery {
     #[serde(default)]
     prefix: String,
+    /// Internal records (read-only) instead of user kv.
+    #[serde(default)]
+    internal: bool,
 }
 
 async fn kv_list(State(tx): State<Tx>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
-    let prefix = q.prefix;
-    let v = ask(&tx, |reply| Command::List { prefix, reply }).await?;
+    let (prefix, internal) = (q.prefix, q.internal);
+    let v = ask(&tx, |reply| Command::List {
+        prefix,
+        internal,
+        reply,
+    })
+    .await?;
     Ok(Json(v.iter().map(KvView::of).collect::<Vec<_>>()).into_response())
 }
 
 async fn kv_get(State(tx): State<Tx>, Path(key): Path<String>) -> Result<Response, ApiError> {
+    if let Some(why) = keys::refusal(&key) {
+        return Err(ApiError::BadRequest(why));
+    }
     let k = key.clone();
     match ask(&tx, |reply| Command::Get { key: k, reply }).await? {
         Some(e) => Ok(Json(KvView::of(&e)).into_response()),
@@ -106,6 +122,9 @@ async fn kv_put(
 }
 
 async fn kv_delete(State(tx): State<Tx>, Path(key): Path<String>) -> Result<Response, ApiError> {
+    if let Some(why) = keys::refusal(&key) {
+        return Err(ApiError::BadRequest(why));
+    }
     let k = key.clone();
     ask(&tx, |reply| Command::Put {
         key: k,
@@ -271,43 +290,48 @@ async fn service_remove(
 struct LogsQuery {
     slot: Option<u32>,
     tail: Option<usize>,
-    #[serde(default)]
-    offset: u64,
+    offset: Option<u64>,
+    limit: Option<usize>,
 }
 
-/// Logs of one allocation on this node.
+impl LogsQuery {
+    fn query(&self) -> LogQuery {
+        LogQuery {
+            tail: self.tail,
+            offset: self.offset,
+            limit: self.limit.unwrap_or(MAX_LOG_CHUNK),
+        }
+    }
+}
+
+/// Logs of one allocation on this node: at most one chunk ([`MAX_LOG_CHUNK`]);
+/// `more` says to ask again from `next_offset`.
 #[derive(serde::Serialize, Deserialize)]
 struct AllocLogs {
     text: String,
     next_offset: u64,
+    #[serde(default)]
+    more: bool,
 }
 
 async fn local_logs(
     runtimes: &Runtimes,
     alloc_id: &str,
-    tail: Option<usize>,
-    offset: u64,
+    query: LogQuery,
 ) -> Result<AllocLogs, ApiError> {
     let Some((driver, _)) = runtimes.find(alloc_id).await else {
         return Err(ApiError::NotFound(format!(
             "no workload for allocation {alloc_id} on this node"
         )));
     };
-    let all = driver
-        .logs(alloc_id, None)
+    let chunk = driver
+        .logs(alloc_id, query)
         .await
         .map_err(|e| ApiError::Storage(e.to_string()))?;
-    let len = all.len() as u64;
-    let from = if offset > 0 {
-        offset.min(len) as usize
-    } else if let Some(n) = tail {
-        all.len() - shoal_runtime::tail_lines(&all, n).len()
-    } else {
-        0
-    };
     Ok(AllocLogs {
-        text: String::from_utf8_lossy(&all[from..]).into_owned(),
-        next_offset: len,
+        text: String::from_utf8_lossy(&chunk.bytes).into_owned(),
+        next_offset: chunk.next_offset,
+        more: chunk.more,
     })
 }
 
@@ -316,7 +340,7 @@ async fn alloc_logs(
     Path(alloc_id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let v = local_logs(&app.runtimes, &alloc_id, q.tail, q.offset).await?;
+    let v = local_logs(&app.runtimes, &alloc_id, q.query()).await?;
     Ok(Json(v).into_response())
 }
 
@@ -330,9 +354,9 @@ async fn service_logs(
     let mut out = Vec::new();
     for t in targets {
         let logs = if t.local {
-            local_logs(&app.runtimes, &t.alloc_id, q.tail, q.offset).await?
+            local_logs(&app.runtimes, &t.alloc_id, q.query()).await?
         } else {
-            remote_logs(&t, q.tail, q.offset).await?
+            remote_logs(&t, q.query(), app.token.as_deref()).await?
         };
         out.push(LogsView {
             slot: t.slot,
@@ -340,6 +364,7 @@ async fn service_logs(
             alloc_id: t.alloc_id,
             text: logs.text,
             next_offset: logs.next_offset,
+            more: logs.more,
         });
     }
     Ok(Json(out).into_response())
@@ -348,8 +373,8 @@ async fn service_logs(
 /// Asks the agent running an allocation for its logs.
 async fn remote_logs(
     t: &super::LogTarget,
-    tail: Option<usize>,
-    offset: u64,
+    query: LogQuery,
+    token: Option<&str>,
 ) -> Result<AllocLogs, ApiError> {
     let unreachable = |why: String| {
         ApiError::Unreachable(format!(
@@ -363,10 +388,13 @@ async fn remote_logs(
         return Err(unreachable("it has not published its API address".into()));
     }
     let mut url = format!(
-        "http://{}/v1/allocs/{}/logs?offset={offset}",
-        t.api, t.alloc_id
+        "http://{}/v1/allocs/{}/logs?limit={}",
+        t.api, t.alloc_id, query.limit
     );
-    if let Some(n) = tail {
+    if let Some(o) = query.offset {
+        url.push_str(&format!("&offset={o}"));
+    }
+    if let Some(n) = query.tail {
         url.push_str(&format!("&tail={n}"));
     }
     let http = reqwest::Client::builder()
@@ -374,8 +402,11 @@ async fn remote_logs(
         .timeout(std::time::Duration::from_secs(10))
         .build()
         .map_err(|e| unreachable(e.to_string()))?;
-    let resp = http
-        .get(&url)
+    let mut req = http.get(&url);
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let resp = req
         .send()
         .await
         .map_err(|e| unreachable(crate::client::root_cause(&e)))?;
@@ -396,8 +427,9 @@ async fn remote_logs(
         .map_err(|e| unreachable(e.to_string()))
 }
 
-/// The API router.
-pub fn router(tx: Tx, host: Arc<PolicyHost>, runtimes: Runtimes) -> Router {
+/// The API router, every route behind `guard`.
+pub fn router(tx: Tx, host: Arc<PolicyHost>, runtimes: Runtimes, guard: HttpGuard) -> Router {
+    let token = guard.token.clone();
     Router::new()
         .route("/", get(dashboard))
         .route("/metrics", get(metrics))
@@ -425,7 +457,16 @@ pub fn router(tx: Tx, host: Arc<PolicyHost>, runtimes: Runtimes) -> Router {
         .route("/v1/services/{name}/scale", post(service_scale))
         .route("/v1/services/{name}/logs", get(service_logs))
         .route("/v1/allocs/{id}/logs", get(alloc_logs))
-        .with_state(AppState { tx, host, runtimes })
+        .with_state(AppState {
+            tx,
+            host,
+            runtimes,
+            token,
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(guard),
+            http_guard::enforce,
+        ))
 }
 
 /// Serves the API until `stop` fires.
@@ -434,9 +475,10 @@ pub async fn serve(
     tx: Tx,
     host: Arc<PolicyHost>,
     runtimes: Runtimes,
+    guard: HttpGuard,
     stop: oneshot::Receiver<()>,
 ) {
-    let app = router(tx, host, runtimes);
+    let app = router(tx, host, runtimes, guard);
     let res = axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = stop.await;

@@ -95,6 +95,16 @@ pub struct FileConfig {
     /// Stop every workload when the agent exits (default: leave them running, to be
     /// adopted by the next start).
     pub drain_on_exit: Option<bool>,
+    /// Host names the HTTP API answers to besides IP addresses and `localhost`
+    /// (DNS-rebinding protection); `"*"` accepts any.
+    #[serde(default)]
+    pub api_hosts: Vec<String>,
+    /// File holding the API token every request must carry (`Authorization: Bearer`).
+    pub api_token_file: Option<PathBuf>,
+    /// Workload logs are rotated at this size (`10Mi` by default).
+    pub log_max_size: Option<String>,
+    /// Workload log files kept, the current one included (3 by default).
+    pub log_max_files: Option<u32>,
     /// Timing overrides.
     #[serde(default)]
     pub tuning: Tuning,
@@ -160,8 +170,51 @@ pub struct AgentConfig {
     pub docker: bool,
     /// Stop every workload on exit.
     pub drain_on_exit: bool,
+    /// Extra host names the API answers to.
+    pub api_hosts: Vec<String>,
+    /// The API token, when one is required.
+    pub api_token: Option<String>,
+    /// Rotation of workload logs.
+    pub logs: shoal_runtime::LogPolicy,
     /// Timing overrides.
     pub tuning: Tuning,
+}
+
+/// Reads an API token file: one line of at least 16 printable characters. A file
+/// that other users may read defeats its purpose, so that is refused too.
+pub fn read_token(path: &Path) -> Result<String, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        field: "api_token_file",
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(invalid(format!(
+                "mode {:o} lets other users read the token; chmod 600 it",
+                mode & 0o777
+            )));
+        }
+    }
+    let token = text.trim();
+    if token.len() < 16 || !token.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(invalid(
+            "the token must be one line of at least 16 printable characters (e.g. `openssl rand -hex 32`)".into(),
+        ));
+    }
+    Ok(token.to_string())
 }
 
 /// Checks a node name or label key: 1..=63 of `[A-Za-z0-9._-]`.
@@ -270,10 +323,50 @@ impl AgentConfig {
         let policy_cache = f
             .policy_cache
             .unwrap_or_else(|| data_dir.join("policy-cache"));
+        for h in &f.api_hosts {
+            let ok = h == "*"
+                || (!h.is_empty()
+                    && h.len() <= 253
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c)));
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    field: "api_hosts",
+                    reason: format!(
+                        "{h:?} is not a host name (letters, digits, '-', '.') or \"*\""
+                    ),
+                });
+            }
+        }
+        let api_token = match &f.api_token_file {
+            None => None,
+            Some(path) => Some(read_token(path)?),
+        };
+        let mut logs = shoal_runtime::LogPolicy::default();
+        if let Some(size) = &f.log_max_size {
+            logs.max_bytes = shoal_orch::parse_size(size)
+                .filter(|b| *b >= 4096)
+                .ok_or_else(|| ConfigError::Invalid {
+                    field: "log_max_size",
+                    reason: format!("{size:?} is not a size of at least 4Ki (e.g. 10Mi)"),
+                })?;
+        }
+        if let Some(n) = f.log_max_files {
+            if !(1..=100).contains(&n) {
+                return Err(ConfigError::Invalid {
+                    field: "log_max_files",
+                    reason: format!("{n} is not between 1 and 100"),
+                });
+            }
+            logs.max_files = n;
+        }
         Ok(AgentConfig {
             policy_cache,
             docker,
             drain_on_exit: f.drain_on_exit.unwrap_or(false),
+            api_hosts: f.api_hosts,
+            api_token,
+            logs,
             name,
             listen,
             advertise,

@@ -35,6 +35,8 @@ const TICK: Duration = Duration::from_millis(250);
 const USAGE_EVERY: Duration = Duration::from_secs(5);
 /// A report whose only change is CPU or memory is republished at most this often.
 const METRICS_EVERY: Duration = Duration::from_secs(10);
+/// How often drivers rotate logs and do other upkeep.
+const HOUSEKEEP_EVERY: Duration = Duration::from_secs(2);
 /// Running this long without ending resets the restart backoff.
 const BACKOFF_RESET: Duration = Duration::from_secs(60);
 /// Grace between SIGTERM (or `docker stop`) and a kill.
@@ -177,6 +179,7 @@ enum Done {
     Stopped(String, Result<(), String>),
     Probed(String, Result<(), String>),
     Usage(Vec<(String, Usage)>),
+    Housekept,
 }
 
 /// Runs the executor until `desired`'s sender is dropped or `stop` fires. With
@@ -200,6 +203,9 @@ pub async fn run(
         events,
         settled: false,
         last_usage: Instant::now(),
+        last_housekeep: Instant::now(),
+        sampling: false,
+        housekeeping: false,
     };
     ex.adopt().await;
     ex.apply(&desired.borrow_and_update().clone());
@@ -236,6 +242,11 @@ struct Executor {
     events: mpsc::Sender<ExecEvent>,
     settled: bool,
     last_usage: Instant,
+    last_housekeep: Instant,
+    /// A usage sample is in flight.
+    sampling: bool,
+    /// Driver upkeep is in flight.
+    housekeeping: bool,
 }
 
 impl Executor {
@@ -461,7 +472,9 @@ impl Executor {
                     }
                 }
             }
+            Done::Housekept => self.housekeeping = false,
             Done::Usage(list) => {
+                self.sampling = false;
                 for (id, u) in list {
                     if let Some(a) = self.allocs.get_mut(&id) {
                         a.usage = u;
@@ -577,6 +590,10 @@ impl Executor {
             self.last_usage = Instant::now();
             self.sample_usage();
         }
+        if self.last_housekeep.elapsed() >= HOUSEKEEP_EVERY {
+            self.last_housekeep = Instant::now();
+            self.housekeep();
+        }
     }
 
     fn probe_due(&mut self, now: Instant) {
@@ -618,25 +635,55 @@ impl Executor {
         }
     }
 
-    fn sample_usage(&self) {
-        let targets: Vec<(String, Arc<dyn Runtime>)> = self
-            .allocs
-            .iter()
-            .filter(|(_, a)| a.phase == Phase::Running)
-            .filter_map(|(id, a)| a.driver.clone().map(|d| (id.clone(), d)))
-            .collect();
-        if targets.is_empty() {
+    /// Samples CPU and memory of every running allocation off the executor task:
+    /// one `usage_many` call per driver (one pass over `/proc` for processes).
+    fn sample_usage(&mut self) {
+        if self.sampling {
+            return; // The previous pass is still running (a slow host): skip a beat.
+        }
+        let mut by_driver: Vec<(Arc<dyn Runtime>, Vec<String>)> = Vec::new();
+        for (id, a) in &self.allocs {
+            if a.phase != Phase::Running {
+                continue;
+            }
+            let Some(d) = a.driver.clone() else { continue };
+            match by_driver.iter_mut().find(|(x, _)| x.name() == d.name()) {
+                Some((_, ids)) => ids.push(id.clone()),
+                None => by_driver.push((d, vec![id.clone()])),
+            }
+        }
+        if by_driver.is_empty() {
             return;
         }
+        self.sampling = true;
         let tx = self.done_tx.clone();
         tokio::spawn(async move {
             let mut out = Vec::new();
-            for (id, d) in targets {
-                if let Ok(Some(u)) = d.usage(&id).await {
-                    out.push((id, u));
+            for (d, ids) in by_driver {
+                match d.usage_many(&ids).await {
+                    Ok(map) => out.extend(map),
+                    Err(e) => tracing::debug!(driver = d.name(), "sampling usage failed: {e}"),
                 }
             }
             let _ = tx.send(Done::Usage(out)).await;
+        });
+    }
+
+    /// Log rotation and other driver upkeep, off the executor task.
+    fn housekeep(&mut self) {
+        if self.housekeeping {
+            return;
+        }
+        self.housekeeping = true;
+        let drivers = self.runtimes.all();
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            for d in drivers {
+                if let Err(e) = d.housekeep().await {
+                    tracing::warn!(driver = d.name(), "driver upkeep failed: {e}");
+                }
+            }
+            let _ = tx.send(Done::Housekept).await;
         });
     }
 

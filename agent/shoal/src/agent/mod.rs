@@ -9,6 +9,8 @@ pub mod api;
 pub mod blobs;
 pub mod config;
 pub mod executor;
+pub mod http_guard;
+pub mod keys;
 pub mod metrics;
 pub mod orchestrate;
 pub mod plugins;
@@ -53,6 +55,8 @@ pub enum Command {
     List {
         /// Prefix.
         prefix: String,
+        /// Internal records instead of user kv.
+        internal: bool,
         /// Answer.
         reply: oneshot::Sender<Vec<Entry>>,
     },
@@ -213,6 +217,14 @@ struct Driver {
     published_plugins: Option<Vec<u8>>,
     orch: orchestrate::Orch,
     drivers: Vec<String>,
+    /// Some peer has been alive at some point since start.
+    ever_joined: bool,
+    /// A reason to stop the agent (e.g. our name is held by a live node).
+    fatal: Option<String>,
+    /// While no seed has let us in: why, for `shoal nodes` (`not joined: …`).
+    join_note: Option<String>,
+    /// When each seed's failure was last logged.
+    join_warned: BTreeMap<std::net::SocketAddr, Instant>,
 }
 
 impl Driver {
@@ -241,7 +253,32 @@ impl Driver {
                     }
                 }
                 Output::Event(Event::MemberUp(id)) => {
+                    self.ever_joined = true;
                     tracing::info!(peer = %id.name, addr = %id.addr, "member up");
+                }
+                Output::Event(Event::IdentityRefused {
+                    name,
+                    claimant,
+                    holder,
+                }) => {
+                    tracing::warn!(
+                        %name, %claimant, %holder,
+                        "refused a second agent named {name} at {claimant}: a live node holds the name at {holder}"
+                    );
+                }
+                Output::Event(Event::IdentityReplaced { name, old, new }) => {
+                    tracing::info!(%name, %old, %new, "{name} restarted at {new}; its old identity at {old} no longer answers");
+                }
+                Output::Event(Event::JoinRefused { by, reason }) => {
+                    if self.ever_joined {
+                        tracing::warn!(peer = %by, "peer refused our SWIM packets: {reason}");
+                    } else {
+                        tracing::error!(peer = %by, "cannot join: {reason}");
+                        self.fatal.get_or_insert(reason);
+                    }
+                }
+                Output::Event(Event::Rejoined(id)) => {
+                    tracing::info!(gen = id.gen, "the cluster had declared this node down; rejoined under a renewed identity");
                 }
                 Output::Event(Event::MemberDown(id)) => {
                     tracing::info!(peer = %id.name, addr = %id.addr, "member down");
@@ -606,6 +643,40 @@ impl Driver {
         Ok(())
     }
 
+    /// Until some seed lets us in, says why not: a warning per seed (at most every
+    /// [`JOIN_WARN_EVERY`]) and the `not joined: …` note `shoal nodes` shows.
+    fn check_join(&mut self) {
+        if self.ever_joined || self.node.joined() {
+            if self.join_note.take().is_some() {
+                tracing::info!("joined the cluster");
+            }
+            return;
+        }
+        if self.cfg.join.is_empty() || self.start.elapsed() < JOIN_GRACE {
+            return;
+        }
+        let mut reasons = Vec::new();
+        for seed in self.cfg.join.clone() {
+            let why = match self.net.dial_error(seed) {
+                Some(e) => e,
+                None if self.net.is_connected(seed) => {
+                    "connected, but it does not answer our SWIM announcements".to_string()
+                }
+                None => "no answer yet".to_string(),
+            };
+            let due = self
+                .join_warned
+                .get(&seed)
+                .is_none_or(|t| t.elapsed() >= JOIN_WARN_EVERY);
+            if due {
+                tracing::warn!(%seed, "cannot join through seed {seed}: {why}");
+                self.join_warned.insert(seed, Instant::now());
+            }
+            reasons.push(format!("{seed}: {why}"));
+        }
+        self.join_note = Some(format!("not joined: {}", reasons.join("; ")));
+    }
+
     fn refresh_resources(&mut self) {
         let r = self.probe.read();
         let stale = match &self.published {
@@ -648,6 +719,9 @@ impl Driver {
                     gen: id.gen,
                     labels: info.map(|i| i.labels).unwrap_or_default(),
                     resources,
+                    note: (id.name == self.cfg.name)
+                        .then(|| self.join_note.clone())
+                        .flatten(),
                 }
             })
             .collect()
@@ -673,10 +747,8 @@ impl Driver {
     fn handle_command(&mut self, cmd: Command) {
         match cmd {
             Command::Put { key, value, reply } => {
-                if key.starts_with(NODE_PREFIX) {
-                    let _ = reply.send(Err(ApiError::BadRequest(format!(
-                        "keys under {NODE_PREFIX:?} are owned by their node and cannot be written through the API"
-                    ))));
+                if let Some(why) = keys::refusal(&key) {
+                    let _ = reply.send(Err(ApiError::BadRequest(why)));
                     return;
                 }
                 let is_delete = value.is_none();
@@ -705,8 +777,18 @@ impl Driver {
                     .cloned();
                 let _ = reply.send(e);
             }
-            Command::List { prefix, reply } => {
-                let v = self.node.state().scan_prefix(&prefix).cloned().collect();
+            Command::List {
+                prefix,
+                internal,
+                reply,
+            } => {
+                let v = self
+                    .node
+                    .state()
+                    .scan_prefix(&prefix)
+                    .filter(|e| keys::is_user(&e.key) != internal)
+                    .cloned()
+                    .collect();
                 let _ = reply.send(v);
             }
             Command::Nodes { reply } => {
@@ -752,12 +834,20 @@ impl Driver {
                 let _ = reply.send(self.snapshot());
             }
             Command::Deploy { spec, reply } => {
+                // Accepted either way (a dependency may be deployed next), but said.
+                let warnings = spec
+                    .depends_on
+                    .iter()
+                    .filter(|d| self.orch.live_record(self.node.state(), d).is_err())
+                    .map(|d| format!("dependency {d} does not exist (yet): replicas wait for it"))
+                    .collect();
                 let (record, changed) = self.orch.deploy(self.node.state(), *spec);
                 let view = DeployView {
                     name: record.spec.name.clone(),
                     version: record.version,
                     replicas: record.replicas,
                     changed,
+                    warnings,
                 };
                 let res = if changed {
                     self.put_record(&record).map(|()| view)
@@ -785,6 +875,7 @@ impl Driver {
                             version: r.version,
                             replicas: r.replicas,
                             changed: true,
+                            warnings: Vec::new(),
                         })
                     });
                 let _ = reply.send(res);
@@ -801,6 +892,7 @@ impl Driver {
                             version: r.version,
                             replicas: 0,
                             changed: true,
+                            warnings: Vec::new(),
                         })
                     });
                 let _ = reply.send(res);
@@ -890,6 +982,10 @@ impl Driver {
     }
 }
 
+/// A start-up grace before seeds that have not answered are reported.
+const JOIN_GRACE: Duration = Duration::from_secs(3);
+/// How often each failing seed is logged while the agent is not joined.
+const JOIN_WARN_EVERY: Duration = Duration::from_secs(30);
 /// How long after an orchestration change the next pass runs.
 const ORCH_DEBOUNCE: Duration = Duration::from_millis(100);
 /// Orchestration pass interval without changes (health and time-driven decisions).
@@ -900,7 +996,7 @@ const IMAGES_INTERVAL: Duration = Duration::from_secs(10);
 /// The process driver, and the docker driver when wanted and the engine answers.
 async fn open_runtimes(cfg: &AgentConfig) -> anyhow::Result<executor::Runtimes> {
     let dir = cfg.data_dir.join("workloads");
-    let process = shoal_runtime::ProcessDriver::new(&dir)
+    let process = shoal_runtime::ProcessDriver::with_logs(&dir, cfg.logs)
         .with_context(|| format!("opening the process driver in {}", dir.display()))?;
     let engine: Result<Arc<shoal_runtime::DockerDriver>, String> = if cfg.docker {
         let mut opts = shoal_runtime::DockerOptions::new(cfg.name.clone());
@@ -1046,6 +1142,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         kv,
         compiled_tx,
         published_plugins: None,
+        ever_joined: false,
+        fatal: None,
+        join_note: None,
+        join_warned: BTreeMap::new(),
         cfg,
     };
     // Bindings and kv restored from disk take effect as if they had just arrived.
@@ -1068,11 +1168,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     d.flush()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(256);
     let (api_stop_tx, api_stop_rx) = oneshot::channel::<()>();
+    let guard = http_guard::HttpGuard {
+        hosts: d.cfg.api_hosts.clone(),
+        token: d.cfg.api_token.as_deref().map(Arc::from),
+    };
     let api_task = tokio::spawn(api::serve(
         listener,
         cmd_tx,
         d.host.clone(),
         runtimes,
+        guard,
         api_stop_rx,
     ));
     tracing::info!(
@@ -1137,6 +1242,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 last_orch = tokio::time::Instant::now();
             }
             _ = res_tick.tick() => {
+                d.check_join();
                 d.refresh_resources();
                 d.retry_plugins();
                 d.publish_plugins();
@@ -1145,6 +1251,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         // A failed persist is counted, logged and retried on the next flush;
         // it must not stop the agent.
         let _ = d.flush();
+        if d.fatal.is_some() {
+            break;
+        }
     }
 
     // The executor stops its workloads only when asked to drain; otherwise they
@@ -1168,5 +1277,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let _ = api_stop_tx.send(());
     d.net.close(Duration::from_secs(2)).await;
     let _ = api_task.await;
-    Ok(())
+    match d.fatal {
+        Some(reason) => Err(anyhow::anyhow!(reason)),
+        None => Ok(()),
+    }
 }

@@ -72,6 +72,8 @@ pub struct Orch {
     pub passes: u64,
     /// Slot writes made as steward, for metrics.
     pub writes: u64,
+    /// Unreadable records already logged (each is logged once).
+    bad_records: BTreeSet<String>,
 }
 
 /// A published rollout status.
@@ -98,6 +100,7 @@ impl Orch {
             path_env: workload_path(),
             passes: 0,
             writes: 0,
+            bad_records: BTreeSet::new(),
         }
     }
 
@@ -238,7 +241,13 @@ impl Orch {
         let settled = self.settled(wall);
         let mut made = 0;
         if settled {
-            let (mut view, _) = view_of(node.state());
+            let (mut view, errors) = view_of(node.state());
+            for e in errors {
+                let text = e.to_string();
+                if self.bad_records.len() < 10_000 && self.bad_records.insert(text.clone()) {
+                    tracing::warn!("ignoring an unreadable record: {text}");
+                }
+            }
             let mut snapshot =
                 build_snapshot(&node_facts(node.state(), &self.members), &view.slots);
             let alive = self.alive();

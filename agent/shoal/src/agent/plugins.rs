@@ -186,9 +186,9 @@ impl KvReader for KvMirror {
 }
 
 impl KvMirror {
-    /// Applies a changed entry (node-owned keys are not visible to plugins).
+    /// Applies a changed entry (only user kv is visible to plugins).
     pub fn apply(&self, e: &shoal_core::Entry) {
-        if e.is_node_owned() {
+        if !super::keys::is_user(&e.key) {
             return;
         }
         let Ok(mut map) = self.0.write() else {

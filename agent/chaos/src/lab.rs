@@ -1,0 +1,422 @@
+//! The lab: namespaces, bridges, veths and agent processes (see the crate docs).
+
+use std::fs::{File, OpenOptions};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// QUIC port every lab agent listens on (on its own address).
+pub const AGENT_PORT: u16 = 7001;
+/// Where each agent's HTTP API listens inside its namespace.
+pub const AGENT_API: &str = "127.0.0.1:7101";
+/// Prefix of every namespace a lab creates.
+const NS_PREFIX: &str = "shl";
+/// Labs created by this process, for unique names.
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// How a lab is built.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    /// Number of agents.
+    pub agents: usize,
+    /// The `shoal` binary to run.
+    pub shoal: PathBuf,
+    /// Flags added to every `shoal agent` command line.
+    pub agent_args: Vec<String>,
+}
+
+/// One agent of the lab.
+#[derive(Debug)]
+pub struct LabAgent {
+    /// Node name (`n1`, `n2`, …).
+    pub name: String,
+    /// Its namespace.
+    pub ns: String,
+    /// Its QUIC address (inside the lab network).
+    pub addr: SocketAddr,
+    /// Its data dir.
+    pub data: PathBuf,
+    /// Its log file (stderr of every start, appended).
+    pub log: PathBuf,
+    /// Extra flags for this agent only.
+    pub extra: Vec<String>,
+    child: Option<Child>,
+}
+
+/// An isolated network of agents (see the crate docs).
+pub struct Lab {
+    cfg: LabConfig,
+    tag: String,
+    hub: String,
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+    /// The agents, index 0 first.
+    pub agents: Vec<LabAgent>,
+    /// Bridges created in the hub (br0 always exists).
+    bridges: usize,
+}
+
+/// Runs `ip ARGS`, failing with its stderr.
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks existence.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+/// Deletes namespaces of labs whose creating process is gone.
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        // shl-<pid>x<n>-<suffix>
+        let Some(rest) = name
+            .strip_prefix(NS_PREFIX)
+            .and_then(|r| r.strip_prefix('-'))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if !pid_alive(pid) {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
+impl Lab {
+    /// Builds the network (no agent is started yet); needs root.
+    pub fn new(cfg: LabConfig) -> anyhow::Result<Lab> {
+        if cfg.agents == 0 || cfg.agents > 200 {
+            bail!("a lab has 1 to 200 agents, not {}", cfg.agents);
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("network namespaces need root (run the tests as root)");
+        }
+        remove_stale_namespaces();
+        let tag = format!(
+            "{}x{}",
+            std::process::id(),
+            LABS.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("shoal-lab-")
+            .tempdir()
+            .context("creating the lab dir")?;
+        let ca = dir.path().join("ca");
+        let out = Command::new(&cfg.shoal)
+            .args(["ca", "init", "--out"])
+            .arg(&ca)
+            .output()
+            .context("running shoal ca init")?;
+        if !out.status.success() {
+            bail!("shoal ca init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let hub = format!("{NS_PREFIX}-{tag}-h");
+        let mut lab = Lab {
+            tag,
+            hub,
+            ca,
+            agents: Vec::new(),
+            bridges: 1,
+            dir,
+            cfg,
+        };
+        lab.build()?;
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> anyhow::Result<()> {
+        let hub = self.hub.clone();
+        ip(&["netns", "add", &hub])?;
+        ip(&["-n", &hub, "link", "set", "lo", "up"])?;
+        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &hub, "link", "set", "br0", "up"])?;
+        for i in 0..self.cfg.agents {
+            let ns = format!("{NS_PREFIX}-{}-{i}", self.tag);
+            ip(&["netns", "add", &ns])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            let port = format!("p{i}");
+            ip(&[
+                "-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
+            let addr = Ipv4Addr::new(10, 77, (i / 250) as u8, (i % 250 + 1) as u8);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/16"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &hub, "link", "set", &port, "master", "br0"])?;
+            ip(&["-n", &hub, "link", "set", &port, "up"])?;
+            let name = format!("n{}", i + 1);
+            self.agents.push(LabAgent {
+                data: self.dir.path().join(&name),
+                log: self.dir.path().join(format!("{name}.log")),
+                addr: SocketAddr::from((addr, AGENT_PORT)),
+                name,
+                ns,
+                extra: Vec::new(),
+                child: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// The lab's temp dir (data dirs, logs, CA).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts (or restarts) agent `i`, joining through agent 0 (agent 0 joins nobody).
+    pub fn start(&mut self, i: usize) -> anyhow::Result<()> {
+        let seed = self.agents[0].addr;
+        let a = &self.agents[i];
+        if a.child.is_some() {
+            bail!("agent {} is already running", a.name);
+        }
+        let log: File = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&a.log)
+            .context("opening the agent log")?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &a.ns])
+            .arg(&self.cfg.shoal)
+            .args(["agent", "--name", &a.name])
+            .args(["--listen", &a.addr.to_string()])
+            .args(["--api", AGENT_API])
+            .arg("--data-dir")
+            .arg(&a.data)
+            .arg("--ca-dir")
+            .arg(&self.ca)
+            .args(["--docker", "off"])
+            .args(&self.cfg.agent_args)
+            .args(&a.extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if i != 0 {
+            cmd.args(["--join", &seed.to_string()]);
+        }
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().context("starting an agent")?;
+        self.agents[i].child = Some(child);
+        Ok(())
+    }
+
+    /// Starts every agent.
+    pub fn start_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.agents.len() {
+            self.start(i)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` to agent `i` (and its process group). After SIGKILL the agent
+    /// is reaped and may be started again.
+    pub fn signal(&mut self, i: usize, signal: i32) {
+        let a = &mut self.agents[i];
+        let Some(child) = a.child.as_mut() else {
+            return;
+        };
+        let pid = child.id() as i32;
+        // SAFETY: plain syscall on a process group we created.
+        unsafe {
+            libc::kill(-pid, signal);
+        }
+        if signal == libc::SIGKILL || signal == libc::SIGTERM {
+            let _ = child.wait();
+            a.child = None;
+        }
+    }
+
+    /// Whether agent `i`'s process has exited; its exit code if so.
+    pub fn exited(&mut self, i: usize) -> Option<Option<i32>> {
+        let child = self.agents[i].child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(st)) => {
+                self.agents[i].child = None;
+                Some(st.code())
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs `shoal ARGS --api <agent i's API>` inside agent `i`'s namespace.
+    pub fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.agents[i].ns])
+            .arg(&self.cfg.shoal)
+            .args(args)
+            .args(["--api", &format!("http://{AGENT_API}")])
+            .env_remove("SHOAL_API")
+            .output()
+            .context("running shoal in a lab namespace")
+    }
+
+    /// Like [`Lab::cli`] with `-o json`, parsed; `None` if the command failed.
+    pub fn cli_json(&self, i: usize, args: &[&str]) -> Option<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.cli(i, &all).ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// How agent `i` sees every member: (name, status).
+    pub fn view(&self, i: usize) -> Option<Vec<(String, String)>> {
+        let v = self.cli_json(i, &["nodes"])?;
+        Some(
+            v.as_array()?
+                .iter()
+                .map(|n| {
+                    (
+                        n["name"].as_str().unwrap_or("").to_string(),
+                        n["status"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Cuts the network into `groups` of agent indices: agents in different groups
+    /// cannot reach each other; agents not listed share one more group.
+    pub fn partition(&mut self, groups: &[Vec<usize>]) -> anyhow::Result<()> {
+        let mut bridge_of = vec![groups.len(); self.agents.len()];
+        for (g, members) in groups.iter().enumerate() {
+            for &i in members {
+                if i >= self.agents.len() {
+                    bail!("no agent {i} in a lab of {}", self.agents.len());
+                }
+                bridge_of[i] = g;
+            }
+        }
+        while self.bridges <= groups.len() {
+            let br = format!("br{}", self.bridges);
+            ip(&["-n", &self.hub, "link", "add", &br, "type", "bridge"])?;
+            ip(&["-n", &self.hub, "link", "set", &br, "up"])?;
+            self.bridges += 1;
+        }
+        for (i, b) in bridge_of.iter().enumerate() {
+            ip(&[
+                "-n",
+                &self.hub,
+                "link",
+                "set",
+                &format!("p{i}"),
+                "master",
+                &format!("br{b}"),
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Puts every agent back on one network.
+    pub fn heal(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.agents.len() {
+            ip(&[
+                "-n",
+                &self.hub,
+                "link",
+                "set",
+                &format!("p{i}"),
+                "master",
+                "br0",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Agent `i`'s log so far.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.agents[i].log).unwrap_or_default()
+    }
+
+    /// Polls `f` every 200 ms until it returns `Some`, for at most `limit`.
+    pub fn wait<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut f: impl FnMut(&Lab) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f(self) {
+                return Ok(v);
+            }
+            if start.elapsed() > limit {
+                bail!("timed out after {limit:?} waiting for: {what}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Kills the process groups of the process workloads recorded under `data`.
+fn kill_workloads(data: &Path) {
+    let Ok(dir) = std::fs::read_dir(data.join("workloads/allocs")) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let pid = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["pid"].as_i64())
+            .unwrap_or(0) as i32;
+        if pid > 1 {
+            // SAFETY: plain syscall; the group is the workload's own.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for i in 0..self.agents.len() {
+            self.signal(i, libc::SIGKILL);
+        }
+        for a in &self.agents {
+            kill_workloads(&a.data);
+        }
+        for a in &self.agents {
+            let _ = ip(&["netns", "del", &a.ns]);
+        }
+        let _ = ip(&["netns", "del", &self.hub]);
+    }
+}
