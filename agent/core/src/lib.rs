@@ -21,6 +21,7 @@
 //! It does not know about QUIC, TLS, disks, containers or HTTP: those belong to
 //! `shoal-net`, `shoal-store` and the `shoal` binary.
 
+mod histogram;
 mod hlc;
 mod identity;
 mod membership;
@@ -28,6 +29,7 @@ mod node;
 mod state;
 pub mod wire;
 
+pub use histogram::{Histogram, BUCKETS_SECS};
 pub use hlc::{Clock, ClockError, Hlc};
 pub use membership::{NodeId, Status};
 pub use node::{Config, Event, Node, Now, Output, Profile, Stats, LEFT_SUFFIX, SWIM_PACKET_SIZE};

@@ -226,6 +226,11 @@ pub struct Stats {
     pub rejoin_announces: u64,
     /// Processes refused because a live node holds their name.
     pub identity_refusals: u64,
+    /// Round trips of direct SWIM probes (ping to ack).
+    pub probe_rtt: crate::Histogram,
+    /// SWIM probe cycles that failed, direct and indirect: each makes a member
+    /// suspect (a false suspicion when the member was in fact alive).
+    pub probe_failures: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +296,8 @@ pub struct Node {
     known: BTreeMap<String, SocketAddr>,
     rejoin_armed: bool,
     guard: Guard,
+    /// The direct probe in flight: (probe number, member, sent at mono ms).
+    probe_sent: Option<(u8, SocketAddr, u64)>,
 }
 
 impl Node {
@@ -329,6 +336,7 @@ impl Node {
             known: BTreeMap::new(),
             rejoin_armed: false,
             guard: Guard::default(),
+            probe_sent: None,
             cfg,
         };
         // Random first ticks keep nodes started together from acting in lockstep.
@@ -992,6 +1000,23 @@ impl Node {
                         renewed = true;
                         self.out.push_back(Output::Event(Event::Rejoined(id)));
                     }
+                    OwnedNotification::DataSent(h) => {
+                        if let foca::Message::Ping(n) = h.message {
+                            self.probe_sent = Some((n, h.dst.addr, now.mono_ms));
+                        }
+                    }
+                    OwnedNotification::DataReceived(h) => {
+                        if let (foca::Message::Ack(n), Some((sent_n, to, at))) =
+                            (&h.message, self.probe_sent)
+                        {
+                            if *n == sent_n && h.src.addr == to {
+                                let rtt = now.mono_ms.saturating_sub(at) as f64 / 1000.0;
+                                self.stats.probe_rtt.observe(rtt);
+                                self.probe_sent = None;
+                            }
+                        }
+                    }
+                    OwnedNotification::ProbeFailed(..) => self.stats.probe_failures += 1,
                     _ => {}
                 },
             }

@@ -82,7 +82,18 @@ struct Mesh {
 
 impl Mesh {
     async fn start(n: usize, base_port: u16) -> anyhow::Result<Mesh> {
+        Ok(Mesh::start_prepared(n, base_port, |_| Ok(())).await?.0)
+    }
+
+    /// Like [`Mesh::start`], running `prepare` on the mesh's directory first (agent
+    /// `i`'s data dir is `<dir>/n<i>`).
+    async fn start_prepared<T>(
+        n: usize,
+        base_port: u16,
+        prepare: impl FnOnce(&std::path::Path) -> anyhow::Result<T>,
+    ) -> anyhow::Result<(Mesh, T)> {
         let dir = tempfile::Builder::new().prefix("shoal-bench-").tempdir()?;
+        let prepared = prepare(dir.path())?;
         let ca = dir.path().join("ca");
         shoal_net::init_ca(&ca)?;
         let exe = std::env::current_exe().context("locating the shoal binary")?;
@@ -161,13 +172,16 @@ impl Mesh {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(Mesh {
-            dir,
-            procs,
-            clients,
-            apis,
-            membership: start.elapsed(),
-        })
+        Ok((
+            Mesh {
+                dir,
+                procs,
+                clients,
+                apis,
+                membership: start.elapsed(),
+            },
+            prepared,
+        ))
     }
 }
 
@@ -783,4 +797,303 @@ pub async fn run_replicas(args: ReplicasBenchArgs) -> anyhow::Result<()> {
         )
     );
     Ok(())
+}
+
+/// Options of `shoal bench loop`.
+#[derive(Debug, clap::Args)]
+pub struct LoopBenchArgs {
+    /// Agents in the mesh.
+    #[arg(long, default_value_t = 5)]
+    pub agents: usize,
+    /// Replicas of the load scenario (`shoal workload http` with 1 s health checks).
+    #[arg(long, default_value_t = 300)]
+    pub replicas: u32,
+    /// Size of the blob transferred between two agents, MiB (0 skips the scenario).
+    #[arg(long, default_value_t = 500)]
+    pub blob_mib: u64,
+    /// Seconds measured once the replicas run.
+    #[arg(long, default_value_t = 30)]
+    pub secs: u64,
+    /// First port, as for `bench mesh`.
+    #[arg(long, default_value_t = 37001)]
+    pub base_port: u16,
+}
+
+/// What `/metrics` of one agent says about its loop and SWIM.
+#[derive(Debug, Clone, Default)]
+struct LoopMetrics {
+    /// Loop turns of every branch together.
+    turns: shoal_core::Histogram,
+    /// Longest turn since start and its branch.
+    max_turn: (f64, String),
+    rtt: shoal_core::Histogram,
+    probe_failures: u64,
+}
+
+/// Parses the histogram `name` (all label sets merged) out of Prometheus text.
+fn parse_histogram(text: &str, name: &str) -> shoal_core::Histogram {
+    let mut h = shoal_core::Histogram::default();
+    let mut cum: std::collections::BTreeMap<String, Vec<(f64, u64)>> = Default::default();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{")) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let le = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("le=\""))
+            .map(|v| v.trim_end_matches('"'));
+        let series = labels
+            .split(',')
+            .filter(|l| !l.starts_with("le="))
+            .collect::<Vec<_>>()
+            .join(",");
+        let (Some(le), Ok(n)) = (le, value.trim().parse::<u64>()) else {
+            continue;
+        };
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(0.0)
+        };
+        cum.entry(series).or_default().push((bound, n));
+    }
+    for buckets in cum.values() {
+        let mut prev = 0;
+        for (i, (_, n)) in buckets.iter().enumerate() {
+            if i < h.counts.len() {
+                h.counts[i] += n.saturating_sub(prev);
+            }
+            prev = *n;
+        }
+        h.count += prev;
+    }
+    h
+}
+
+fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn loop_metrics(http: &reqwest::Client, api: SocketAddr) -> anyhow::Result<LoopMetrics> {
+    let text = http
+        .get(format!("http://{api}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let mut max_turn = (0.0, String::new());
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("shoal_loop_turn_max_seconds{branch=\"") {
+            if let Some((branch, v)) = rest.split_once("\"} ") {
+                let v: f64 = v.trim().parse().unwrap_or(0.0);
+                if v > max_turn.0 {
+                    max_turn = (v, branch.to_string());
+                }
+            }
+        }
+    }
+    let mut rtt = parse_histogram(&text, "shoal_swim_probe_rtt_seconds");
+    rtt.max = metric_value(&text, "shoal_swim_probe_rtt_max_seconds").unwrap_or(0.0);
+    let mut turns = parse_histogram(&text, "shoal_loop_turn_seconds");
+    turns.max = max_turn.0;
+    Ok(LoopMetrics {
+        turns,
+        max_turn,
+        rtt,
+        probe_failures: metric_value(&text, "shoal_swim_probe_failures_total").unwrap_or(0.0)
+            as u64,
+    })
+}
+
+/// Histogram of what happened between two readings.
+fn diff(after: &shoal_core::Histogram, before: &shoal_core::Histogram) -> shoal_core::Histogram {
+    let mut d = after.clone();
+    for (a, b) in d.counts.iter_mut().zip(before.counts.iter()) {
+        *a = a.saturating_sub(*b);
+    }
+    d.count = d.counts.iter().sum();
+    d
+}
+
+/// One scenario's figures over every agent.
+fn loop_row(
+    name: &str,
+    before: &[LoopMetrics],
+    after: &[LoopMetrics],
+    extra: String,
+) -> Vec<String> {
+    let mut turns = shoal_core::Histogram::default();
+    let mut rtt = shoal_core::Histogram::default();
+    let mut failures = 0;
+    let mut max = (0.0, String::new());
+    for (b, a) in before.iter().zip(after) {
+        turns.merge(&diff(&a.turns, &b.turns));
+        rtt.merge(&diff(&a.rtt, &b.rtt));
+        failures += a.probe_failures.saturating_sub(b.probe_failures);
+        if a.max_turn.0 > max.0 {
+            max = a.max_turn.clone();
+        }
+        rtt.max = rtt.max.max(a.rtt.max);
+    }
+    vec![
+        name.to_string(),
+        format!("{:.1} ms", turns.quantile(0.99) * 1000.0),
+        format!("{:.1} ms ({})", max.0 * 1000.0, max.1),
+        format!("{:.1} ms", rtt.quantile(0.99) * 1000.0),
+        format!("{:.1} ms", rtt.max * 1000.0),
+        failures.to_string(),
+        extra,
+    ]
+}
+
+/// Loop turns and SWIM round trips while (a) many replicas run and (b) a large blob
+/// moves between two agents.
+pub async fn run_loop(args: LoopBenchArgs) -> anyhow::Result<()> {
+    if args.agents < 2 {
+        bail!("--agents must be at least 2");
+    }
+    let http = reqwest::Client::new();
+    let mut rows = Vec::new();
+    {
+        let mesh = Mesh::start(args.agents, args.base_port).await?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let read = |apis: &[SocketAddr]| {
+            let http = http.clone();
+            let apis = apis.to_vec();
+            async move {
+                let mut out = Vec::new();
+                for a in apis {
+                    out.push(loop_metrics(&http, a).await?);
+                }
+                anyhow::Ok(out)
+            }
+        };
+        let before = read(&mesh.apis).await?;
+        let t0 = Instant::now();
+        let spec =
+            bench_spec(args.replicas, 60_000).replace("interval = \"250ms\"", "interval = \"1s\"");
+        mesh.clients[0].deploy("bench.toml", spec).await?;
+        crate::service_cli::wait_rollout(
+            &mesh.clients[0],
+            "bench",
+            1,
+            Duration::from_secs(300),
+            false,
+        )
+        .await?;
+        let up = t0.elapsed();
+        tokio::time::sleep(Duration::from_secs(args.secs)).await;
+        let after = read(&mesh.apis).await?;
+        rows.push(loop_row(
+            &format!("{} replicas (deploy + {} s)", args.replicas, args.secs),
+            &before,
+            &after,
+            format!("all healthy after {:.1} s", up.as_secs_f64()),
+        ));
+    }
+    if args.blob_mib > 0 {
+        let size = args.blob_mib << 20;
+        let (mesh, id) = Mesh::start_prepared(args.agents, args.base_port, |dir| {
+            let store = shoal_blob::BlobStore::open(dir.join("n0").join("blobs"))?;
+            let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(7);
+            let mut reader = RandomReader {
+                rng: &mut rng,
+                left: size,
+            };
+            Ok(store.put_reader(&mut reader)?)
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let read_all = |apis: Vec<SocketAddr>| {
+            let http = http.clone();
+            async move {
+                let mut out = Vec::new();
+                for a in apis {
+                    out.push(loop_metrics(&http, a).await?);
+                }
+                anyhow::Ok(out)
+            }
+        };
+        let before = read_all(mesh.apis.clone()).await?;
+        let to = mesh.apis[1];
+        let t0 = Instant::now();
+        let resp = http
+            .post(format!("http://{to}/v1/blobs/{id}/fetch"))
+            .header("x-shoal-request", "1")
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!(
+                "starting the fetch failed: {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        loop {
+            let blobs: Vec<crate::views::BlobView> = http
+                .get(format!("http://{to}/v1/blobs"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if blobs
+                .iter()
+                .any(|b| b.id == id.to_string() && b.state == "held")
+            {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(600) {
+                bail!("the blob did not arrive within 600 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let took = t0.elapsed();
+        let after = read_all(mesh.apis.clone()).await?;
+        rows.push(loop_row(
+            &format!("{} MiB blob n0 -> n1", args.blob_mib),
+            &before,
+            &after,
+            format!(
+                "transfer {:.1} s ({:.0} MB/s)",
+                took.as_secs_f64(),
+                size as f64 / took.as_secs_f64() / 1e6
+            ),
+        ));
+    }
+    println!(
+        "{}",
+        table(
+            &[
+                "SCENARIO",
+                "LOOP TURN p99",
+                "LOOP TURN MAX (branch)",
+                "SWIM RTT p99",
+                "SWIM RTT MAX",
+                "PROBE FAILURES",
+                "NOTE",
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+/// `left` pseudo-random bytes.
+struct RandomReader<'a> {
+    rng: &'a mut rand::rngs::SmallRng,
+    left: u64,
+}
+
+impl std::io::Read for RandomReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use rand::RngExt;
+        let n = (buf.len() as u64).min(self.left) as usize;
+        self.rng.fill(&mut buf[..n]);
+        self.left -= n as u64;
+        Ok(n)
+    }
 }

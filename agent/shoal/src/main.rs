@@ -118,6 +118,8 @@ enum BenchCmd {
     Deploy(bench::DeployBenchArgs),
     /// Many replicas on few agents: API latency, CPU and memory per agent, duplicates, rm time.
     Replicas(bench::ReplicasBenchArgs),
+    /// Agent loop turns and SWIM round trips under replica load and a large blob transfer.
+    Loop(bench::LoopBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -333,6 +335,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCmd::Replicas(args) => {
                 init_logging("warn");
                 bench::run_replicas(args).await
+            }
+            BenchCmd::Loop(args) => {
+                init_logging("warn");
+                bench::run_loop(args).await
             }
         },
         Cmd::Ca { cmd } => match cmd {

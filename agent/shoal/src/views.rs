@@ -180,3 +180,16 @@ pub struct LogsView {
     #[serde(default)]
     pub more: bool,
 }
+
+/// One blob on this agent, as `GET /v1/blobs` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlobView {
+    /// The blob id (blake3 of its manifest).
+    pub id: String,
+    /// `held` (complete, served to peers) or `fetching`.
+    pub state: String,
+    /// Chunks verified so far (all of them when held).
+    pub chunks_done: u32,
+    /// Chunks in all, once the manifest is known.
+    pub chunks_total: Option<u32>,
+}

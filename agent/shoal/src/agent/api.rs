@@ -427,6 +427,19 @@ async fn remote_logs(
         .map_err(|e| unreachable(e.to_string()))
 }
 
+async fn blob_list(State(tx): State<Tx>) -> Result<Response, ApiError> {
+    let v = ask(&tx, |reply| Command::Blobs { reply }).await?;
+    Ok(Json(v).into_response())
+}
+
+async fn blob_fetch(State(tx): State<Tx>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id: shoal_blob::BlobId = id
+        .parse()
+        .map_err(|e| ApiError::BadRequest(format!("blob id {id:?}: {e}")))?;
+    ask(&tx, |reply| Command::FetchBlob { id, reply }).await??;
+    Ok(Json(serde_json::json!({ "fetching": id.to_string() })).into_response())
+}
+
 /// The API router, every route behind `guard`.
 pub fn router(tx: Tx, host: Arc<PolicyHost>, runtimes: Runtimes, guard: HttpGuard) -> Router {
     let token = guard.token.clone();
@@ -457,6 +470,8 @@ pub fn router(tx: Tx, host: Arc<PolicyHost>, runtimes: Runtimes, guard: HttpGuar
         .route("/v1/services/{name}/scale", post(service_scale))
         .route("/v1/services/{name}/logs", get(service_logs))
         .route("/v1/allocs/{id}/logs", get(alloc_logs))
+        .route("/v1/blobs", get(blob_list))
+        .route("/v1/blobs/{id}/fetch", post(blob_fetch))
         .with_state(AppState {
             tx,
             host,

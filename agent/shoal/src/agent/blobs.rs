@@ -145,6 +145,17 @@ impl Blobs {
         }
     }
 
+    /// Downloads in progress: (blob, chunks done, chunks in all once known).
+    pub fn in_progress(&self) -> Vec<(BlobId, u32, Option<u32>)> {
+        self.fetches
+            .iter()
+            .map(|(id, f)| {
+                let (done, total) = f.progress();
+                (*id, done, total)
+            })
+            .collect()
+    }
+
     /// The earliest download timer.
     pub fn poll_timeout(&self) -> Option<u64> {
         self.fetches.values().filter_map(Fetch::poll_timeout).min()

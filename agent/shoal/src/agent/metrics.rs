@@ -24,6 +24,24 @@ pub struct Snapshot<'a> {
     pub steward_writes: u64,
     /// This node's allocations by reported state.
     pub allocations: BTreeMap<&'static str, usize>,
+    /// Agent loop turns by branch.
+    pub turns: &'a BTreeMap<&'static str, shoal_core::Histogram>,
+}
+
+/// Writes one histogram family member in the Prometheus text format.
+fn histogram(out: &mut String, name: &str, labels: &str, h: &shoal_core::Histogram) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (le, n) in h.cumulative() {
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braces} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{braces} {}", h.count);
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -34,6 +52,67 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 /// Renders the Prometheus text format.
 pub fn render(s: &Snapshot<'_>) -> String {
     let mut o = String::new();
+    family(
+        &mut o,
+        "shoal_loop_turn_seconds",
+        "histogram",
+        "Time the agent loop spent on one turn, by the branch that woke it.",
+    );
+    for (branch, h) in s.turns {
+        histogram(
+            &mut o,
+            "shoal_loop_turn_seconds",
+            &format!("branch=\"{branch}\""),
+            h,
+        );
+    }
+    family(
+        &mut o,
+        "shoal_loop_turn_max_seconds",
+        "gauge",
+        "Longest agent loop turn since start, by branch.",
+    );
+    for (branch, h) in s.turns {
+        let _ = writeln!(
+            o,
+            "shoal_loop_turn_max_seconds{{branch=\"{branch}\"}} {}",
+            h.max
+        );
+    }
+    family(
+        &mut o,
+        "shoal_swim_probe_rtt_seconds",
+        "histogram",
+        "Round trip of direct SWIM probes (ping sent to ack handled).",
+    );
+    histogram(
+        &mut o,
+        "shoal_swim_probe_rtt_seconds",
+        "",
+        &s.core.probe_rtt,
+    );
+    family(
+        &mut o,
+        "shoal_swim_probe_rtt_max_seconds",
+        "gauge",
+        "Longest SWIM probe round trip since start.",
+    );
+    let _ = writeln!(
+        o,
+        "shoal_swim_probe_rtt_max_seconds {}",
+        s.core.probe_rtt.max
+    );
+    family(
+        &mut o,
+        "shoal_swim_probe_failures_total",
+        "counter",
+        "SWIM probe cycles that failed (each makes a member suspect).",
+    );
+    let _ = writeln!(
+        o,
+        "shoal_swim_probe_failures_total {}",
+        s.core.probe_failures
+    );
     family(
         &mut o,
         "shoal_members",

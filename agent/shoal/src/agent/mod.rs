@@ -139,6 +139,18 @@ pub enum Command {
         /// Answer.
         reply: oneshot::Sender<Result<PsView, ApiError>>,
     },
+    /// Start fetching a blob from the peers that advertise it.
+    FetchBlob {
+        /// The blob.
+        id: shoal_blob::BlobId,
+        /// Answer.
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    /// Blobs held and fetches in progress.
+    Blobs {
+        /// Answer.
+        reply: oneshot::Sender<Vec<crate::views::BlobView>>,
+    },
     /// Where the allocations of a service run, and each node's API address, for logs.
     LogTargets {
         /// Service.
@@ -225,6 +237,8 @@ struct Driver {
     join_note: Option<String>,
     /// When each seed's failure was last logged.
     join_warned: BTreeMap<std::net::SocketAddr, Instant>,
+    /// How long loop turns take, by branch.
+    turns: BTreeMap<&'static str, shoal_core::Histogram>,
 }
 
 impl Driver {
@@ -741,6 +755,7 @@ impl Driver {
             steward_passes: self.orch.passes,
             steward_writes: self.orch.writes,
             allocations: self.orch.allocation_states(),
+            turns: &self.turns,
         })
     }
 
@@ -907,6 +922,48 @@ impl Driver {
                     .map(|(service, slots)| PsView { service, slots });
                 let _ = reply.send(res);
             }
+            Command::FetchBlob { id, reply } => {
+                let res = if self.blobs.store().has(&id) {
+                    Ok(())
+                } else {
+                    let peers = blobs::advertisers(self.node.state(), &id, &self.cfg.name);
+                    if peers.is_empty() {
+                        Err(ApiError::NotFound(format!("no node advertises blob {id}")))
+                    } else {
+                        self.blobs.want(id, peers);
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(res);
+            }
+            Command::Blobs { reply } => {
+                let mut out: Vec<crate::views::BlobView> = self
+                    .blobs
+                    .in_progress()
+                    .into_iter()
+                    .map(|(id, done, total)| crate::views::BlobView {
+                        id: id.to_string(),
+                        state: "fetching".into(),
+                        chunks_done: done,
+                        chunks_total: total,
+                    })
+                    .collect();
+                for id in self.blobs.store().list().unwrap_or_default() {
+                    let chunks = self
+                        .blobs
+                        .store()
+                        .manifest(&id)
+                        .map(|m| m.num_chunks())
+                        .unwrap_or(0);
+                    out.push(crate::views::BlobView {
+                        id: id.to_string(),
+                        state: "held".into(),
+                        chunks_done: chunks,
+                        chunks_total: Some(chunks),
+                    });
+                }
+                let _ = reply.send(out);
+            }
             Command::LogTargets { name, slot, reply } => {
                 let res = self.log_targets(&name, slot);
                 let _ = reply.send(res);
@@ -982,6 +1039,8 @@ impl Driver {
     }
 }
 
+/// A loop turn at least this long is logged.
+const SLOW_TURN: Duration = Duration::from_millis(50);
 /// A start-up grace before seeds that have not answered are reported.
 const JOIN_GRACE: Duration = Duration::from_secs(3);
 /// How often each failing seed is logged while the agent is not joined.
@@ -1146,6 +1205,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         fatal: None,
         join_note: None,
         join_warned: BTreeMap::new(),
+        turns: BTreeMap::new(),
         cfg,
     };
     // Bindings and kv restored from disk take effect as if they had just arrived.
@@ -1209,23 +1269,28 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 None => std::future::pending().await,
             }
         };
+        let branch: &'static str;
+        let turn = Instant::now();
         tokio::select! {
             biased;
             () = &mut shutdown => break,
-            Some(cmd) = cmd_rx.recv() => d.handle_command(cmd),
+            Some(cmd) = cmd_rx.recv() => { branch = "command"; d.handle_command(cmd) },
             Some(inc) = net_rx.recv() => {
+                branch = "frame";
                 let Incoming { from_name, from, bytes, .. } = inc;
                 let now = d.now();
                 d.node.handle_frame(&from_name, from, &bytes, now);
             }
             () = sleep => {
+                branch = "timer";
                 let now = d.now();
                 d.node.handle_timeout(now);
                 tokio::task::block_in_place(|| d.blobs.handle_timeout(now.mono_ms));
             }
-            Some(c) = compiled_rx.recv() => d.on_compiled(c),
-            Some(ev) = exec_rx.recv() => d.on_exec(ev),
+            Some(c) = compiled_rx.recv() => { branch = "compiled"; d.on_compiled(c) },
+            Some(ev) = exec_rx.recv() => { branch = "executor"; d.on_exec(ev) },
             Some(images) = images_rx.recv() => {
+                branch = "images";
                 let key = d.node.node_key(orchestrate::IMAGES_SUFFIX);
                 let now = d.now();
                 match serde_json::to_vec(&images) {
@@ -1238,10 +1303,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 }
             }
             () = orch_sleep => {
+                branch = "orchestrate";
                 d.orchestrate();
                 last_orch = tokio::time::Instant::now();
             }
             _ = res_tick.tick() => {
+                branch = "tick";
                 d.check_join();
                 d.refresh_resources();
                 d.retry_plugins();
@@ -1251,6 +1318,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         // A failed persist is counted, logged and retried on the next flush;
         // it must not stop the agent.
         let _ = d.flush();
+        let took = turn.elapsed();
+        d.turns
+            .entry(branch)
+            .or_default()
+            .observe(took.as_secs_f64());
+        if took >= SLOW_TURN {
+            tracing::warn!(
+                branch,
+                took_ms = took.as_millis() as u64,
+                "slow agent loop turn"
+            );
+        }
         if d.fatal.is_some() {
             break;
         }
