@@ -330,15 +330,7 @@ impl Lab {
             self.bridges += 1;
         }
         for (i, b) in bridge_of.iter().enumerate() {
-            ip(&[
-                "-n",
-                &self.hub,
-                "link",
-                "set",
-                &format!("p{i}"),
-                "master",
-                &format!("br{b}"),
-            ])?;
+            self.attach(i, *b)?;
         }
         Ok(())
     }
@@ -346,17 +338,22 @@ impl Lab {
     /// Puts every agent back on one network.
     pub fn heal(&mut self) -> anyhow::Result<()> {
         for i in 0..self.agents.len() {
-            ip(&[
-                "-n",
-                &self.hub,
-                "link",
-                "set",
-                &format!("p{i}"),
-                "master",
-                "br0",
-            ])?;
+            self.attach(i, 0)?;
         }
         Ok(())
+    }
+
+    /// Plugs agent `i`'s port into bridge `b` of the hub.
+    fn attach(&self, i: usize, b: usize) -> anyhow::Result<()> {
+        ip(&[
+            "-n",
+            &self.hub,
+            "link",
+            "set",
+            &format!("p{i}"),
+            "master",
+            &format!("br{b}"),
+        ])
     }
 
     /// Agent `i`'s log so far.

@@ -194,15 +194,6 @@ pub enum Event {
     /// SWIM had declared us down (e.g. during a partition) and we rejoined under a
     /// renewed identity.
     Rejoined(NodeId),
-    /// A blob-transfer payload arrived from an authenticated peer.
-    Blob {
-        /// The sender's certificate name.
-        from_name: String,
-        /// The sender's address.
-        from: SocketAddr,
-        /// The `shoal-blob` message bytes.
-        payload: Vec<u8>,
-    },
 }
 
 /// Counters the driver exports as metrics.
@@ -575,13 +566,9 @@ impl Node {
                     reason,
                 }));
             }
-            Msg::Blob(payload) => {
-                self.out.push_back(Output::Event(Event::Blob {
-                    from_name: from_name.to_string(),
-                    from,
-                    payload,
-                }));
-            }
+            // Blob transfers are the driver's business: it routes them by
+            // [`wire::is_blob`] before frames reach the core.
+            Msg::Blob(_) => self.count_drop("blob_to_core"),
             Msg::Push { entries } => {
                 for e in entries {
                     self.receive_entry(e, now, true);

@@ -45,7 +45,7 @@ pub enum Msg {
         reply: bool,
     },
     /// A blob-transfer message (`shoal-blob`'s wire format), carried opaquely:
-    /// the core hands it to the driver as [`crate::Event::Blob`].
+    /// drivers route it to their blob transfer by [`is_blob`], past the core.
     Blob(#[serde(with = "serde_bytes")] Vec<u8>),
     /// "Are you still there?": sent to the holder of a name that another process
     /// claims ([`crate::identity`]); the holder answers with [`Msg::ProbeAck`].
@@ -116,6 +116,31 @@ impl DecodeError {
     }
 }
 
+/// The variant name of a frame's message (`b"Swim"`, `b"Blob"`, …) read without
+/// decoding the frame: [`encode`] writes a [`Msg`] as a one-entry CBOR map keyed by
+/// the variant name. `None` for anything else. Lets a driver route a frame (blob
+/// chunks bypass the core) at the cost of a few byte comparisons.
+pub fn variant(frame: &[u8]) -> Option<&[u8]> {
+    if frame.len() < HEADER_LEN || frame[..2] != MAGIC || frame[2] != VERSION {
+        return None;
+    }
+    let body = &frame[HEADER_LEN..];
+    // 0xa1: a map of one pair; then a text string of length (b & 0x1f).
+    if body.first() != Some(&0xa1) {
+        return None;
+    }
+    let hdr = *body.get(1)?;
+    if hdr & 0xe0 != 0x60 {
+        return None;
+    }
+    body.get(2..2 + usize::from(hdr & 0x1f))
+}
+
+/// Whether a frame carries a [`Msg::Blob`].
+pub fn is_blob(frame: &[u8]) -> bool {
+    variant(frame) == Some(b"Blob")
+}
+
 /// Encodes a message as one frame.
 pub fn encode(msg: &Msg) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
@@ -165,6 +190,15 @@ mod tests {
                 seq: 1,
             }],
         }
+    }
+
+    #[test]
+    fn variants_are_read_without_decoding() {
+        assert_eq!(variant(&encode(&sample())), Some(&b"Push"[..]));
+        assert!(is_blob(&encode(&Msg::Blob(vec![1; 100]))));
+        assert!(!is_blob(&encode(&Msg::Swim(vec![1]))));
+        assert_eq!(variant(b"SH\x01"), None);
+        assert_eq!(variant(b"XX\x01\xa1\x64Blob"), None);
     }
 
     #[test]

@@ -27,8 +27,6 @@ use crate::certs::{name_from_cert, validate_name, Identity};
 use crate::tls;
 use crate::NetError;
 
-/// Capacity of the channel of received messages handed to the caller.
-const INCOMING_CAPACITY: usize = 4096;
 /// Messages waiting per destination (e.g. while dialling); beyond that sends are dropped.
 const PEER_QUEUE: usize = 1024;
 /// Concurrent stream readers per connection; further streams wait in quinn, and the
@@ -57,6 +55,9 @@ pub struct NetConfig {
     pub idle_timeout: Duration,
     /// Interval of keep-alive packets on open connections (default 5 s).
     pub keep_alive: Duration,
+    /// Capacity of the channel of received messages handed to the caller (default
+    /// 4096); datagrams beyond it are dropped, stream messages wait.
+    pub incoming_capacity: usize,
 }
 
 impl Default for NetConfig {
@@ -66,6 +67,7 @@ impl Default for NetConfig {
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
+            incoming_capacity: 4096,
         }
     }
 }
@@ -245,7 +247,7 @@ impl Net {
     /// Binds a QUIC endpoint that is both server and client on `listen`, with mutual TLS
     /// from `id`; must be called inside a tokio runtime, whose tasks then drive it.
     ///
-    /// Backpressure on the returned receiver (capacity 4096): datagrams are dropped when it
+    /// Backpressure on the returned receiver ([`NetConfig::incoming_capacity`]): datagrams are dropped when it
     /// is full (counted in `dropped_backpressure`); stream messages wait for room, which
     /// stalls that stream and, through QUIC flow control, eventually the sending peer.
     pub fn bind(
@@ -276,7 +278,7 @@ impl Net {
             .local_addr()
             .map_err(|e| NetError::Bind(format!("{listen}: {e}")))?;
 
-        let (tx, rx) = mpsc::channel(INCOMING_CAPACITY);
+        let (tx, rx) = mpsc::channel(cfg.incoming_capacity.max(1));
         let inner = Arc::new(Inner {
             endpoint,
             local_addr,

@@ -24,6 +24,7 @@
 #![warn(missing_docs)]
 
 mod model;
+mod pass;
 mod snapshot;
 mod spec;
 mod steward;
@@ -35,11 +36,14 @@ mod scenarios;
 mod sim;
 
 pub use model::{
-    decode, encode, new_alloc_id, parse_report_key, parse_service_key, parse_slot_key, report_key,
-    report_prefix, service_key, slot_key, slot_prefix, AllocReport, AllocState, ClusterSlots,
-    ClusterView, Member, Members, ModelError, PastSpec, Placement, Reported, Reports, Reservation,
-    ServiceRecord, Slot, SlotMap, KEPT_VERSIONS, SERVICE_PREFIX, SLOT_PREFIX,
+    decode, encode, is_orchestration_key, new_alloc_id, parse_report_key, parse_rollout_key,
+    parse_service_key, parse_slot_key, published_rollouts, report_key, report_prefix, rollout_key,
+    rollout_prefix, service_key, slot_key, slot_prefix, tombstoned_services, AllocReport,
+    AllocState, ClusterSlots, ClusterView, Member, Members, ModelError, PastSpec, Placement,
+    Reported, Reports, Reservation, ServiceRecord, Slot, SlotMap, KEPT_VERSIONS, SERVICE_PREFIX,
+    SLOT_PREFIX,
 };
+pub use pass::{assigned, Assigned, NodeOrch, PassInput, PassOutput, PublishedRollout, Settle};
 pub use snapshot::{build_snapshot, native_scheduler, NodeFacts, Placed};
 pub use spec::{
     HealthCheck, HealthFile, PortFile, Probe, ResourcesFile, RestartMode, RestartPolicy, Scalar,

@@ -13,6 +13,7 @@
 //! information that slots are still to be cleaned up.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -328,8 +329,9 @@ pub struct Reported {
 pub type Reports = BTreeMap<String, Reported>;
 /// One service's slots by number.
 pub type SlotMap = BTreeMap<u32, Slot>;
-/// Every service's slots.
-pub type ClusterSlots = BTreeMap<String, SlotMap>;
+/// Every service's slots. Each service's map is shared, so a view is cheap to copy
+/// and a change copies only the service it touches.
+pub type ClusterSlots = BTreeMap<String, Arc<SlotMap>>;
 
 /// A member as the agent's membership sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -377,15 +379,74 @@ pub fn new_alloc_id(
     format!("{service}-{slot}-{version}-{hex}")
 }
 
+/// Prefix of the steward's published rollout status of a service, in its node-owned
+/// keys: `node/<steward>/rollout/<service>`.
+const ROLLOUT_INFIX: &str = "/rollout/";
+
+/// `node/<node>/rollout/<service>`: the rollout status `node` published as steward.
+pub fn rollout_key(node: &str, service: &str) -> String {
+    format!("node/{node}{ROLLOUT_INFIX}{service}")
+}
+
+/// Prefix of the rollout statuses `node` published: `node/<node>/rollout/`.
+pub fn rollout_prefix(node: &str) -> String {
+    format!("node/{node}{ROLLOUT_INFIX}")
+}
+
+/// `(node, service)` of a `node/<node>/rollout/<service>` key.
+pub fn parse_rollout_key(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix("node/")?;
+    let (node, service) = rest.split_once(ROLLOUT_INFIX)?;
+    (!node.is_empty() && !node.contains('/') && !service.is_empty() && !service.contains('/'))
+        .then_some((node, service))
+}
+
+/// Services whose record in `state` is a tombstone (known to be gone), for
+/// [`crate::PassInput::tombstoned`].
+pub fn tombstoned_services(state: &shoal_core::State) -> std::collections::BTreeSet<String> {
+    state
+        .scan_prefix(SERVICE_PREFIX)
+        .filter(|e| e.is_tombstone())
+        .filter_map(|e| parse_service_key(&e.key).map(str::to_string))
+        .collect()
+}
+
+/// Services `node` has a live published rollout status for in `state`, for
+/// [`crate::PassInput::published_rollouts`].
+pub fn published_rollouts(
+    state: &shoal_core::State,
+    node: &str,
+) -> std::collections::BTreeSet<String> {
+    state
+        .scan_prefix(&rollout_prefix(node))
+        .filter(|e| !e.is_tombstone())
+        .filter_map(|e| parse_rollout_key(&e.key).map(|(_, s)| s.to_string()))
+        .collect()
+}
+
 /// The orchestration part of the replicated state, decoded.
+///
+/// Built once from a replica ([`ClusterView::from_state`]) and then kept current
+/// entry by entry ([`ClusterView::apply_entry`]), so nobody decodes the whole
+/// state again per pass or per read. Cheap to clone: maps of shared per-service
+/// parts.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
     /// Records by service name.
-    pub services: BTreeMap<String, ServiceRecord>,
+    pub services: BTreeMap<String, Arc<ServiceRecord>>,
     /// Slots by service.
     pub slots: ClusterSlots,
     /// Reports by service, then alloc id.
-    pub reports: BTreeMap<String, Reports>,
+    pub reports: BTreeMap<String, Arc<Reports>>,
+    /// Service of each report key, so a deleted report can be found.
+    report_services: Arc<BTreeMap<String, String>>,
+}
+
+/// Whether `key` is one [`ClusterView`] decodes.
+pub fn is_orchestration_key(key: &str) -> bool {
+    parse_service_key(key).is_some()
+        || parse_slot_key(key).is_some()
+        || parse_report_key(key).is_some()
 }
 
 impl ClusterView {
@@ -413,46 +474,100 @@ impl ClusterView {
         let mut view = ClusterView::default();
         let mut errors = Vec::new();
         for (key, value) in entries {
-            if let Some(name) = parse_service_key(key) {
-                match decode::<ServiceRecord>(key, value) {
-                    Ok(r) if r.spec.name == name => {
-                        view.services.insert(name.to_string(), r);
-                    }
-                    Ok(r) => errors.push(ModelError::Decode {
-                        key: key.to_string(),
-                        message: format!("record names service {:?}", r.spec.name),
-                    }),
-                    Err(e) => errors.push(e),
-                }
-            } else if let Some((service, n)) = parse_slot_key(key) {
-                match decode::<Slot>(key, value) {
-                    Ok(s) => {
-                        view.slots
-                            .entry(service.to_string())
-                            .or_default()
-                            .insert(n, s);
-                    }
-                    Err(e) => errors.push(e),
-                }
-            } else if let Some((node, id)) = parse_report_key(key) {
-                match decode::<AllocReport>(key, value) {
-                    Ok(report) => {
-                        view.reports
-                            .entry(report.service.clone())
-                            .or_default()
-                            .insert(
-                                id.to_string(),
-                                Reported {
-                                    node: node.to_string(),
-                                    report,
-                                },
-                            );
-                    }
-                    Err(e) => errors.push(e),
-                }
+            if let Err(e) = view.apply_entry(key, Some(value)) {
+                errors.push(e);
             }
         }
         (view, errors)
+    }
+
+    /// Takes one changed key into the view: `value` is its new value, `None` a
+    /// delete. Keys the view does not hold are ignored (`Ok(false)`); a value that
+    /// does not decode removes the key from the view and is returned as the error.
+    pub fn apply_entry(&mut self, key: &str, value: Option<&[u8]>) -> Result<bool, ModelError> {
+        if let Some(name) = parse_service_key(key) {
+            let decoded = value
+                .map(|v| {
+                    decode::<ServiceRecord>(key, v).and_then(|r| {
+                        if r.spec.name == name {
+                            Ok(r)
+                        } else {
+                            Err(ModelError::Decode {
+                                key: key.to_string(),
+                                message: format!("record names service {:?}", r.spec.name),
+                            })
+                        }
+                    })
+                })
+                .transpose();
+            return match decoded {
+                Ok(Some(r)) => {
+                    self.services.insert(name.to_string(), Arc::new(r));
+                    Ok(true)
+                }
+                Ok(None) => {
+                    self.services.remove(name);
+                    Ok(true)
+                }
+                Err(e) => {
+                    self.services.remove(name);
+                    Err(e)
+                }
+            };
+        }
+        if let Some((service, n)) = parse_slot_key(key) {
+            let decoded = value.map(|v| decode::<Slot>(key, v)).transpose();
+            if let Ok(Some(slot)) = decoded {
+                Arc::make_mut(self.slots.entry(service.to_string()).or_default()).insert(n, slot);
+                return Ok(true);
+            }
+            // Deleted, or unreadable: either way the slot is not in the view.
+            if let Some(map) = self.slots.get_mut(service) {
+                Arc::make_mut(map).remove(&n);
+                if map.is_empty() {
+                    self.slots.remove(service);
+                }
+            }
+            return decoded.map(|_| true);
+        }
+        if let Some((node, id)) = parse_report_key(key) {
+            // The service is inside the value: a delete finds it by the key.
+            let known = self.report_services.contains_key(key);
+            if let Some(old) = known
+                .then(|| Arc::make_mut(&mut self.report_services).remove(key))
+                .flatten()
+            {
+                if let Some(map) = self.reports.get_mut(&old) {
+                    Arc::make_mut(map).remove(id);
+                    if map.is_empty() {
+                        self.reports.remove(&old);
+                    }
+                }
+            }
+            let Some(v) = value else {
+                return Ok(true);
+            };
+            let report = decode::<AllocReport>(key, v)?;
+            Arc::make_mut(&mut self.report_services)
+                .insert(key.to_string(), report.service.clone());
+            Arc::make_mut(self.reports.entry(report.service.clone()).or_default()).insert(
+                id.to_string(),
+                Reported {
+                    node: node.to_string(),
+                    report,
+                },
+            );
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Applies a steward's own write (see [`ClusterView::apply_entry`]).
+    pub fn apply_write(&mut self, w: &crate::Write) {
+        let _ = match w {
+            crate::Write::Put { key, value } => self.apply_entry(key, Some(value)),
+            crate::Write::Delete { key } => self.apply_entry(key, None),
+        };
     }
 }
 

@@ -532,7 +532,7 @@ proptest! {
         for (service, slots) in &view.slots {
             let want = view.services[service].replicas;
             prop_assert_eq!(slots.len() as u32, want, "{}", service);
-            for (n, slot) in slots {
+            for (n, slot) in slots.iter() {
                 let p = slot.current.as_ref();
                 prop_assert!(p.is_some(), "{} slot {} unplaced: {:?}", service, n, slot.reason);
                 let p = p.unwrap();

@@ -1,8 +1,11 @@
 //! A deterministic test harness: nodes with capacities, the real replicated map
-//! (`shoal_core::State`) per side of a partition, stewards running [`reconcile`]
-//! with the native scheduler, and fake agents that run what the slots tell them and
-//! report it. No networking and no clock: each [`Sim::tick`] advances virtual time by
-//! one second.
+//! (`shoal_core::State`) per side of a partition, every node running the agent's
+//! own orchestration pass ([`NodeOrch::pass`]: member table, settle gate, stewards'
+//! [`crate::reconcile`] with the native scheduler, tombstone rule, rollout
+//! statuses), and fake executors that run what the pass assigns them and report
+//! it. No networking and no clock: each [`Sim::tick`] advances virtual time by one
+//! second. A node that comes back up is a restarted agent: a fresh pass state that
+//! must settle again before it acts.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -13,9 +16,10 @@ use crate::model::{
     encode, report_key, service_key, AllocReport, AllocState, ClusterView, Member, Members,
     ServiceRecord,
 };
-use crate::snapshot::{build_snapshot, native_scheduler, NodeFacts};
+use crate::pass::{Assigned, NodeOrch, Settle};
+use crate::snapshot::{native_scheduler, NodeFacts};
 use crate::spec::ServiceSpec;
-use crate::steward::{allocs_for_node, orphans, reconcile, steward_for, RolloutStatus, Write};
+use crate::steward::{steward_for, RolloutStatus, Write};
 
 /// Virtual time per tick.
 pub const TICK_MS: u64 = 1000;
@@ -77,9 +81,20 @@ pub struct Sim {
     pub stewards: BTreeMap<String, String>,
     /// Writes per tick, for idempotency checks.
     pub last_writes: usize,
+    /// Every node's orchestration pass state (a restart replaces it).
+    orch: BTreeMap<String, NodeOrch>,
+    /// Per node: whether its last pass was settled, and what it assigned the node.
+    assigned: BTreeMap<String, (bool, Vec<Assigned>)>,
     seq: BTreeMap<String, u64>,
     logical: u16,
 }
+
+/// The settle gate every simulated node runs with (the agent's).
+const SETTLE: Settle = Settle {
+    after_peer_ms: 3_000,
+    alone_ms: 1_000,
+    cut_off_ms: 30_000,
+};
 
 impl Sim {
     /// A cluster of `nodes` (`(name, zone, capacity)`), all up, one side.
@@ -102,7 +117,7 @@ impl Sim {
                 },
             );
         }
-        Sim {
+        let mut sim = Sim {
             now_ms: 0,
             sides: vec![Side {
                 nodes: map.keys().cloned().collect(),
@@ -116,9 +131,28 @@ impl Sim {
             rollout: BTreeMap::new(),
             stewards: BTreeMap::new(),
             last_writes: 0,
+            orch: BTreeMap::new(),
+            assigned: BTreeMap::new(),
             seq: BTreeMap::new(),
             logical: 0,
+        };
+        // The agents joined at time 0 and have seen each other since: the scenario
+        // starts once their views settled.
+        for name in sim.nodes.keys().cloned().collect::<Vec<_>>() {
+            let mut o = NodeOrch::new(&name, 0, true, SETTLE);
+            o.observe(&sim.membership(0), &[], 0);
+            sim.orch.insert(name, o);
         }
+        sim.now_ms = SETTLE.after_peer_ms - TICK_MS;
+        sim
+    }
+
+    /// Membership as nodes of `side` see it: every node with its status.
+    fn membership(&self, side: usize) -> Vec<(String, NodeStatus)> {
+        self.members(side)
+            .into_iter()
+            .map(|(n, m)| (n, m.status))
+            .collect()
     }
 
     /// Applies `writes` to one side as `writer`, stamped with the virtual time.
@@ -155,7 +189,7 @@ impl Sim {
     /// Deploys (or redeploys) a spec through side 0.
     pub fn deploy(&mut self, spec: &ServiceSpec) {
         let current = self.view(0).services.get(&spec.name).cloned();
-        let record = ServiceRecord::deploy(current.as_ref(), spec.clone());
+        let record = ServiceRecord::deploy(current.as_deref(), spec.clone());
         self.put_record(&record);
     }
 
@@ -170,7 +204,7 @@ impl Sim {
 
     /// The record of `service` on side 0.
     pub fn record(&self, service: &str) -> ServiceRecord {
-        self.view(0).services[service].clone()
+        self.view(0).services[service].as_ref().clone()
     }
 
     /// Membership as nodes in `side` see it.
@@ -211,58 +245,103 @@ impl Sim {
             .collect()
     }
 
-    fn facts(&self, members: &Members) -> Vec<NodeFacts> {
-        self.nodes
-            .values()
-            .map(|n| NodeFacts {
-                status: members[&n.facts.name].status,
-                ..n.facts.clone()
-            })
-            .collect()
-    }
-
-    /// Runs every steward of one side once; returns the number of writes.
+    /// Every up node of one side runs its orchestration pass (only stewards write
+    /// slots); returns the number of writes.
     pub fn reconcile_side(&mut self, side: usize) -> usize {
-        let members = self.members(side);
-        let alive: Vec<String> = members
-            .iter()
-            .filter(|(_, m)| m.status == NodeStatus::Alive)
-            .map(|(n, _)| n.clone())
+        let membership = self.membership(side);
+        let facts: BTreeMap<String, NodeFacts> = self
+            .nodes
+            .values()
+            .map(|n| (n.facts.name.clone(), n.facts.clone()))
             .collect();
-        let services: Vec<String> = self.view(side).services.keys().cloned().collect();
+        let nodes: Vec<String> = self.sides[side].nodes.iter().cloned().collect();
         let mut total = 0;
-        for service in services {
-            let Some(steward) = steward_for(&service, alive.iter().map(String::as_str)) else {
+        for node in nodes {
+            if self.nodes[&node].health != Health::Up {
                 continue;
-            };
-            let steward = steward.to_string();
-            // Rebuilt per service: the previous steward's writes change free capacity.
-            let view = self.view(side);
-            let snapshot = build_snapshot(&self.facts(&members), &view.slots);
-            let input = view.reconcile_input(&service, &members, &snapshot, self.now_ms);
-            let out = reconcile(&input, &mut |s, r| native_scheduler(s, r));
-            total += out.writes.len();
-            if side == 0 {
-                self.rollout.insert(service.clone(), out.rollout);
-                self.stewards.insert(service.clone(), steward.clone());
             }
-            self.apply(side, &steward, out.writes);
-            // Idempotence: over the state it just produced, reconcile has nothing to do.
-            let view = self.view(side);
-            let snapshot = build_snapshot(&self.facts(&members), &view.slots);
-            let input = view.reconcile_input(&service, &members, &snapshot, self.now_ms);
-            let again = reconcile(&input, &mut |s, r| native_scheduler(s, r));
-            assert!(
-                again.writes.is_empty(),
-                "{service} at {} ms: reconcile is not idempotent: {:?}",
+            let orch = self.orch.get_mut(&node).expect("every node has a pass");
+            let out = orch.pass_over_state(
+                &self.sides[side].state,
                 self.now_ms,
-                again.writes.iter().map(Write::key).collect::<Vec<_>>()
+                &membership,
+                &facts,
+                &mut native_scheduler,
             );
+            total += out.writes.len();
+            let stewarded = out.stewarded > 0;
+            self.apply(side, &node, out.writes);
+            self.assigned
+                .insert(node.clone(), (out.settled, out.assigned));
+            if stewarded {
+                self.check_idempotent(side, &node, &membership, &facts);
+            }
+        }
+        if side == 0 {
+            let alive: Vec<String> = membership
+                .iter()
+                .filter(|(_, st)| *st == NodeStatus::Alive)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for service in self.view(0).services.keys() {
+                let Some(steward) = steward_for(service, alive.iter().map(String::as_str)) else {
+                    continue;
+                };
+                self.stewards.insert(service.clone(), steward.to_string());
+                if let Some(r) = self.orch[steward].rollout(service) {
+                    self.rollout.insert(service.clone(), r.status.clone());
+                }
+            }
         }
         total
     }
 
-    /// Every up node of one side runs what its slots say and reports it.
+    /// Over the state a pass just produced, another pass at the same time changes
+    /// nothing but the reasons of slots that could not be placed (they describe the
+    /// room other services took later in the same pass), and a third changes nothing.
+    fn check_idempotent(
+        &mut self,
+        side: usize,
+        node: &str,
+        membership: &[(String, NodeStatus)],
+        facts: &BTreeMap<String, NodeFacts>,
+    ) {
+        for round in 0..2 {
+            let orch = self.orch.get_mut(node).expect("every node has a pass");
+            let again = orch.pass_over_state(
+                &self.sides[side].state,
+                self.now_ms,
+                membership,
+                facts,
+                &mut native_scheduler,
+            );
+            let only_reasons = again.writes.iter().all(|w| match w {
+                Write::Put { key, value } => {
+                    let old = self.sides[side]
+                        .state
+                        .value(key)
+                        .and_then(|v| serde_json::from_slice::<crate::model::Slot>(v).ok());
+                    let new = serde_json::from_slice::<crate::model::Slot>(value).ok();
+                    matches!((old, new), (Some(o), Some(n)) if o.current == n.current && o.next == n.next)
+                }
+                Write::Delete { .. } => false,
+            });
+            assert!(
+                again.writes.is_empty() || (round == 0 && only_reasons),
+                "{node} at {} ms: the pass is not idempotent (round {round}): {:?}",
+                self.now_ms,
+                again.writes.iter().map(Write::key).collect::<Vec<_>>()
+            );
+            if again.writes.is_empty() {
+                return;
+            }
+            self.apply(side, node, again.writes);
+        }
+    }
+
+    /// Every up node of one side runs what its last pass assigned it and reports it,
+    /// like the agent's executor: before its view settled it starts nothing new and
+    /// stops nothing.
     pub fn agents_side(&mut self, side: usize) {
         let view = self.view(side);
         let nodes: Vec<String> = self.sides[side].nodes.iter().cloned().collect();
@@ -270,22 +349,37 @@ impl Sim {
             if self.nodes[&node].health != Health::Up {
                 continue;
             }
+            let (settled, assigned) = self.assigned.get(&node).cloned().unwrap_or_default();
             let mut writes = Vec::new();
             let running = self.running.entry(node.clone()).or_default();
-            for id in orphans(&node, running.keys().map(String::as_str), &view.slots) {
-                running.remove(&id);
-                writes.push(Write::Delete {
-                    key: report_key(&node, &id),
-                });
+            let wanted: BTreeSet<&str> = assigned
+                .iter()
+                .map(|a| a.placement.alloc_id.as_str())
+                .collect();
+            if settled {
+                let orphans: Vec<String> = running
+                    .keys()
+                    .filter(|id| !wanted.contains(id.as_str()))
+                    .cloned()
+                    .collect();
+                for id in orphans {
+                    running.remove(&id);
+                    writes.push(Write::Delete {
+                        key: report_key(&node, &id),
+                    });
+                }
             }
-            for a in allocs_for_node(&node, &view.slots) {
+            for a in &assigned {
+                if !settled && !running.contains_key(&a.placement.alloc_id) {
+                    continue;
+                }
                 let bad = self
                     .bad_versions
-                    .contains(&(a.service.to_string(), a.placement.version));
+                    .contains(&(a.service.clone(), a.placement.version));
                 let r = running
                     .entry(a.placement.alloc_id.clone())
                     .or_insert_with(|| Running {
-                        service: a.service.to_string(),
+                        service: a.service.clone(),
                         slot: a.slot,
                         version: a.placement.version,
                         ticks: 0,
@@ -308,7 +402,7 @@ impl Sim {
                 };
                 let old = view
                     .reports
-                    .get(a.service)
+                    .get(&a.service)
                     .and_then(|r| r.get(&a.placement.alloc_id))
                     .map(|r| &r.report);
                 if old != Some(&report) {
@@ -357,6 +451,12 @@ impl Sim {
                 r.clear();
             }
         } else {
+            // A restarted agent: its pass state starts afresh and must settle again.
+            let side = self.side_of(node);
+            let mut o = NodeOrch::new(node, self.now_ms, true, SETTLE);
+            o.observe(&self.membership(side), &[], self.now_ms);
+            self.orch.insert(node.to_string(), o);
+            self.assigned.remove(node);
             let side = self.side_of(node);
             let stale: Vec<Write> = self.sides[side]
                 .state

@@ -132,6 +132,10 @@ pub struct ReconcileInput<'a> {
 static NO_SLOTS: SlotMap = BTreeMap::new();
 static NO_REPORTS: Reports = BTreeMap::new();
 
+fn or_empty<'a, T>(v: Option<&'a std::sync::Arc<T>>, empty: &'a T) -> &'a T {
+    v.map_or(empty, |a| a.as_ref())
+}
+
 impl ClusterView {
     /// The reconcile input for `service` from this view.
     pub fn reconcile_input<'a>(
@@ -156,7 +160,7 @@ impl ClusterView {
                             .map(|s| {
                                 healthy_replicas(
                                     s,
-                                    self.reports.get(d).unwrap_or(&NO_REPORTS),
+                                    or_empty(self.reports.get(d), &NO_REPORTS),
                                     members,
                                 )
                             })
@@ -168,9 +172,9 @@ impl ClusterView {
             .unwrap_or_default();
         ReconcileInput {
             service,
-            record,
-            slots: self.slots.get(service).unwrap_or(&NO_SLOTS),
-            reports: self.reports.get(service).unwrap_or(&NO_REPORTS),
+            record: record.map(|r| r.as_ref()),
+            slots: or_empty(self.slots.get(service), &NO_SLOTS),
+            reports: or_empty(self.reports.get(service), &NO_REPORTS),
             dependencies,
             members,
             snapshot,
@@ -296,115 +300,172 @@ impl Fit {
 /// deterministic; applying its writes and calling it again at the same time
 /// returns no writes.
 ///
-/// Rules, in order:
-/// 1. A deleted (or gone) service loses every slot, highest first; once none is
-///    left and no reachable node reports an allocation, its record is deleted.
-/// 2. Slots at or above the desired count are deleted, highest first.
-/// 3. A `next` on a gone node, or older than the version and unhealthy, is dropped;
-///    a healthy `next` is promoted to `current` (the old allocation becomes an
-///    orphan its node stops).
-/// 4. A slot whose node has been down or left for `reschedule_after` is placed
-///    elsewhere (suspect nodes are waited for); a slot with no allocation is placed,
-///    unless a `depends_on` service has no healthy replica ("waiting for dependency"),
-///    or does not exist ("dependency … does not exist").
-/// 5. Rolling update, unless a current-version replica has missed
-///    `update.healthy_deadline` (then the rollout is `Stalled`): with `max_surge = 0`
-///    old replicas are replaced in place, at most `max_unavailable` in flight and
-///    never taking healthy replicas below `replicas - max_unavailable`; with
-///    `max_surge > 0` up to that many new replicas start alongside old ones. Unhealthy
-///    old replicas are replaced in place first, as that costs no availability.
-/// 6. Everything to place goes to the scheduler as one request (so spread sees all of
-///    it), with the reservations of replaced allocations given back first. Answers
-///    are checked against the snapshot; replicas that fit nowhere leave the reason on
-///    the slot, and are retried on the next call.
+/// Rules, in order, each one function below:
+/// 1. [`remove_service`]: a deleted (or gone) service loses every slot, highest
+///    first; once none is left and no reachable node reports an allocation, its
+///    record is deleted.
+/// 2. [`Round::scale_down`]: slots at or above the desired count are deleted,
+///    highest first.
+/// 3. [`Round::settle_surges`]: a `next` on a gone node, or older than the version
+///    and unhealthy, is dropped; a healthy `next` is promoted to `current` (the old
+///    allocation becomes an orphan its node stops).
+/// 4. [`Round::find_needs`]: a slot whose node has been down or left for
+///    `reschedule_after` is placed elsewhere (suspect nodes are waited for); a slot
+///    with no allocation is placed, unless a `depends_on` service has no healthy
+///    replica ("waiting for dependency"), or does not exist ("dependency … does not
+///    exist").
+/// 5. [`Round::rolling_update`], unless [`Round::stalled`] finds a current-version
+///    replica that missed `update.healthy_deadline` (then the rollout is `Stalled`):
+///    with `max_surge = 0` old replicas are replaced in place, at most
+///    `max_unavailable` in flight and never taking healthy replicas below
+///    `replicas - max_unavailable`; with `max_surge > 0` up to that many new replicas
+///    start alongside old ones. Unhealthy old replicas are replaced in place first,
+///    as that costs no availability.
+/// 6. [`Round::place`]: everything to place goes to the scheduler as one request
+///    (so spread sees all of it), with the reservations of replaced allocations
+///    given back first. Answers are checked against the snapshot; replicas that fit
+///    nowhere leave the reason on the slot, and are retried on the next call.
 pub fn reconcile(
     input: &ReconcileInput<'_>,
     scheduler: &mut dyn FnMut(&Snapshot, &[PlacementRequest]) -> Vec<Placed>,
 ) -> Reconciled {
-    let service = input.service;
-    let members = input.members;
-    let reports = input.reports;
-    let now = input.now_ms;
-    let mut writes = Vec::new();
-
     let record = match input.record {
         Some(r) if !r.deleted => r,
-        other => {
-            for n in input.slots.keys().rev() {
-                writes.push(Write::Delete {
-                    key: slot_key(service, *n),
-                });
-            }
-            let still_running = reports.values().any(|r| reachable(members, &r.node));
-            if other.is_some() && input.slots.is_empty() && !still_running {
-                writes.push(Write::Delete {
-                    key: service_key(service),
-                });
-            }
-            return Reconciled {
-                writes,
-                rollout: RolloutStatus::Removing,
-            };
-        }
+        other => return remove_service(input, other.is_some()),
     };
-    let spec = &record.spec;
-    let version = record.version;
-    let want = record.replicas.min(MAX_REPLICAS);
-    let after_ms = ms(spec.reschedule_after);
-    let deadline_ms = ms(spec.update.healthy_deadline);
-    let healthy = |p: &Placement| is_healthy(p, reports, members);
-    let mut snapshot = input.snapshot.clone();
+    let mut round = Round::new(input, record);
+    round.scale_down();
+    round.settle_surges();
+    round.find_needs();
+    let stalled = round.stalled();
+    if stalled.is_none() {
+        round.rolling_update();
+    }
+    round.place(scheduler);
+    round.finish(stalled)
+}
 
-    // Scale down. The removed replicas stop, so their room is free for this round.
-    for (n, slot) in input.slots.range(want..).rev() {
-        for p in slot.placements() {
-            release(&mut snapshot, service, p);
-        }
+/// Rule 1: the service is deleted (`has_record`: a record with `deleted` set) or
+/// gone (a tombstone): every slot goes, then the record.
+fn remove_service(input: &ReconcileInput<'_>, has_record: bool) -> Reconciled {
+    let service = input.service;
+    let mut writes = Vec::new();
+    for n in input.slots.keys().rev() {
         writes.push(Write::Delete {
             key: slot_key(service, *n),
         });
     }
+    let still_running = input
+        .reports
+        .values()
+        .any(|r| reachable(input.members, &r.node));
+    if has_record && input.slots.is_empty() && !still_running {
+        writes.push(Write::Delete {
+            key: service_key(service),
+        });
+    }
+    Reconciled {
+        writes,
+        rollout: RolloutStatus::Removing,
+    }
+}
 
-    let mut work: BTreeMap<u32, Slot> = (0..want)
-        .map(|n| (n, input.slots.get(&n).cloned().unwrap_or_default()))
-        .collect();
+/// One reconcile of a live service: the slots being worked on and what was decided.
+struct Round<'a, 'i> {
+    input: &'a ReconcileInput<'i>,
+    record: &'a ServiceRecord,
+    want: u32,
+    after_ms: u64,
+    snapshot: Snapshot,
+    work: BTreeMap<u32, Slot>,
+    needs: Vec<(Need, u32)>,
+    writes: Vec<Write>,
+}
 
-    // Drop dead or stale surges; promote healthy ones.
-    for slot in work.values_mut() {
-        slot.reason = None;
-        let Some(next) = slot.next.clone() else {
-            continue;
-        };
-        let current_version = slot.current.as_ref().map_or(0, |c| c.version);
-        if lost(members, &next.node, now, after_ms)
-            || next.version < current_version
-            || (next.version < version && !healthy(&next))
-        {
-            release(&mut snapshot, service, &next);
-            slot.next = None;
-        } else if healthy(&next)
-            || slot
-                .current
-                .as_ref()
-                .is_none_or(|c| lost(members, &c.node, now, after_ms))
-        {
-            // The surge is healthy, or there is nothing left to keep running
-            // alongside it: it becomes the slot's allocation.
-            if let Some(old) = slot.current.take() {
-                release(&mut snapshot, service, &old);
-            }
-            slot.current = slot.next.take();
+impl<'a, 'i> Round<'a, 'i> {
+    fn new(input: &'a ReconcileInput<'i>, record: &'a ServiceRecord) -> Self {
+        let want = record.replicas.min(MAX_REPLICAS);
+        Round {
+            input,
+            record,
+            want,
+            after_ms: ms(record.spec.reschedule_after),
+            snapshot: input.snapshot.clone(),
+            work: (0..want)
+                .map(|n| (n, input.slots.get(&n).cloned().unwrap_or_default()))
+                .collect(),
+            needs: Vec::new(),
+            writes: Vec::new(),
         }
     }
 
-    // What needs placing.
-    let (missing, waiting): (Vec<&str>, Vec<&str>) = spec
-        .depends_on
-        .iter()
-        .map(String::as_str)
-        .filter(|d| input.dependencies.get(*d).copied().unwrap_or(0) == 0)
-        .partition(|d| !input.dependencies.contains_key(*d));
-    let blocked = {
+    fn healthy(&self, p: &Placement) -> bool {
+        is_healthy(p, self.input.reports, self.input.members)
+    }
+
+    fn lost(&self, node: &str) -> bool {
+        lost(self.input.members, node, self.input.now_ms, self.after_ms)
+    }
+
+    /// Rule 2. The removed replicas stop, so their room is free for this round.
+    fn scale_down(&mut self) {
+        let service = self.input.service;
+        for (n, slot) in self.input.slots.range(self.want..).rev() {
+            for p in slot.placements() {
+                release(&mut self.snapshot, service, p);
+            }
+            self.writes.push(Write::Delete {
+                key: slot_key(service, *n),
+            });
+        }
+    }
+
+    /// Rule 3: drop dead or stale surges; promote healthy ones.
+    fn settle_surges(&mut self) {
+        let service = self.input.service;
+        let version = self.record.version;
+        let slots: Vec<u32> = self.work.keys().copied().collect();
+        for n in slots {
+            let slot = self.work[&n].clone();
+            let Some(next) = slot.next.clone() else {
+                let s = self.work.get_mut(&n).expect("slot in work");
+                s.reason = None;
+                continue;
+            };
+            let current_version = slot.current.as_ref().map_or(0, |c| c.version);
+            let drop = self.lost(&next.node)
+                || next.version < current_version
+                || (next.version < version && !self.healthy(&next));
+            let promote = !drop
+                && (self.healthy(&next)
+                    || slot.current.as_ref().is_none_or(|c| self.lost(&c.node)));
+            let s = self.work.get_mut(&n).expect("slot in work");
+            s.reason = None;
+            if drop {
+                release(&mut self.snapshot, service, &next);
+                s.next = None;
+            } else if promote {
+                // The surge is healthy, or there is nothing left to keep running
+                // alongside it: it becomes the slot's allocation.
+                if let Some(old) = s.current.take() {
+                    release(&mut self.snapshot, service, &old);
+                }
+                s.current = s.next.take();
+            }
+        }
+    }
+
+    /// Why new replicas may not be placed yet (dependencies), if they may not.
+    fn blocked_by_dependencies(&self) -> Option<String> {
+        let deps = &self.input.dependencies;
+        let (missing, waiting): (Vec<&str>, Vec<&str>) = self
+            .record
+            .spec
+            .depends_on
+            .iter()
+            .map(String::as_str)
+            .filter(|d| deps.get(*d).copied().unwrap_or(0) == 0)
+            .partition(|d| !deps.contains_key(*d));
         let plural = |v: &[&str]| if v.len() == 1 { "y" } else { "ies" };
         let mut parts = Vec::new();
         if !missing.is_empty() {
@@ -423,69 +484,94 @@ pub fn reconcile(
             ));
         }
         (!parts.is_empty()).then(|| parts.join("; "))
-    };
-    let mut needs: Vec<(Need, u32)> = Vec::new();
-    for (&n, slot) in work.iter_mut() {
-        match &slot.current {
-            None if blocked.is_none() => needs.push((Need::Fresh, n)),
-            None => slot.reason = blocked.clone(),
-            Some(c) if lost(members, &c.node, now, after_ms) => needs.push((Need::Lost, n)),
-            Some(_) => {}
-        }
     }
 
-    // A current-version replica that missed its deadline stops the rollout.
-    let stalled = work.iter().find_map(|(n, slot)| {
-        slot.placements()
-            .find(|p| {
-                p.version == version
-                    && reachable(members, &p.node)
-                    && !healthy(p)
-                    && now.saturating_sub(p.placed_ms) >= deadline_ms
-            })
-            .map(|p| {
-                let why = reports
-                    .get(&p.alloc_id)
-                    .and_then(|r| r.report.reason.clone())
-                    .map(|r| format!(" ({r})"))
-                    .unwrap_or_default();
-                format!(
-                    "slot {n}: version {version} on {} not healthy within {}s{why}",
-                    p.node,
-                    deadline_ms / 1000
-                )
-            })
-    });
+    /// Rule 4: replicas lost with their node, and missing ones.
+    fn find_needs(&mut self) {
+        let blocked = self.blocked_by_dependencies();
+        let mut needs = Vec::new();
+        let mut reasons = Vec::new();
+        for (&n, slot) in &self.work {
+            match &slot.current {
+                None if blocked.is_none() => needs.push((Need::Fresh, n)),
+                None => reasons.push(n),
+                Some(c) if self.lost(&c.node) => needs.push((Need::Lost, n)),
+                Some(_) => {}
+            }
+        }
+        for n in reasons {
+            if let Some(s) = self.work.get_mut(&n) {
+                s.reason = blocked.clone();
+            }
+        }
+        self.needs = needs;
+    }
 
-    if stalled.is_none() {
-        let placing: BTreeSet<u32> = needs.iter().map(|(_, n)| *n).collect();
-        let mut candidates: Vec<(bool, u32)> = work
+    /// A current-version replica that missed its deadline stops the rollout.
+    fn stalled(&self) -> Option<String> {
+        let version = self.record.version;
+        let deadline_ms = ms(self.record.spec.update.healthy_deadline);
+        let now = self.input.now_ms;
+        self.work.iter().find_map(|(n, slot)| {
+            slot.placements()
+                .find(|p| {
+                    p.version == version
+                        && reachable(self.input.members, &p.node)
+                        && !self.healthy(p)
+                        && now.saturating_sub(p.placed_ms) >= deadline_ms
+                })
+                .map(|p| {
+                    let why = self
+                        .input
+                        .reports
+                        .get(&p.alloc_id)
+                        .and_then(|r| r.report.reason.clone())
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default();
+                    format!(
+                        "slot {n}: version {version} on {} not healthy within {}s{why}",
+                        p.node,
+                        deadline_ms / 1000
+                    )
+                })
+        })
+    }
+
+    /// Rule 5: which old-version replicas to replace now.
+    fn rolling_update(&mut self) {
+        let version = self.record.version;
+        let update = self.record.spec.update;
+        let placing: BTreeSet<u32> = self.needs.iter().map(|(_, n)| *n).collect();
+        let mut candidates: Vec<(bool, u32)> = self
+            .work
             .iter()
             .filter(|(n, s)| {
                 !placing.contains(n)
                     && s.current.as_ref().is_some_and(|c| c.version < version)
                     && s.next.is_none()
             })
-            .map(|(n, s)| (s.current.as_ref().is_some_and(healthy), *n))
+            .map(|(n, s)| (s.current.as_ref().is_some_and(|c| self.healthy(c)), *n))
             .collect();
         // Unhealthy first: replacing them costs no availability.
         candidates.sort();
-        let healthy_now = work
+        let healthy_now = self
+            .work
             .values()
-            .filter(|s| s.current.as_ref().is_some_and(healthy))
+            .filter(|s| s.current.as_ref().is_some_and(|c| self.healthy(c)))
             .count() as u32;
-        if spec.update.max_surge == 0 {
-            let in_flight = work
+        if update.max_surge == 0 {
+            let in_flight = self
+                .work
                 .values()
                 .filter(|s| {
                     s.current
                         .as_ref()
-                        .is_some_and(|c| c.version == version && !healthy(c))
+                        .is_some_and(|c| c.version == version && !self.healthy(c))
                 })
                 .count() as u32;
-            let floor = want.saturating_sub(spec.update.max_unavailable);
+            let floor = self.want.saturating_sub(update.max_unavailable);
             let mut healthy_left = healthy_now;
-            let mut room = spec.update.max_unavailable.saturating_sub(in_flight);
+            let mut room = update.max_unavailable.saturating_sub(in_flight);
             for (is_healthy, n) in candidates {
                 if room == 0 {
                     break;
@@ -497,37 +583,45 @@ pub fn reconcile(
                     healthy_left -= 1;
                 }
                 room -= 1;
-                needs.push((Need::Update, n));
+                self.needs.push((Need::Update, n));
             }
         } else {
-            let surging = work.values().filter(|s| s.next.is_some()).count() as u32;
-            let mut room = spec.update.max_surge.saturating_sub(surging);
+            let surging = self.work.values().filter(|s| s.next.is_some()).count() as u32;
+            let mut room = update.max_surge.saturating_sub(surging);
             for (is_healthy, n) in candidates {
                 if !is_healthy {
-                    needs.push((Need::Update, n));
+                    self.needs.push((Need::Update, n));
                 } else if room > 0 {
                     room -= 1;
-                    needs.push((Need::Surge, n));
+                    self.needs.push((Need::Surge, n));
                 }
             }
         }
     }
-    needs.sort();
 
-    if !needs.is_empty() {
-        for &(need, n) in &needs {
+    /// Rule 6: one scheduler request for everything that needs a node.
+    fn place(&mut self, scheduler: &mut dyn FnMut(&Snapshot, &[PlacementRequest]) -> Vec<Placed>) {
+        self.needs.sort();
+        if self.needs.is_empty() {
+            return;
+        }
+        let service = self.input.service;
+        let spec = &self.record.spec;
+        let version = self.record.version;
+        let now = self.input.now_ms;
+        for &(need, n) in &self.needs {
             if matches!(need, Need::Lost | Need::Update) {
-                if let Some(c) = &work[&n].current {
-                    release(&mut snapshot, service, c);
+                if let Some(c) = &self.work[&n].current {
+                    release(&mut self.snapshot, service, c);
                 }
             }
         }
-        let request = spec.to_request(needs.len() as u32);
-        let answer = scheduler(&snapshot, std::slice::from_ref(&request))
+        let request = spec.to_request(self.needs.len() as u32);
+        let answer = scheduler(&self.snapshot, std::slice::from_ref(&request))
             .into_iter()
             .next()
             .unwrap_or_default();
-        let mut fit = Fit::new(&snapshot);
+        let mut fit = Fit::new(&self.snapshot);
         let reserved = Reservation {
             resources: spec.resources,
             host_ports: spec.host_ports(),
@@ -535,8 +629,9 @@ pub fn reconcile(
         };
         let mut nodes = answer.nodes.iter();
         let mut failure: Option<String> = None;
-        for &(need, n) in &needs {
-            let Some(slot) = work.get_mut(&n) else {
+        let members = self.input.members;
+        for &(need, n) in &self.needs {
+            let Some(slot) = self.work.get_mut(&n) else {
                 continue;
             };
             let chosen = match (&failure, nodes.next()) {
@@ -554,7 +649,7 @@ pub fn reconcile(
                         format!(
                             "the scheduler placed only {} of {} replicas",
                             answer.nodes.len(),
-                            needs.len()
+                            self.needs.len()
                         )
                     }));
                     None
@@ -601,38 +696,46 @@ pub fn reconcile(
         }
     }
 
-    for (n, slot) in &work {
-        if input.slots.get(n) != Some(slot) {
-            writes.push(Write::Put {
-                key: slot_key(service, *n),
-                value: encode(slot),
-            });
-        }
-    }
-
-    let rollout = match stalled {
-        Some(reason) => RolloutStatus::Stalled { reason },
-        None => {
-            let updated = work
-                .values()
-                .filter(|s| {
-                    s.next.is_none()
-                        && s.current
-                            .as_ref()
-                            .is_some_and(|c| c.version == version && healthy(c))
-                })
-                .count() as u32;
-            if updated == want {
-                RolloutStatus::Complete
-            } else {
-                RolloutStatus::Progressing {
-                    updated,
-                    total: want,
-                }
+    /// The slot writes and the rollout status.
+    fn finish(mut self, stalled: Option<String>) -> Reconciled {
+        let service = self.input.service;
+        for (n, slot) in &self.work {
+            if self.input.slots.get(n) != Some(slot) {
+                self.writes.push(Write::Put {
+                    key: slot_key(service, *n),
+                    value: encode(slot),
+                });
             }
         }
-    };
-    Reconciled { writes, rollout }
+        let version = self.record.version;
+        let rollout = match stalled {
+            Some(reason) => RolloutStatus::Stalled { reason },
+            None => {
+                let updated = self
+                    .work
+                    .values()
+                    .filter(|s| {
+                        s.next.is_none()
+                            && s.current
+                                .as_ref()
+                                .is_some_and(|c| c.version == version && self.healthy(c))
+                    })
+                    .count() as u32;
+                if updated == self.want {
+                    RolloutStatus::Complete
+                } else {
+                    RolloutStatus::Progressing {
+                        updated,
+                        total: self.want,
+                    }
+                }
+            }
+        };
+        Reconciled {
+            writes: self.writes,
+            rollout,
+        }
+    }
 }
 
 /// One allocation a node must run.
@@ -652,7 +755,7 @@ pub struct Assignment<'a> {
 pub fn allocs_for_node<'a>(node: &str, slots: &'a ClusterSlots) -> Vec<Assignment<'a>> {
     let mut out = Vec::new();
     for (service, slots) in slots {
-        for (&n, slot) in slots {
+        for (&n, slot) in slots.iter() {
             for (p, next) in [(&slot.current, false), (&slot.next, true)] {
                 if let Some(p) = p.as_ref().filter(|p| p.node == node) {
                     out.push(Assignment {
@@ -774,7 +877,7 @@ mod tests {
         now_ms: u64,
         scheduler: &mut dyn FnMut(&Snapshot, &[PlacementRequest]) -> Vec<Placed>,
     ) -> Reconciled {
-        let all: ClusterSlots = [("web".to_string(), slots.clone())].into();
+        let all: ClusterSlots = [("web".to_string(), std::sync::Arc::new(slots.clone()))].into();
         let snapshot = build_snapshot(facts, &all);
         let input = ReconcileInput {
             service: "web",
@@ -1025,7 +1128,8 @@ mod tests {
             next: Some(placement("n2", 2, "new", &spec)),
             reason: None,
         };
-        let all: ClusterSlots = [("web".to_string(), [(0, slot)].into())].into();
+        let all: ClusterSlots =
+            [("web".to_string(), std::sync::Arc::new([(0, slot)].into()))].into();
         let n1 = allocs_for_node("n1", &all);
         assert_eq!(n1.len(), 1);
         assert!(!n1[0].next && n1[0].placement.alloc_id == "old");

@@ -636,27 +636,13 @@ fn load_record(path: &Path) -> Result<Option<AllocRecord>, DriverError> {
 /// one pass over `/proc` (blocking: run it on a blocking thread).
 fn scan_groups(pgids: &HashSet<i32>, page_size: u64) -> HashMap<i32, (u64, u64)> {
     let mut out: HashMap<i32, (u64, u64)> = HashMap::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
+    let Ok(all) = procfs::all_processes() else {
         return out;
     };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // Processes come and go during the scan; a vanished one is simply not counted.
-        let Some(st) = procfs::read_stat(pid) else {
-            continue;
-        };
-        if !st.is_alive() || !pgids.contains(&st.pgrp) {
-            continue;
-        }
+    for st in all.filter(|st| st.is_alive() && pgids.contains(&st.pgrp)) {
         let e = out.entry(st.pgrp).or_default();
         e.0 += st.cpu_ticks;
-        e.1 += procfs::rss_bytes(pid, page_size).map_or(0, |b| b / page_size.max(1));
+        e.1 += procfs::rss_bytes(st.pid, page_size).map_or(0, |b| b / page_size.max(1));
     }
     out
 }

@@ -63,26 +63,20 @@ pub(crate) fn rss_bytes(pid: i32, page_size: u64) -> Option<u64> {
     Some(resident * page_size)
 }
 
+/// Every process: the stat of each pid in `/proc`. Processes come and go during
+/// the scan; a vanished one is simply not listed.
+pub(crate) fn all_processes() -> io::Result<impl Iterator<Item = ProcStat>> {
+    Ok(fs::read_dir("/proc")?.flatten().filter_map(|entry| {
+        let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+        read_stat(pid)
+    }))
+}
+
 /// Live (non-zombie) processes whose process group is `pgid`.
 pub(crate) fn group_members(pgid: i32) -> io::Result<Vec<ProcStat>> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir("/proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // Processes come and go during the scan; a vanished one is simply not a member.
-        if let Some(st) = read_stat(pid) {
-            if st.pgrp == pgid && st.is_alive() {
-                out.push(st);
-            }
-        }
-    }
-    Ok(out)
+    Ok(all_processes()?
+        .filter(|st| st.pgrp == pgid && st.is_alive())
+        .collect())
 }
 
 /// This boot's id; pids and start times are only comparable within one boot.

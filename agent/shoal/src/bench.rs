@@ -228,6 +228,38 @@ fn workload_groups(dir: &std::path::Path) -> Vec<i32> {
     out
 }
 
+/// Deploys `spec` (of service `name`) through agent 0 and waits until version 1
+/// runs healthy everywhere; returns how long that took.
+async fn deploy_and_wait(
+    mesh: &Mesh,
+    name: &str,
+    spec: String,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    mesh.clients[0]
+        .deploy(&format!("{name}.toml"), spec)
+        .await?;
+    crate::service_cli::wait_rollout(&mesh.clients[0], name, 1, limit, false).await?;
+    Ok(t.elapsed())
+}
+
+/// `rm` of `service` through agent 0, then the time until no agent records a workload.
+async fn rm_and_wait(mesh: &Mesh, service: &str, limit: Duration) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    mesh.clients[0].rm(service).await?;
+    loop {
+        let left = workload_groups(mesh.dir.path()).len();
+        if left == 0 {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > limit {
+            bail!("{left} workloads still recorded {limit:?} after rm");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn measure(n: usize, args: &MeshBenchArgs) -> anyhow::Result<Row> {
     let mesh = Mesh::start(n, args.base_port).await?;
     let clients = &mesh.clients;
@@ -565,19 +597,7 @@ pub async fn run_deploy(args: DeployBenchArgs) -> anyhow::Result<()> {
             .await?;
         crate::service_cli::wait_rollout(via, "bench", 1, Duration::from_secs(300), false).await?;
         let up = t0.elapsed();
-        let t1 = Instant::now();
-        mesh.clients[0].rm("bench").await?;
-        loop {
-            let left = workload_groups(mesh.dir.path()).len();
-            if left == 0 {
-                break;
-            }
-            if t1.elapsed() > Duration::from_secs(120) {
-                bail!("{left} workloads still recorded 120 s after rm");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let down = t1.elapsed();
+        let down = rm_and_wait(&mesh, "bench", Duration::from_secs(120)).await?;
         eprintln!(
             "run {run}: {} replicas healthy after {up:?}, all stopped {down:?} after rm",
             args.replicas
@@ -700,17 +720,7 @@ pub async fn run_replicas(args: ReplicasBenchArgs) -> anyhow::Result<()> {
             "name = \"many\"\ndriver = \"process\"\ncommand = [\"sleep\", \"3600\"]\nreplicas = {count}\n\
              [resources]\ncpu = \"1m\"\nmemory = \"1Mi\"\n"
         );
-        let t0 = Instant::now();
-        mesh.clients[0].deploy("many.toml", spec).await?;
-        crate::service_cli::wait_rollout(
-            &mesh.clients[0],
-            "many",
-            1,
-            Duration::from_secs(600),
-            false,
-        )
-        .await?;
-        let up = t0.elapsed();
+        let up = deploy_and_wait(&mesh, "many", spec, Duration::from_secs(600)).await?;
         let _ = stop_tx.send(true);
         let during = prober.await?;
 
@@ -742,19 +752,7 @@ pub async fn run_replicas(args: ReplicasBenchArgs) -> anyhow::Result<()> {
             // SAFETY: signal 0 only checks that the group exists.
             .filter(|g| unsafe { libc::kill(-**g, 0) } == 0)
             .count();
-        let t2 = Instant::now();
-        mesh.clients[0].rm("many").await?;
-        loop {
-            let left = workload_groups(mesh.dir.path()).len();
-            if left == 0 {
-                break;
-            }
-            if t2.elapsed() > Duration::from_secs(300) {
-                bail!("{left} workloads still recorded 300 s after rm");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let down = t2.elapsed();
+        let down = rm_and_wait(&mesh, "many", Duration::from_secs(300)).await?;
         eprintln!(
             "{count} replicas: all running after {up:?}; {alive} workloads alive; rm took {down:?}"
         );
@@ -828,6 +826,7 @@ struct LoopMetrics {
     max_turn: (f64, String),
     rtt: shoal_core::Histogram,
     probe_failures: u64,
+    passes: shoal_core::Histogram,
 }
 
 /// Parses the histogram `name` (all label sets merged) out of Prometheus text.
@@ -903,6 +902,7 @@ async fn loop_metrics(http: &reqwest::Client, api: SocketAddr) -> anyhow::Result
     turns.max = max_turn.0;
     Ok(LoopMetrics {
         turns,
+        passes: parse_histogram(&text, "shoal_orchestration_pass_seconds"),
         max_turn,
         rtt,
         probe_failures: metric_value(&text, "shoal_swim_probe_failures_total").unwrap_or(0.0)
@@ -931,8 +931,10 @@ fn loop_row(
     let mut rtt = shoal_core::Histogram::default();
     let mut failures = 0;
     let mut max = (0.0, String::new());
+    let mut passes = shoal_core::Histogram::default();
     for (b, a) in before.iter().zip(after) {
         turns.merge(&diff(&a.turns, &b.turns));
+        passes.merge(&diff(&a.passes, &b.passes));
         rtt.merge(&diff(&a.rtt, &b.rtt));
         failures += a.probe_failures.saturating_sub(b.probe_failures);
         if a.max_turn.0 > max.0 {
@@ -947,6 +949,12 @@ fn loop_row(
         format!("{:.1} ms", rtt.quantile(0.99) * 1000.0),
         format!("{:.1} ms", rtt.max * 1000.0),
         failures.to_string(),
+        if passes.count == 0 {
+            "-".to_string()
+        } else {
+            passes.max = f64::INFINITY;
+            format!("{:.1} ms", passes.quantile(0.99) * 1000.0)
+        },
         extra,
     ]
 }
@@ -974,19 +982,9 @@ pub async fn run_loop(args: LoopBenchArgs) -> anyhow::Result<()> {
             }
         };
         let before = read(&mesh.apis).await?;
-        let t0 = Instant::now();
         let spec =
             bench_spec(args.replicas, 60_000).replace("interval = \"250ms\"", "interval = \"1s\"");
-        mesh.clients[0].deploy("bench.toml", spec).await?;
-        crate::service_cli::wait_rollout(
-            &mesh.clients[0],
-            "bench",
-            1,
-            Duration::from_secs(300),
-            false,
-        )
-        .await?;
-        let up = t0.elapsed();
+        let up = deploy_and_wait(&mesh, "bench", spec, Duration::from_secs(300)).await?;
         tokio::time::sleep(Duration::from_secs(args.secs)).await;
         let after = read(&mesh.apis).await?;
         rows.push(loop_row(
@@ -1034,7 +1032,7 @@ pub async fn run_loop(args: LoopBenchArgs) -> anyhow::Result<()> {
             );
         }
         loop {
-            let blobs: Vec<crate::views::BlobView> = http
+            let blobs: Vec<crate::api_types::BlobView> = http
                 .get(format!("http://{to}/v1/blobs"))
                 .send()
                 .await?
@@ -1074,6 +1072,7 @@ pub async fn run_loop(args: LoopBenchArgs) -> anyhow::Result<()> {
                 "SWIM RTT p99",
                 "SWIM RTT MAX",
                 "PROBE FAILURES",
+                "PASS p99 (off loop)",
                 "NOTE",
             ],
             &rows

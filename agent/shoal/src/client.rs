@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Context};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
-use crate::views::{DeployView, ErrorView, KvView, LogsView, NodeView, PsView, ServiceView};
+use crate::api_types::{DeployView, ErrorView, KvView, LogsView, NodeView, PsView, ServiceView};
 
 /// Output format of client commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

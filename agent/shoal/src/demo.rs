@@ -147,6 +147,7 @@ async fn start_and_show(
             api_hosts: Vec::new(),
             api_token: None,
             logs: shoal_runtime::LogPolicy::default(),
+            perf: crate::agent::config::Perf::default(),
             tuning: Tuning {
                 cluster_size: Some(args.nodes as u32),
                 ..Tuning::default()

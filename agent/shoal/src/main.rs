@@ -6,13 +6,13 @@
 //! of that API, except `ca` (certificates, offline) and `demo` (a local mesh).
 
 mod agent;
+mod api_types;
 mod bench;
 mod client;
 mod demo;
 mod kv_cli;
 mod plugin_cli;
 mod service_cli;
-mod views;
 mod workload;
 
 use std::net::SocketAddr;

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use shoal_orch::RolloutStatus;
 
+use crate::api_types::{PsView, ServiceView, SlotView};
 use crate::client::{table, Client, Format};
-use crate::views::{PsView, ServiceView, SlotView};
 
 /// A service command.
 #[derive(clap::Subcommand)]

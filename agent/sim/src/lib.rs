@@ -183,25 +183,14 @@ impl FrameKind {
         FrameKind::Other,
     ];
 
-    /// Classifies a frame by peeking at the CBOR variant name, without decoding it.
-    ///
-    /// `shoal_core::wire` encodes `Msg` as a one-entry CBOR map keyed by the
-    /// variant name; a unit test pins this against `wire::encode`.
+    /// Classifies a frame by its variant name, without decoding it
+    /// ([`shoal_core::wire::variant`]).
     pub fn of(frame: &[u8]) -> FrameKind {
-        let body = frame.get(3..).unwrap_or(&[]);
-        // 0xa1: map of one pair; then a text string of length (b & 0x1f).
-        if body.first() != Some(&0xa1) {
-            return FrameKind::Other;
-        }
-        let Some(&hdr) = body.get(1) else {
-            return FrameKind::Other;
-        };
-        let len = usize::from(hdr & 0x1f);
-        match (hdr & 0xe0, body.get(2..2 + len)) {
-            (0x60, Some(b"Swim")) => FrameKind::Swim,
-            (0x60, Some(b"Push")) => FrameKind::Push,
-            (0x60, Some(b"SyncReq" | b"SyncResp")) => FrameKind::Sync,
-            (0x60, Some(b"Blob")) => FrameKind::Blob,
+        match shoal_core::wire::variant(frame) {
+            Some(b"Swim") => FrameKind::Swim,
+            Some(b"Push") => FrameKind::Push,
+            Some(b"SyncReq" | b"SyncResp") => FrameKind::Sync,
+            Some(b"Blob") => FrameKind::Blob,
             _ => FrameKind::Other,
         }
     }

@@ -2,23 +2,24 @@
 //!
 //! [`OrchSim`] drives a [`Sim`] (real cores: SWIM membership and the replicated
 //! map) and, every step of virtual time, does on each running node what the agent
-//! does: the node that finds itself steward of a service (rendezvous hash over
-//! the members it sees alive) runs [`shoal_orch::reconcile`] with the native
-//! scheduler over its own replica of the state and writes the slots there; every
-//! node runs the allocations its replica's slots name (a fake executor: an
-//! allocation reports running and healthy `start_delay_ms` after its node first
-//! sees it) and drops those no slot names any more. Nothing is shared between
-//! nodes but what the cores gossip, so detection time, placement and report
-//! spreading are all what a real cluster of that size would see, minus process
-//! start-up costs.
+//! does, with the agent's own code: the nodes that may be steward of a service
+//! (the best-ranked by rendezvous hash) run [`shoal_orch::NodeOrch::pass`] — member
+//! table, settle gate, tombstone rule, reconcile with the native scheduler, rollout
+//! statuses — over their own replica of the state and write there; every node runs
+//! what [`shoal_orch::assigned`] (the pass's last step) says its replica's slots
+//! assign it (a fake executor: an allocation reports running and healthy
+//! `start_delay_ms` after its node first sees it) and drops the rest. Nothing is
+//! shared between nodes but what the cores gossip, so detection time, placement and
+//! report spreading are all what a real cluster of that size would see, minus
+//! process start-up costs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use shoal_core::{State, Status};
 use shoal_orch::{
-    allocs_for_node, build_snapshot, encode, is_healthy, native_scheduler, reconcile,
-    rendezvous_score, report_key, service_key, steward_for, AllocReport, AllocState, ClusterView,
-    Member, Members, NodeFacts, ServiceRecord, ServiceSpec, Write,
+    assigned, encode, is_healthy, native_scheduler, rendezvous_score, report_key, service_key,
+    steward_for, AllocReport, AllocState, ClusterView, Member, Members, NodeFacts, NodeOrch,
+    ServiceRecord, ServiceSpec, Settle, Write,
 };
 use shoal_policy_logic::{NodeStatus, Resources};
 
@@ -39,8 +40,9 @@ pub struct OrchSim {
     names: Vec<String>,
     /// Per service, node indices in rendezvous order (best first).
     ranks: BTreeMap<String, Vec<usize>>,
-    /// Per candidate node, when it saw each member's status change.
-    since: HashMap<usize, Members>,
+    /// Per steward candidate, its orchestration pass state (created at its first
+    /// pass; it saw every member alive when the cluster formed).
+    orch: HashMap<usize, NodeOrch>,
     /// Per node: alloc id -> virtual ms it first saw the allocation.
     running: Vec<BTreeMap<String, u64>>,
     /// Per node: alloc ids it has reported.
@@ -59,7 +61,7 @@ impl OrchSim {
             capacity,
             start_delay_ms,
             ranks: BTreeMap::new(),
-            since: HashMap::new(),
+            orch: HashMap::new(),
             running: vec![BTreeMap::new(); n],
             reported: vec![BTreeSet::new(); n],
             seen_slots: vec![u64::MAX; n],
@@ -123,7 +125,7 @@ impl OrchSim {
     }
 
     fn is_steward(&self, service: &str, i: usize) -> bool {
-        let Some(members) = self.since.get(&i) else {
+        let Some(members) = self.orch.get(&i).map(NodeOrch::members) else {
             return false;
         };
         let alive = members
@@ -135,7 +137,7 @@ impl OrchSim {
 
     /// How node `i` sees member `name`.
     pub fn status_seen_by(&self, i: usize, name: &str) -> Option<NodeStatus> {
-        self.since.get(&i)?.get(name).map(|m| m.status)
+        self.orch.get(&i)?.members().get(name).map(|m| m.status)
     }
 
     /// Slots of `service` healthy on live nodes, as node `i`'s replica says, and
@@ -162,8 +164,12 @@ impl OrchSim {
             })
             .collect();
         let empty = BTreeMap::new();
-        let reports = view.reports.get(service).unwrap_or(&empty);
-        let slots = view.slots.get(service).cloned().unwrap_or_default();
+        let reports = view.reports.get(service).map_or(&empty, |r| r.as_ref());
+        let slots = view
+            .slots
+            .get(service)
+            .map(|s| s.as_ref().clone())
+            .unwrap_or_default();
         let healthy = slots
             .values()
             .filter(|s| {
@@ -194,56 +200,47 @@ impl OrchSim {
                 }
             }
         }
+        // Steward candidates run the agent's pass on their own replica.
+        let facts: BTreeMap<String, NodeFacts> = self
+            .names
+            .iter()
+            .map(|n| {
+                (
+                    n.clone(),
+                    NodeFacts {
+                        name: n.clone(),
+                        capacity: self.capacity,
+                        ..NodeFacts::default()
+                    },
+                )
+            })
+            .collect();
         for &i in &candidates {
             let wall = self.sim.now_of(i).wall_ms;
-            let members = self.since.entry(i).or_default();
-            for (id, st) in self.sim.view_of(i) {
-                let status = match st {
-                    Status::Alive => NodeStatus::Alive,
-                    Status::Suspect => NodeStatus::Suspect,
-                    Status::Down => NodeStatus::Down,
-                    Status::Left => NodeStatus::Left,
-                };
-                match members.get_mut(&id.name) {
-                    Some(m) if m.status == status => {}
-                    Some(m) => {
-                        *m = Member {
-                            status,
-                            since_ms: wall,
-                        }
-                    }
-                    None => {
-                        members.insert(
-                            id.name.clone(),
-                            Member {
-                                status,
-                                since_ms: wall,
-                            },
-                        );
-                    }
-                }
-            }
-        }
-        // Stewards reconcile on their own replica.
-        for s in &services {
-            let Some(i) = candidates.iter().copied().find(|&i| self.is_steward(s, i)) else {
-                continue;
-            };
-            let members = self.since[&i].clone();
-            let view = view_of(self.sim.node(i).state());
-            let facts: Vec<NodeFacts> = members
-                .iter()
-                .map(|(n, m)| NodeFacts {
-                    name: n.clone(),
-                    status: m.status,
-                    capacity: self.capacity,
-                    ..NodeFacts::default()
-                })
+            let membership: Vec<(String, NodeStatus)> = self
+                .sim
+                .view_of(i)
+                .into_iter()
+                .map(|(id, st)| (id.name, to_status(st)))
                 .collect();
-            let snapshot = build_snapshot(&facts, &view.slots);
-            let wall = self.sim.now_of(i).wall_ms;
-            let input = view.reconcile_input(s, &members, &snapshot, wall);
-            let out = reconcile(&input, &mut |snap, reqs| native_scheduler(snap, reqs));
+            let me = self.names[i].clone();
+            let orch = self.orch.entry(i).or_insert_with(|| {
+                // It has been part of the formed cluster since before the scenario.
+                let mut o = NodeOrch::new(&me, 0, true, Settle::default());
+                let all: Vec<(String, NodeStatus)> = membership
+                    .iter()
+                    .map(|(n, _)| (n.clone(), NodeStatus::Alive))
+                    .collect();
+                o.observe(&all, &[], 0);
+                o
+            });
+            let out = orch.pass_over_state(
+                self.sim.node(i).state(),
+                wall,
+                &membership,
+                &facts,
+                &mut native_scheduler,
+            );
             for w in out.writes {
                 let _ = match w {
                     Write::Put { key, value } => self.sim.put(i, &key, &value),
@@ -265,16 +262,15 @@ impl OrchSim {
             }
             self.seen_slots[i] = fingerprint;
             let view = view_of(self.sim.node(i).state());
-            let mine: BTreeMap<String, (String, u32, u64)> =
-                allocs_for_node(&self.names[i], &view.slots)
-                    .into_iter()
-                    .map(|a| {
-                        (
-                            a.placement.alloc_id.clone(),
-                            (a.service.to_string(), a.slot, a.placement.version),
-                        )
-                    })
-                    .collect();
+            let mine: BTreeMap<String, (String, u32, u64)> = assigned(&self.names[i], &view)
+                .into_iter()
+                .map(|a| {
+                    (
+                        a.placement.alloc_id.clone(),
+                        (a.service, a.slot, a.placement.version),
+                    )
+                })
+                .collect();
             for id in mine.keys() {
                 self.running[i].entry(id.clone()).or_insert(now);
             }
@@ -323,6 +319,15 @@ fn slots_fingerprint(state: &State) -> u64 {
             acc.wrapping_mul(31)
                 .wrapping_add(e.hlc.0 ^ e.key.len() as u64)
         })
+}
+
+fn to_status(st: Status) -> NodeStatus {
+    match st {
+        Status::Alive => NodeStatus::Alive,
+        Status::Suspect => NodeStatus::Suspect,
+        Status::Down => NodeStatus::Down,
+        Status::Left => NodeStatus::Left,
+    }
 }
 
 /// The orchestration keys of a replica, decoded.

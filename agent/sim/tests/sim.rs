@@ -385,6 +385,25 @@ fn every_partition_of_3_and_5_nodes_heals() {
     eprintln!("every split of 3 and 5 nodes healed; slowest took {worst} virtual ms");
 }
 
+/// Nodes 0-3 joined through node 0; node 4, configured with node 1's name (as with
+/// a copied certificate), running but not joined yet.
+fn four_and_a_second_n1(seed: u64) -> (Sim, [std::net::SocketAddr; 1]) {
+    let cfg = SimConfig {
+        tune: Some(|i, c| {
+            if i == 4 {
+                c.name = "n1".into();
+            }
+        }),
+        ..SimConfig::new(5, seed)
+    };
+    let mut sim = Sim::new(cfg);
+    let seeds = [shoal_sim::node_addr(0)];
+    for i in 0..4 {
+        sim.join(i, &seeds);
+    }
+    (sim, seeds)
+}
+
 /// One name, one live identity: a second process with a live node's name is
 /// refused (told why, its node-owned writes dropped, nothing of the real node
 /// changed); once the real node is gone, the same process takes the name over.
@@ -393,20 +412,7 @@ fn a_duplicate_name_is_refused_until_the_holder_is_gone() {
     use shoal_core::wire::{encode, Msg};
     use shoal_core::{Entry, Hlc, WriterId};
     for seed in test_seeds(3) {
-        // Node 4 is configured with node 1's name, as with a copied certificate.
-        let cfg = SimConfig {
-            tune: Some(|i, c| {
-                if i == 4 {
-                    c.name = "n1".into();
-                }
-            }),
-            ..SimConfig::new(5, seed)
-        };
-        let mut sim = Sim::new(cfg);
-        let seeds = [shoal_sim::node_addr(0)];
-        for i in 0..4 {
-            sim.join(i, &seeds);
-        }
+        let (mut sim, seeds) = four_and_a_second_n1(seed);
         let real = shoal_sim::node_addr(1);
         let alive_view = |s: &Sim, i: usize| {
             s.node(i)
@@ -493,19 +499,7 @@ fn a_duplicate_name_is_refused_until_the_holder_is_gone() {
 #[test]
 fn a_restart_at_a_new_address_is_accepted_within_seconds() {
     for seed in test_seeds(3) {
-        let cfg = SimConfig {
-            tune: Some(|i, c| {
-                if i == 4 {
-                    c.name = "n1".into();
-                }
-            }),
-            ..SimConfig::new(5, seed)
-        };
-        let mut sim = Sim::new(cfg);
-        let seeds = [shoal_sim::node_addr(0)];
-        for i in 0..4 {
-            sim.join(i, &seeds);
-        }
+        let (mut sim, seeds) = four_and_a_second_n1(seed);
         sim.run_until(
             |s| (0..4).all(|i| s.node(i).num_active_peers() == 3),
             60_000,

@@ -1,7 +1,9 @@
 //! The HTTP API (`/v1/...`), Prometheus metrics (`/metrics`) and the dashboard (`/`).
 //!
-//! Handlers only translate HTTP to [`Command`]s for the driver task, which owns
-//! all state; they never touch the core directly.
+//! Reads come from the agent loop's published [`Views`] and never queue behind
+//! it; writes become [`Command`]s for the loop, answered once durable. Blob
+//! listings and fetches go to the blob worker directly; plugin components are
+//! validated here, on a blocking thread, before anything is stored.
 
 use std::sync::Arc;
 
@@ -13,32 +15,45 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use shoal_net::Net;
 use shoal_policy::{PolicyError, PolicyHost, PolicyKind};
 use shoal_runtime::{LogQuery, MAX_LOG_CHUNK};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
+use super::blobs::{BlobCmd, BlobStatus};
+use super::commands::{Command, KvCommand, PluginCommand, ServiceCommand};
 use super::executor::Runtimes;
 use super::http_guard::{self, HttpGuard};
-use super::keys;
-use super::{ApiError, Command};
-use crate::views::{ErrorView, KvView, LogsView};
+use super::keys::{self, Binding};
+use super::views::{LogTarget, Views};
+use super::{wall_ms, ApiError};
+use crate::api_types::{ErrorView, LogsView, PsView};
 
-type Tx = mpsc::Sender<Command>;
-
-/// What every handler can reach: the driver's command queue and the policy host
-/// (validation compiles components without blocking the driver).
+/// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    tx: Tx,
-    host: Arc<PolicyHost>,
-    runtimes: Runtimes,
+    /// Writes for the agent loop.
+    pub tx: mpsc::Sender<Command>,
+    /// The loop's latest published views.
+    pub views: watch::Receiver<Arc<Views>>,
+    /// Commands for the blob worker.
+    pub blobs: mpsc::Sender<BlobCmd>,
+    /// What the blob worker holds and fetches.
+    pub blob_status: watch::Receiver<Arc<BlobStatus>>,
+    /// The policy host (validation and `plugin eval` run here, off the loop).
+    pub host: Arc<PolicyHost>,
+    /// The runtime drivers (logs of local allocations).
+    pub runtimes: Runtimes,
+    /// The transport (its counters for `/metrics`).
+    pub net: Net,
     /// This agent's API token, passed on when asking another agent for logs.
-    token: Option<Arc<str>>,
+    pub token: Option<Arc<str>>,
 }
 
-impl axum::extract::FromRef<AppState> for Tx {
-    fn from_ref(s: &AppState) -> Tx {
-        s.tx.clone()
+impl AppState {
+    fn views(&self) -> Arc<Views> {
+        self.views.borrow().clone()
     }
 }
 
@@ -64,17 +79,20 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn ask<T>(tx: &Tx, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ApiError> {
+/// Sends a write to the loop and waits for its answer.
+async fn ask<T>(
+    tx: &mpsc::Sender<Command>,
+    make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command,
+) -> Result<T, ApiError> {
     let (reply, rx) = oneshot::channel();
     tx.send(make(reply))
         .await
         .map_err(|_| ApiError::Unavailable)?;
-    rx.await.map_err(|_| ApiError::Unavailable)
+    rx.await.map_err(|_| ApiError::Unavailable)?
 }
 
-async fn nodes(State(tx): State<Tx>) -> Result<Response, ApiError> {
-    let v = ask(&tx, |reply| Command::Nodes { reply }).await?;
-    Ok(Json(v).into_response())
+async fn nodes(State(app): State<AppState>) -> Response {
+    Json(app.views().nodes()).into_response()
 }
 
 #[derive(Deserialize)]
@@ -86,52 +104,52 @@ struct ListQuery {
     internal: bool,
 }
 
-async fn kv_list(State(tx): State<Tx>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
-    let (prefix, internal) = (q.prefix, q.internal);
-    let v = ask(&tx, |reply| Command::List {
-        prefix,
-        internal,
-        reply,
-    })
-    .await?;
-    Ok(Json(v.iter().map(KvView::of).collect::<Vec<_>>()).into_response())
+async fn kv_list(State(app): State<AppState>, Query(q): Query<ListQuery>) -> Response {
+    Json(app.views().kv_list(&q.prefix, q.internal)).into_response()
 }
 
-async fn kv_get(State(tx): State<Tx>, Path(key): Path<String>) -> Result<Response, ApiError> {
-    if let Some(why) = keys::refusal(&key) {
-        return Err(ApiError::BadRequest(why));
-    }
-    let k = key.clone();
-    match ask(&tx, |reply| Command::Get { key: k, reply }).await? {
-        Some(e) => Ok(Json(KvView::of(&e)).into_response()),
-        None => Err(ApiError::NotFound(format!("key not found: {key}"))),
-    }
+async fn kv_get(
+    State(app): State<AppState>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(app.views().kv_get(&key)?).into_response())
 }
 
 async fn kv_put(
-    State(tx): State<Tx>,
+    State(app): State<AppState>,
     Path(key): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    if let Some(why) = keys::refusal(&key) {
+        return Err(ApiError::BadRequest(why));
+    }
     if std::str::from_utf8(&body).is_err() {
         return Err(ApiError::BadRequest("value must be UTF-8 text".into()));
     }
     let value = Some(body.to_vec());
-    let e = ask(&tx, |reply| Command::Put { key, value, reply }).await??;
-    Ok(Json(KvView::of(&e)).into_response())
+    let e = ask(&app.tx, |reply| {
+        Command::Kv(KvCommand::Put { key, value, reply })
+    })
+    .await?;
+    Ok(Json(crate::api_types::KvView::of(&e)).into_response())
 }
 
-async fn kv_delete(State(tx): State<Tx>, Path(key): Path<String>) -> Result<Response, ApiError> {
+async fn kv_delete(
+    State(app): State<AppState>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
     if let Some(why) = keys::refusal(&key) {
         return Err(ApiError::BadRequest(why));
     }
     let k = key.clone();
-    ask(&tx, |reply| Command::Put {
-        key: k,
-        value: None,
-        reply,
+    ask(&app.tx, |reply| {
+        Command::Kv(KvCommand::Put {
+            key: k,
+            value: None,
+            reply,
+        })
     })
-    .await??;
+    .await?;
     Ok(Json(serde_json::json!({ "deleted": key })).into_response())
 }
 
@@ -160,15 +178,31 @@ async fn plugin_install(
         .await
         .map_err(|_| ApiError::Unavailable)?
         .map_err(|e| ApiError::BadRequest(format!("plugin refused: {e}")))?;
-    let service = q.service;
-    let b = ask(&app.tx, |reply| Command::InstallPlugin {
+    let hash = blake3::hash(&wasm).to_hex().to_string();
+    let size = wasm.len() as u64;
+    let (reply, rx) = oneshot::channel();
+    app.blobs
+        .send(BlobCmd::Put { bytes: wasm, reply })
+        .await
+        .map_err(|_| ApiError::Unavailable)?;
+    let blob = rx
+        .await
+        .map_err(|_| ApiError::Unavailable)?
+        .map_err(|e| ApiError::Storage(format!("storing the plugin blob: {e}")))?;
+    let binding = Binding {
         kind,
-        service,
+        service: q.service,
         name,
-        wasm,
-        reply,
+        blob: blob.to_string(),
+        hash,
+        size,
+        installed_by: app.views().me.clone(),
+        installed_ms: wall_ms(),
+    };
+    let b = ask(&app.tx, |reply| {
+        Command::Plugin(PluginCommand::Bind { binding, reply })
     })
-    .await??;
+    .await?;
     Ok(Json(b).into_response())
 }
 
@@ -178,7 +212,7 @@ struct ScopeQuery {
 }
 
 async fn plugin_remove(
-    State(tx): State<Tx>,
+    State(app): State<AppState>,
     Path(kind): Path<String>,
     Query(q): Query<ScopeQuery>,
 ) -> Result<Response, ApiError> {
@@ -186,12 +220,14 @@ async fn plugin_remove(
         .parse()
         .map_err(|e: PolicyError| ApiError::BadRequest(e.to_string()))?;
     let service = q.service;
-    ask(&tx, |reply| Command::RemovePlugin {
-        kind,
-        service,
-        reply,
+    ask(&app.tx, |reply| {
+        Command::Plugin(PluginCommand::Unbind {
+            kind,
+            service,
+            reply,
+        })
     })
-    .await??;
+    .await?;
     Ok(Json(serde_json::json!({ "removed": kind })).into_response())
 }
 
@@ -201,23 +237,17 @@ struct AllQuery {
     all: bool,
 }
 
-async fn plugin_list(
-    State(tx): State<Tx>,
-    Query(q): Query<AllQuery>,
-) -> Result<Response, ApiError> {
-    let all = q.all;
-    let rows = ask(&tx, |reply| Command::Plugins { all, reply }).await?;
-    Ok(Json(rows).into_response())
+async fn plugin_list(State(app): State<AppState>, Query(q): Query<AllQuery>) -> Response {
+    Json(app.views().plugin_rows(q.all)).into_response()
 }
 
-async fn snapshot(State(tx): State<Tx>) -> Result<Response, ApiError> {
-    let s = ask(&tx, |reply| Command::Snapshot { reply }).await?;
-    Ok(Json(s).into_response())
+async fn snapshot(State(app): State<AppState>) -> Response {
+    Json(app.views().scheduler_snapshot()).into_response()
 }
 
-async fn metrics(State(tx): State<Tx>) -> Result<Response, ApiError> {
-    let text = ask(&tx, |reply| Command::Metrics { reply }).await?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+async fn metrics(State(app): State<AppState>) -> Response {
+    let text = super::metrics::render(&app.views(), &app.net.stats());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn dashboard() -> Html<&'static str> {
@@ -234,7 +264,7 @@ struct DeployQuery {
 }
 
 async fn service_deploy(
-    State(tx): State<Tx>,
+    State(app): State<AppState>,
     Query(q): Query<DeployQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -244,18 +274,23 @@ async fn service_deploy(
     let spec = shoal_orch::ServiceSpec::from_toml(&file, text)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let spec = Box::new(spec);
-    let v = ask(&tx, |reply| Command::Deploy { spec, reply }).await??;
+    let v = ask(&app.tx, |reply| {
+        Command::Service(ServiceCommand::Deploy { spec, reply })
+    })
+    .await?;
     Ok(Json(v).into_response())
 }
 
-async fn service_list(State(tx): State<Tx>) -> Result<Response, ApiError> {
-    let v = ask(&tx, |reply| Command::Services { reply }).await?;
-    Ok(Json(v).into_response())
+async fn service_list(State(app): State<AppState>) -> Response {
+    Json(app.views().services()).into_response()
 }
 
-async fn service_ps(State(tx): State<Tx>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let v = ask(&tx, |reply| Command::Ps { name, reply }).await??;
-    Ok(Json(v).into_response())
+async fn service_ps(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let (service, slots) = app.views().ps(&name)?;
+    Ok(Json(PsView { service, slots }).into_response())
 }
 
 #[derive(Deserialize)]
@@ -264,25 +299,30 @@ struct ScaleBody {
 }
 
 async fn service_scale(
-    State(tx): State<Tx>,
+    State(app): State<AppState>,
     Path(name): Path<String>,
     Json(body): Json<ScaleBody>,
 ) -> Result<Response, ApiError> {
     let replicas = body.replicas;
-    let v = ask(&tx, |reply| Command::Scale {
-        name,
-        replicas,
-        reply,
+    let v = ask(&app.tx, |reply| {
+        Command::Service(ServiceCommand::Scale {
+            name,
+            replicas,
+            reply,
+        })
     })
-    .await??;
+    .await?;
     Ok(Json(v).into_response())
 }
 
 async fn service_remove(
-    State(tx): State<Tx>,
+    State(app): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let v = ask(&tx, |reply| Command::Remove { name, reply }).await??;
+    let v = ask(&app.tx, |reply| {
+        Command::Service(ServiceCommand::Remove { name, reply })
+    })
+    .await?;
     Ok(Json(v).into_response())
 }
 
@@ -349,8 +389,7 @@ async fn service_logs(
     Path(name): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let slot = q.slot;
-    let targets = ask(&app.tx, |reply| Command::LogTargets { name, slot, reply }).await??;
+    let targets = app.views().log_targets(&name, q.slot)?;
     let mut out = Vec::new();
     for t in targets {
         let logs = if t.local {
@@ -372,7 +411,7 @@ async fn service_logs(
 
 /// Asks the agent running an allocation for its logs.
 async fn remote_logs(
-    t: &super::LogTarget,
+    t: &LogTarget,
     query: LogQuery,
     token: Option<&str>,
 ) -> Result<AllocLogs, ApiError> {
@@ -427,22 +466,45 @@ async fn remote_logs(
         .map_err(|e| unreachable(e.to_string()))
 }
 
-async fn blob_list(State(tx): State<Tx>) -> Result<Response, ApiError> {
-    let v = ask(&tx, |reply| Command::Blobs { reply }).await?;
-    Ok(Json(v).into_response())
+async fn blob_list(State(app): State<AppState>) -> Response {
+    Json(app.blob_status.borrow().blobs.clone()).into_response()
 }
 
-async fn blob_fetch(State(tx): State<Tx>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let id: shoal_blob::BlobId = id
+async fn blob_fetch(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let parsed: shoal_blob::BlobId = id
         .parse()
         .map_err(|e| ApiError::BadRequest(format!("blob id {id:?}: {e}")))?;
-    ask(&tx, |reply| Command::FetchBlob { id, reply }).await??;
-    Ok(Json(serde_json::json!({ "fetching": id.to_string() })).into_response())
+    let views = app.views();
+    let held = app
+        .blob_status
+        .borrow()
+        .blobs
+        .iter()
+        .any(|b| b.id == id && b.state == "held");
+    if !held {
+        let peers: Vec<String> = views
+            .state
+            .nodes
+            .iter()
+            .filter(|(n, r)| **n != views.me && r.blobs.contains(&id))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if peers.is_empty() {
+            return Err(ApiError::NotFound(format!("no node advertises blob {id}")));
+        }
+        app.blobs
+            .send(BlobCmd::Want { id: parsed, peers })
+            .await
+            .map_err(|_| ApiError::Unavailable)?;
+    }
+    Ok(Json(serde_json::json!({ "fetching": id })).into_response())
 }
 
 /// The API router, every route behind `guard`.
-pub fn router(tx: Tx, host: Arc<PolicyHost>, runtimes: Runtimes, guard: HttpGuard) -> Router {
-    let token = guard.token.clone();
+pub fn router(state: AppState, guard: HttpGuard) -> Router {
     Router::new()
         .route("/", get(dashboard))
         .route("/metrics", get(metrics))
@@ -472,32 +534,23 @@ pub fn router(tx: Tx, host: Arc<PolicyHost>, runtimes: Runtimes, guard: HttpGuar
         .route("/v1/allocs/{id}/logs", get(alloc_logs))
         .route("/v1/blobs", get(blob_list))
         .route("/v1/blobs/{id}/fetch", post(blob_fetch))
-        .with_state(AppState {
-            tx,
-            host,
-            runtimes,
-            token,
-        })
+        .with_state(state)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(guard),
             http_guard::enforce,
         ))
 }
 
-/// Serves the API until `stop` fires.
+/// Serves the API until `stop` is cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    tx: Tx,
-    host: Arc<PolicyHost>,
-    runtimes: Runtimes,
+    state: AppState,
     guard: HttpGuard,
-    stop: oneshot::Receiver<()>,
+    stop: CancellationToken,
 ) {
-    let app = router(tx, host, runtimes, guard);
+    let app = router(state, guard);
     let res = axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = stop.await;
-        })
+        .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
     if let Err(e) = res {
         tracing::error!("HTTP API stopped: {e}");

@@ -59,6 +59,88 @@ pub struct Tuning {
     pub upload_bytes_per_sec: Option<u64>,
 }
 
+/// Performance knobs in one place (`[perf]` in the config file): the size of every
+/// queue between the agent's tasks, and the loop's timing thresholds. The defaults
+/// suit clusters of up to a few hundred nodes and a thousand replicas per agent.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Perf {
+    /// API writes waiting for the loop.
+    pub command_queue: usize,
+    /// Received frames waiting for the loop (datagrams beyond it are dropped).
+    pub incoming_frames: usize,
+    /// Executor events (reports) waiting for the loop.
+    pub exec_events: usize,
+    /// Transfer frames and commands waiting for the blob worker.
+    pub blob_inbox: usize,
+    /// Blob worker events waiting for the loop.
+    pub blob_events: usize,
+    /// Batches waiting to be persisted.
+    pub persist_queue: usize,
+    /// Finished plugin compiles waiting for the loop.
+    pub compile_results: usize,
+    /// Orchestration results waiting for the loop.
+    pub pass_results: usize,
+    /// Host readings waiting for the loop.
+    pub host_readings: usize,
+    /// Docker image lists waiting for the loop.
+    pub image_lists: usize,
+    /// A loop turn at least this long is logged (ms).
+    pub slow_turn_ms: u64,
+    /// An orchestration pass runs this long after an orchestration key changed (ms).
+    pub orch_debounce_ms: u64,
+    /// An orchestration pass runs at least this often (ms).
+    pub orch_interval_ms: u64,
+}
+
+impl Default for Perf {
+    fn default() -> Self {
+        Perf {
+            command_queue: 256,
+            incoming_frames: 4096,
+            exec_events: 1024,
+            blob_inbox: 1024,
+            blob_events: 256,
+            persist_queue: 1024,
+            compile_results: 16,
+            pass_results: 4,
+            host_readings: 4,
+            image_lists: 4,
+            slow_turn_ms: 50,
+            orch_debounce_ms: 100,
+            orch_interval_ms: 1000,
+        }
+    }
+}
+
+impl Perf {
+    fn check(&self) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("perf.command_queue", self.command_queue),
+            ("perf.incoming_frames", self.incoming_frames),
+            ("perf.exec_events", self.exec_events),
+            ("perf.blob_inbox", self.blob_inbox),
+            ("perf.blob_events", self.blob_events),
+            ("perf.persist_queue", self.persist_queue),
+            ("perf.compile_results", self.compile_results),
+            ("perf.pass_results", self.pass_results),
+            ("perf.host_readings", self.host_readings),
+            ("perf.image_lists", self.image_lists),
+            ("perf.slow_turn_ms", self.slow_turn_ms as usize),
+            ("perf.orch_debounce_ms", self.orch_debounce_ms as usize),
+            ("perf.orch_interval_ms", self.orch_interval_ms as usize),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must be greater than 0".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The agent config file, every field optional so flags can fill in.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -108,6 +190,9 @@ pub struct FileConfig {
     /// Timing overrides.
     #[serde(default)]
     pub tuning: Tuning,
+    /// Queue sizes and loop thresholds.
+    #[serde(default)]
+    pub perf: Perf,
 }
 
 impl FileConfig {
@@ -178,6 +263,8 @@ pub struct AgentConfig {
     pub logs: shoal_runtime::LogPolicy,
     /// Timing overrides.
     pub tuning: Tuning,
+    /// Queue sizes and loop thresholds.
+    pub perf: Perf,
 }
 
 /// Reads an API token file: one line of at least 16 printable characters. A file
@@ -360,7 +447,9 @@ impl AgentConfig {
             }
             logs.max_files = n;
         }
+        f.perf.check()?;
         Ok(AgentConfig {
+            perf: f.perf,
             policy_cache,
             docker,
             drain_on_exit: f.drain_on_exit.unwrap_or(false),

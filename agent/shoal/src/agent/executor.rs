@@ -28,6 +28,8 @@ use shoal_runtime::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How often driver state is polled and due work is done.
 const TICK: Duration = Duration::from_millis(250);
@@ -182,16 +184,18 @@ enum Done {
     Housekept,
 }
 
-/// Runs the executor until `desired`'s sender is dropped or `stop` fires. With
-/// `drain`, every workload is stopped before returning; otherwise they keep
-/// running, to be adopted by the next agent on this node.
+/// Runs the executor until `desired`'s sender is dropped or `stop` is cancelled.
+/// With `drain`, every workload is stopped before returning; otherwise they keep
+/// running, to be adopted by the next agent on this node. Driver calls run as tasks
+/// of `tracker`.
 pub async fn run(
     runtimes: Runtimes,
     endpoint_ip: IpAddr,
     mut desired: watch::Receiver<Desired>,
     events: mpsc::Sender<ExecEvent>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     drain: bool,
+    tracker: TaskTracker,
 ) {
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(256);
     let mut ex = Executor {
@@ -206,6 +210,7 @@ pub async fn run(
         last_housekeep: Instant::now(),
         sampling: false,
         housekeeping: false,
+        tracker,
     };
     ex.adopt().await;
     ex.apply(&desired.borrow_and_update().clone());
@@ -224,7 +229,7 @@ pub async fn run(
             }
             Some(done) = done_rx.recv() => ex.on_done(done),
             _ = tick.tick() => ex.poll().await,
-            _ = stop.changed() => break,
+            () = stop.cancelled() => break,
         }
         ex.publish().await;
     }
@@ -247,6 +252,8 @@ struct Executor {
     sampling: bool,
     /// Driver upkeep is in flight.
     housekeeping: bool,
+    /// Where driver calls run.
+    tracker: TaskTracker,
 }
 
 impl Executor {
@@ -361,7 +368,7 @@ impl Executor {
         a.status = None;
         let tx = self.done_tx.clone();
         let id = id.to_string();
-        tokio::spawn(async move {
+        self.tracker.spawn(async move {
             let r = driver.start(&spec).await.map_err(|e| e.to_string());
             let _ = tx.send(Done::Started(id, r)).await;
         });
@@ -385,7 +392,7 @@ impl Executor {
         a.healthy = false;
         let tx = self.done_tx.clone();
         let id = id.to_string();
-        tokio::spawn(async move {
+        self.tracker.spawn(async move {
             let r = driver
                 .stop(&id, STOP_GRACE)
                 .await
@@ -623,7 +630,7 @@ impl Executor {
             let driver = a.driver.clone();
             let tx = self.done_tx.clone();
             let id = id.clone();
-            tokio::spawn(async move {
+            self.tracker.spawn(async move {
                 let r =
                     tokio::time::timeout(check.timeout, probe(&check.probe, &ports, driver, &id))
                         .await
@@ -657,7 +664,7 @@ impl Executor {
         }
         self.sampling = true;
         let tx = self.done_tx.clone();
-        tokio::spawn(async move {
+        self.tracker.spawn(async move {
             let mut out = Vec::new();
             for (d, ids) in by_driver {
                 match d.usage_many(&ids).await {
@@ -677,7 +684,7 @@ impl Executor {
         self.housekeeping = true;
         let drivers = self.runtimes.all();
         let tx = self.done_tx.clone();
-        tokio::spawn(async move {
+        self.tracker.spawn(async move {
             for d in drivers {
                 if let Err(e) = d.housekeep().await {
                     tracing::warn!(driver = d.name(), "driver upkeep failed: {e}");
@@ -767,7 +774,7 @@ impl Executor {
         let mut tasks = Vec::new();
         for (id, a) in self.allocs.drain() {
             if let Some(d) = a.driver {
-                tasks.push(tokio::spawn(async move {
+                tasks.push(self.tracker.spawn(async move {
                     if let Err(e) = d.stop(&id, STOP_GRACE).await {
                         tracing::warn!(alloc = %id, "stopping on exit failed: {e}");
                     }
@@ -883,7 +890,7 @@ mod tests {
         desired: watch::Sender<Desired>,
         events: mpsc::Receiver<ExecEvent>,
         reports: BTreeMap<String, AllocReport>,
-        stop: watch::Sender<bool>,
+        stop: CancellationToken,
         task: tokio::task::JoinHandle<()>,
     }
 
@@ -896,14 +903,15 @@ mod tests {
             };
             let (desired, rx) = watch::channel(Desired::default());
             let (tx, events) = mpsc::channel(256);
-            let (stop, stop_rx) = watch::channel(false);
+            let stop = CancellationToken::new();
             let task = tokio::spawn(run(
                 runtimes,
                 IpAddr::from([127, 0, 0, 1]),
                 rx,
                 tx,
-                stop_rx,
+                stop.clone(),
                 drain,
+                TaskTracker::new(),
             ));
             Harness {
                 mem,
@@ -948,7 +956,7 @@ mod tests {
         }
 
         async fn shut(self) {
-            let _ = self.stop.send(true);
+            self.stop.cancel();
             let mut events = self.events;
             // Keep draining so the executor never blocks on a full channel.
             tokio::spawn(async move { while events.recv().await.is_some() {} });

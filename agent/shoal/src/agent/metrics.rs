@@ -1,32 +1,13 @@
-//! Prometheus text exposition of the agent's counters.
+//! Prometheus text exposition of the agent's counters, rendered from the published
+//! [`Views`] (and the transport's own counters) without asking the agent loop.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use shoal_core::{Stats, Status};
+use shoal_core::Status;
 use shoal_net::NetStats;
 
-/// Everything `/metrics` shows, gathered by the driver.
-pub struct Snapshot<'a> {
-    /// Members by status (ourselves included).
-    pub members: BTreeMap<Status, usize>,
-    /// Core counters.
-    pub core: &'a Stats,
-    /// Transport counters.
-    pub net: NetStats,
-    /// Keys held (tombstones included).
-    pub keys: usize,
-    /// Persist failures.
-    pub persist_errors: u64,
-    /// Reconcile passes run as a steward.
-    pub steward_passes: u64,
-    /// Slot writes made as a steward.
-    pub steward_writes: u64,
-    /// This node's allocations by reported state.
-    pub allocations: BTreeMap<&'static str, usize>,
-    /// Agent loop turns by branch.
-    pub turns: &'a BTreeMap<&'static str, shoal_core::Histogram>,
-}
+use super::views::Views;
 
 /// Writes one histogram family member in the Prometheus text format.
 fn histogram(out: &mut String, name: &str, labels: &str, h: &shoal_core::Histogram) {
@@ -50,7 +31,12 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// Renders the Prometheus text format.
-pub fn render(s: &Snapshot<'_>) -> String {
+pub fn render(v: &Views, net: &NetStats) -> String {
+    let s = &v.stats;
+    let mut members: BTreeMap<Status, usize> = BTreeMap::new();
+    for (_, st) in v.members.iter() {
+        *members.entry(*st).or_default() += 1;
+    }
     let mut o = String::new();
     family(
         &mut o,
@@ -58,7 +44,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "histogram",
         "Time the agent loop spent on one turn, by the branch that woke it.",
     );
-    for (branch, h) in s.turns {
+    for (branch, h) in &s.turns {
         histogram(
             &mut o,
             "shoal_loop_turn_seconds",
@@ -72,13 +58,49 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "gauge",
         "Longest agent loop turn since start, by branch.",
     );
-    for (branch, h) in s.turns {
+    for (branch, h) in &s.turns {
         let _ = writeln!(
             o,
             "shoal_loop_turn_max_seconds{{branch=\"{branch}\"}} {}",
             h.max
         );
     }
+    family(
+        &mut o,
+        "shoal_orchestration_pass_seconds",
+        "histogram",
+        "Time one orchestration pass took (on the orchestration worker, off the loop).",
+    );
+    histogram(&mut o, "shoal_orchestration_pass_seconds", "", &s.passes);
+    family(
+        &mut o,
+        "shoal_channel_depth",
+        "gauge",
+        "Messages queued in each channel between the agent's tasks.",
+    );
+    for (name, _, depth) in &s.channels {
+        let _ = writeln!(o, "shoal_channel_depth{{name=\"{name}\"}} {depth}");
+    }
+    family(
+        &mut o,
+        "shoal_channel_capacity",
+        "gauge",
+        "Capacity of each channel between the agent's tasks ([perf] in the config).",
+    );
+    for (name, cap, _) in &s.channels {
+        let _ = writeln!(o, "shoal_channel_capacity{{name=\"{name}\"}} {cap}");
+    }
+    family(
+        &mut o,
+        "shoal_blob_frames_dropped_total",
+        "counter",
+        "Blob transfer frames dropped because the blob worker was backed up.",
+    );
+    let _ = writeln!(
+        o,
+        "shoal_blob_frames_dropped_total {}",
+        s.blob_frames_dropped
+    );
     family(
         &mut o,
         "shoal_swim_probe_rtt_seconds",
@@ -120,7 +142,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "Cluster members by status, as seen by this agent.",
     );
     for st in [Status::Alive, Status::Suspect, Status::Down, Status::Left] {
-        let n = s.members.get(&st).copied().unwrap_or(0);
+        let n = members.get(&st).copied().unwrap_or(0);
         let _ = writeln!(o, "shoal_members{{status=\"{}\"}} {n}", st.as_str());
     }
     family(
@@ -147,14 +169,14 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "counter",
         "Bytes received over QUIC.",
     );
-    let _ = writeln!(o, "shoal_bytes_in_total {}", s.net.bytes_in);
+    let _ = writeln!(o, "shoal_bytes_in_total {}", net.bytes_in);
     family(
         &mut o,
         "shoal_bytes_out_total",
         "counter",
         "Bytes sent over QUIC.",
     );
-    let _ = writeln!(o, "shoal_bytes_out_total {}", s.net.bytes_out);
+    let _ = writeln!(o, "shoal_bytes_out_total {}", net.bytes_out);
     family(
         &mut o,
         "shoal_sync_rounds_total",
@@ -169,9 +191,9 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "Frames or entries dropped, by reason.",
     );
     let mut dropped: BTreeMap<&str, u64> = s.core.dropped.iter().map(|(k, v)| (*k, *v)).collect();
-    *dropped.entry("oversized").or_default() += s.net.oversized_streams;
-    *dropped.entry("datagram_too_large").or_default() += s.net.datagrams_too_large;
-    *dropped.entry("handshake_failed").or_default() += s.net.handshakes_failed;
+    *dropped.entry("oversized").or_default() += net.oversized_streams;
+    *dropped.entry("datagram_too_large").or_default() += net.datagrams_too_large;
+    *dropped.entry("handshake_failed").or_default() += net.handshakes_failed;
     for reason in ["garbage", "version", "truncated", "malformed"] {
         dropped.entry(reason).or_default();
     }
@@ -187,12 +209,12 @@ pub fn render(s: &Snapshot<'_>) -> String {
     let _ = writeln!(
         o,
         "shoal_handshakes_total{{result=\"ok\"}} {}",
-        s.net.handshakes_ok
+        net.handshakes_ok
     );
     let _ = writeln!(
         o,
         "shoal_handshakes_total{{result=\"failed\"}} {}",
-        s.net.handshakes_failed
+        net.handshakes_failed
     );
     family(
         &mut o,
@@ -200,7 +222,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "counter",
         "Sends that failed (peer unreachable, connection lost).",
     );
-    let _ = writeln!(o, "shoal_send_errors_total {}", s.net.send_errors);
+    let _ = writeln!(o, "shoal_send_errors_total {}", net.send_errors);
     family(
         &mut o,
         "shoal_kv_keys",

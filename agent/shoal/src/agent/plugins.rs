@@ -1,81 +1,36 @@
-//! Policy plugins on one agent: bindings in cluster state, their blobs, and the
-//! wasmtime host that runs them.
+//! Policy plugins on one agent: a sans-IO manager of the bindings in cluster state,
+//! and the worker that compiles and installs them off the agent loop.
 //!
 //! `shoal plugin install` stores the `.wasm` as a blob and writes a binding
-//! (`plugin/<kind>/default` or `plugin/<kind>/service/<name>`) into cluster
-//! state. Every agent that sees the binding fetches the blob from peers that
-//! advertise it, verifies it, compiles it off the driver task, and swaps it into
-//! the host. Each agent publishes what it runs in `node/<name>/plugins`, so any
-//! agent can answer `shoal plugin ls --all`.
+//! (`plugin/<kind>/default` or `plugin/<kind>/service/<name>`, see
+//! [`super::keys`]). Every agent that sees the binding fetches the blob from peers
+//! that advertise it, verifies it, compiles it and swaps it into the policy host.
+//! Each agent publishes what it runs in `node/<name>/plugins`, so any agent can
+//! answer `shoal plugin ls --all`.
+//!
+//! [`PluginManager`] decides and returns [`Effect`]s; it never touches the store,
+//! the network or wasmtime. The loop carries effects out: fetches go to the blob
+//! worker, compiles to [`compile`] on a blocking thread (reading the blob,
+//! validating, installing — Cranelift takes a while), removals to the host. At
+//! most one compile per binding runs at a time, so an older version can never be
+//! installed over a newer one.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use shoal_blob::BlobId;
+use shoal_blob::{BlobId, BlobStore};
 use shoal_policy::{KvReader, PluginState, PolicyHost, PolicyKind};
+use tokio::sync::watch;
 
-/// Prefix of binding keys.
-pub const PLUGIN_PREFIX: &str = "plugin/";
-/// Suffix of the node-owned key where an agent publishes its plugin states.
-pub const PLUGINS_SUFFIX: &str = "plugins";
-
-/// A plugin binding as stored in cluster state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Binding {
-    /// The world it implements.
-    pub kind: PolicyKind,
-    /// The service it applies to; `None` is the cluster default.
-    pub service: Option<String>,
-    /// Name given at install.
-    pub name: String,
-    /// The blob holding the wasm.
-    pub blob: String,
-    /// blake3 of the wasm (hex), as `b3sum` prints it.
-    pub hash: String,
-    /// Size of the wasm in bytes.
-    pub size: u64,
-    /// Agent that accepted the install.
-    pub installed_by: String,
-    /// Wall-clock time of the install (ms since the epoch).
-    pub installed_ms: u64,
-}
-
-/// The cluster-state key of a binding.
-pub fn binding_key(kind: PolicyKind, service: Option<&str>) -> String {
-    match service {
-        None => format!("{PLUGIN_PREFIX}{kind}/default"),
-        Some(s) => format!("{PLUGIN_PREFIX}{kind}/service/{s}"),
-    }
-}
-
-/// One row of `shoal plugin ls`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PluginRow {
-    /// The agent reporting.
-    pub agent: String,
-    /// The world.
-    pub kind: PolicyKind,
-    /// The service it is bound to, or null for the cluster default.
-    pub service: Option<String>,
-    /// Plugin name (`builtin` when none is installed).
-    pub name: String,
-    /// blake3 of the wasm, hex.
-    pub hash: String,
-    /// `active`, `quarantined`, `fetching` or `failed`.
-    pub state: String,
-    /// Consecutive failed calls (or fetch/compile attempts).
-    pub failures: u32,
-    /// Why it is failed or quarantined.
-    pub error: Option<String>,
-}
+use super::keys::{binding_key, Binding, PluginRow};
+use super::views::Views;
 
 /// Where a binding stands on this agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Local {
     /// Waiting for the blob from peers.
     Fetching,
-    /// Blob present; compiling off the driver task.
+    /// Blob present; compiling off the loop.
     Compiling,
     /// Swapped into the host.
     Installed,
@@ -88,22 +43,246 @@ pub enum Local {
     },
 }
 
-/// Bindings this agent knows and what it did with them.
-#[derive(Default)]
-pub struct Plugins {
-    /// Binding key → (binding, local state).
-    pub bindings: BTreeMap<String, (Binding, Local)>,
+/// Something the loop must do for the manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Fetch `blob` from `peers` (the blob worker does nothing if it has it).
+    Fetch {
+        /// The blob.
+        blob: BlobId,
+        /// Nodes that advertise it.
+        peers: Vec<String>,
+    },
+    /// Read `blob`, validate it as `binding.kind` and install it; report the result
+    /// with [`PluginManager::on_compiled`].
+    Compile {
+        /// The binding key.
+        key: String,
+        /// The binding.
+        binding: Binding,
+        /// Its blob.
+        blob: BlobId,
+    },
+    /// Revert `kind` in `service` scope to the built-in (or cluster default).
+    Uninstall {
+        /// The world.
+        kind: PolicyKind,
+        /// The scope.
+        service: Option<String>,
+    },
 }
 
-impl Plugins {
-    /// Bindings waiting for `blob`.
-    pub fn waiting_for(&self, blob: &BlobId) -> Vec<String> {
-        let hex = blob.to_string();
-        self.bindings
+/// One binding and what this agent did with it.
+#[derive(Debug, Clone)]
+struct Tracked {
+    binding: Binding,
+    local: Local,
+    /// A compile of this blob is running.
+    compiling: Option<String>,
+    /// Failed attempts of this binding so far.
+    failures: u32,
+}
+
+/// The bindings this agent knows (see the module docs).
+#[derive(Debug, Default)]
+pub struct PluginManager {
+    bindings: BTreeMap<String, Tracked>,
+}
+
+/// Failed bindings are retried this many times (a peer may come back).
+const MAX_ATTEMPTS: u32 = 10;
+
+impl PluginManager {
+    /// A binding key's value changed (`None`: deleted). `holds` says whether the
+    /// local store has a blob; `advertisers` who else does.
+    pub fn on_binding(
+        &mut self,
+        key: &str,
+        binding: Option<&Binding>,
+        holds: &dyn Fn(&BlobId) -> bool,
+        advertisers: &dyn Fn(&BlobId) -> Vec<String>,
+    ) -> Vec<Effect> {
+        let Some(binding) = binding else {
+            return match self.bindings.remove(key) {
+                Some(t) => vec![Effect::Uninstall {
+                    kind: t.binding.kind,
+                    service: t.binding.service,
+                }],
+                None => Vec::new(),
+            };
+        };
+        if self
+            .bindings
+            .get(key)
+            .is_some_and(|t| t.binding.blob == binding.blob)
+        {
+            return Vec::new();
+        }
+        tracing::info!(kind = %binding.kind, name = %binding.name, hash = %binding.hash, "plugin binding changed");
+        let compiling = self.bindings.get(key).and_then(|t| t.compiling.clone());
+        self.bindings.insert(
+            key.to_string(),
+            Tracked {
+                binding: binding.clone(),
+                local: Local::Fetching,
+                compiling,
+                failures: 0,
+            },
+        );
+        self.ensure(key, holds, advertisers)
+    }
+
+    /// A node now advertises blob `id`: bindings waiting for it can fetch it.
+    pub fn on_advert(
+        &mut self,
+        id: &BlobId,
+        holds: &dyn Fn(&BlobId) -> bool,
+        advertisers: &dyn Fn(&BlobId) -> Vec<String>,
+    ) -> Vec<Effect> {
+        let hex = id.to_string();
+        let waiting: Vec<String> = self
+            .bindings
             .iter()
-            .filter(|(_, (b, l))| b.blob == hex && *l == Local::Fetching)
+            .filter(|(_, t)| {
+                t.binding.blob == hex && matches!(t.local, Local::Fetching | Local::Failed { .. })
+            })
             .map(|(k, _)| k.clone())
+            .collect();
+        waiting
+            .into_iter()
+            .flat_map(|k| self.ensure(&k, holds, advertisers))
             .collect()
+    }
+
+    /// A download ended.
+    pub fn on_fetched(&mut self, id: &BlobId, result: &Result<(), String>) -> Vec<Effect> {
+        let hex = id.to_string();
+        let waiting: Vec<String> = self
+            .bindings
+            .iter()
+            .filter(|(_, t)| t.binding.blob == hex && t.local == Local::Fetching)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for key in waiting {
+            match result {
+                Ok(()) => out.extend(self.compile(&key, *id)),
+                Err(reason) => self.fail(&key, format!("fetching blob {id}: {reason}")),
+            }
+        }
+        out
+    }
+
+    /// A compile of `blob` for `key` ended (`Ok(hash)`: installed).
+    pub fn on_compiled(
+        &mut self,
+        key: &str,
+        blob: &str,
+        result: Result<String, String>,
+        holds: &dyn Fn(&BlobId) -> bool,
+        advertisers: &dyn Fn(&BlobId) -> Vec<String>,
+    ) -> Vec<Effect> {
+        let Some(t) = self.bindings.get_mut(key) else {
+            return Vec::new();
+        };
+        t.compiling = None;
+        if t.binding.blob != blob {
+            // A newer binding arrived while this one compiled: now its turn.
+            return self.ensure(key, holds, advertisers);
+        }
+        match result {
+            Ok(hash) => {
+                tracing::info!(kind = %t.binding.kind, name = %t.binding.name, %hash, "plugin active");
+                t.local = Local::Installed;
+                t.failures = 0;
+            }
+            Err(reason) => self.fail(key, reason),
+        }
+        Vec::new()
+    }
+
+    /// Retries failed bindings a bounded number of times.
+    pub fn retry(
+        &mut self,
+        holds: &dyn Fn(&BlobId) -> bool,
+        advertisers: &dyn Fn(&BlobId) -> Vec<String>,
+    ) -> Vec<Effect> {
+        let retry: Vec<String> = self
+            .bindings
+            .iter()
+            .filter(|(_, t)| matches!(t.local, Local::Failed { attempts, .. } if attempts < MAX_ATTEMPTS))
+            .map(|(k, _)| k.clone())
+            .collect();
+        retry
+            .into_iter()
+            .flat_map(|k| self.ensure(&k, holds, advertisers))
+            .collect()
+    }
+
+    /// Moves a binding towards installed: compile its blob if present, else fetch it.
+    fn ensure(
+        &mut self,
+        key: &str,
+        holds: &dyn Fn(&BlobId) -> bool,
+        advertisers: &dyn Fn(&BlobId) -> Vec<String>,
+    ) -> Vec<Effect> {
+        let Some(t) = self.bindings.get(key) else {
+            return Vec::new();
+        };
+        let id = match t.binding.blob.parse::<BlobId>() {
+            Ok(id) => id,
+            Err(e) => {
+                self.fail(key, format!("blob id {:?}: {e}", t.binding.blob));
+                return Vec::new();
+            }
+        };
+        if holds(&id) {
+            return self.compile(key, id);
+        }
+        let peers = advertisers(&id);
+        self.set(key, Local::Fetching);
+        // With no advertiser known yet, wait for one (`on_advert`) rather than start
+        // a fetch that can only fail.
+        if peers.is_empty() {
+            Vec::new()
+        } else {
+            vec![Effect::Fetch { blob: id, peers }]
+        }
+    }
+
+    fn compile(&mut self, key: &str, id: BlobId) -> Vec<Effect> {
+        let Some(t) = self.bindings.get_mut(key) else {
+            return Vec::new();
+        };
+        if t.compiling.is_some() {
+            // One at a time per binding; `on_compiled` starts the next.
+            t.local = Local::Compiling;
+            return Vec::new();
+        }
+        t.local = Local::Compiling;
+        t.compiling = Some(t.binding.blob.clone());
+        vec![Effect::Compile {
+            key: key.to_string(),
+            binding: t.binding.clone(),
+            blob: id,
+        }]
+    }
+
+    fn set(&mut self, key: &str, local: Local) {
+        if let Some(t) = self.bindings.get_mut(key) {
+            t.local = local;
+        }
+    }
+
+    fn fail(&mut self, key: &str, reason: String) {
+        tracing::warn!(binding = key, "plugin not activated: {reason}");
+        if let Some(t) = self.bindings.get_mut(key) {
+            t.failures += 1;
+            t.local = Local::Failed {
+                reason,
+                attempts: t.failures,
+            };
+        }
     }
 
     /// The rows this agent publishes: one per kind for the default scope (the
@@ -116,8 +295,7 @@ impl Plugins {
             .collect();
         let mut rows = Vec::new();
         for kind in PolicyKind::ALL {
-            let default_key = binding_key(kind, None);
-            if !self.bindings.contains_key(&default_key) {
+            if !self.bindings.contains_key(&binding_key(kind, None)) {
                 rows.push(PluginRow {
                     agent: agent.to_string(),
                     kind,
@@ -130,8 +308,9 @@ impl Plugins {
                 });
             }
         }
-        for (b, local) in self.bindings.values() {
-            let (state, failures, error) = match local {
+        for t in self.bindings.values() {
+            let b = &t.binding;
+            let (state, failures, error) = match &t.local {
                 Local::Fetching | Local::Compiling => ("fetching".to_string(), 0, None),
                 Local::Failed { reason, attempts } => {
                     ("failed".to_string(), *attempts, Some(reason.clone()))
@@ -164,6 +343,47 @@ impl Plugins {
     }
 }
 
+/// The outcome of a compile, for [`PluginManager::on_compiled`].
+#[derive(Debug)]
+pub struct Compiled {
+    /// The binding key.
+    pub key: String,
+    /// The blob compiled.
+    pub blob: String,
+    /// The installed hash, or why not.
+    pub result: Result<String, String>,
+}
+
+/// Reads the blob, validates it as `binding.kind` and installs it (blocking: run it
+/// on a blocking thread).
+pub fn compile(
+    store: &BlobStore,
+    host: &PolicyHost,
+    key: String,
+    binding: Binding,
+    blob: BlobId,
+) -> Compiled {
+    let result = store
+        .read_all(&blob)
+        .map_err(|e| format!("reading blob {blob}: {e}"))
+        .and_then(|wasm| {
+            host.validate(binding.kind, &wasm)
+                .map_err(|e| e.to_string())?;
+            host.install(
+                binding.kind,
+                binding.service.as_deref(),
+                &binding.name,
+                &wasm,
+            )
+            .map_err(|e| e.to_string())
+        });
+    Compiled {
+        key,
+        blob: binding.blob,
+        result,
+    }
+}
+
 /// blake3 (hex) of the embedded built-in component of `kind`.
 pub fn builtin_hash(kind: PolicyKind) -> String {
     let wasm = match kind {
@@ -174,32 +394,101 @@ pub fn builtin_hash(kind: PolicyKind) -> String {
     blake3::hash(wasm).to_hex().to_string()
 }
 
-/// The cluster kv as plugins see it through `kv-get`: a copy of the live
-/// cluster-wide text values, kept current by the driver.
-#[derive(Default, Clone)]
-pub struct KvMirror(pub Arc<RwLock<BTreeMap<String, String>>>);
+/// The cluster kv as plugins see it through `kv-get`: user keys of the latest
+/// published views (internal records are not visible to plugins).
+pub struct KvFromViews(pub watch::Receiver<Arc<Views>>);
 
-impl KvReader for KvMirror {
+impl KvReader for KvFromViews {
     fn get(&self, key: &str) -> Option<String> {
-        self.0.read().ok()?.get(key).cloned()
+        if !super::keys::is_user(key) {
+            return None;
+        }
+        let views = self.0.borrow();
+        let e = views.entry(key)?;
+        std::str::from_utf8(e.value.as_deref()?)
+            .ok()
+            .map(str::to_string)
     }
 }
 
-impl KvMirror {
-    /// Applies a changed entry (only user kv is visible to plugins).
-    pub fn apply(&self, e: &shoal_core::Entry) {
-        if !super::keys::is_user(&e.key) {
-            return;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(blob: &BlobId) -> Binding {
+        Binding {
+            kind: PolicyKind::Scheduler,
+            service: None,
+            name: "p".into(),
+            blob: blob.to_string(),
+            hash: "h".into(),
+            size: 1,
+            installed_by: "n1".into(),
+            installed_ms: 0,
         }
-        let Ok(mut map) = self.0.write() else {
-            return;
-        };
-        match e.value.as_deref().map(std::str::from_utf8) {
-            Some(Ok(text)) => {
-                map.insert(e.key.clone(), text.to_string());
-            }
-            _ => {
-                map.remove(&e.key);
+    }
+
+    fn id(byte: u8) -> BlobId {
+        format!("{byte:02x}").repeat(32).parse().unwrap()
+    }
+
+    #[test]
+    fn a_binding_is_fetched_compiled_and_installed() {
+        let mut m = PluginManager::default();
+        let key = binding_key(PolicyKind::Scheduler, None);
+        let (a, b) = (id(1), id(2));
+        // Nobody has the blob yet: wait for an advertisement.
+        let none = |_: &BlobId| Vec::new();
+        let no = |_: &BlobId| false;
+        assert!(m
+            .on_binding(&key, Some(&binding(&a)), &no, &none)
+            .is_empty());
+        let peers = |_: &BlobId| vec!["n2".to_string()];
+        assert_eq!(
+            m.on_advert(&a, &no, &peers),
+            vec![Effect::Fetch {
+                blob: a,
+                peers: vec!["n2".into()]
+            }]
+        );
+        let fx = m.on_fetched(&a, &Ok(()));
+        assert!(matches!(&fx[..], [Effect::Compile { blob, .. }] if *blob == a));
+        // A newer binding while the first compiles: its compile waits.
+        let yes = |_: &BlobId| true;
+        assert!(m
+            .on_binding(&key, Some(&binding(&b)), &yes, &none)
+            .is_empty());
+        let next = m.on_compiled(&key, &a.to_string(), Ok("h".into()), &yes, &none);
+        assert!(matches!(&next[..], [Effect::Compile { blob, .. }] if *blob == b));
+        assert!(m
+            .on_compiled(&key, &b.to_string(), Ok("h".into()), &yes, &none)
+            .is_empty());
+        assert_eq!(m.bindings[&key].local, Local::Installed);
+        // Removal reverts to the built-in.
+        assert_eq!(
+            m.on_binding(&key, None, &yes, &none),
+            vec![Effect::Uninstall {
+                kind: PolicyKind::Scheduler,
+                service: None
+            }]
+        );
+    }
+
+    #[test]
+    fn failures_are_retried_a_bounded_number_of_times() {
+        let mut m = PluginManager::default();
+        let key = binding_key(PolicyKind::Scaler, Some("web"));
+        let a = id(3);
+        let yes = |_: &BlobId| true;
+        let none = |_: &BlobId| Vec::new();
+        assert_eq!(m.on_binding(&key, Some(&binding(&a)), &yes, &none).len(), 1);
+        for attempt in 1..=MAX_ATTEMPTS {
+            m.on_compiled(&key, &a.to_string(), Err("trap".into()), &yes, &none);
+            let retried = m.retry(&yes, &none);
+            if attempt < MAX_ATTEMPTS {
+                assert_eq!(retried.len(), 1, "attempt {attempt}");
+            } else {
+                assert!(retried.is_empty(), "gives up after {MAX_ATTEMPTS}");
             }
         }
     }

@@ -1,4 +1,9 @@
 //! Real host readings (CPU count, memory, disk free) for node-owned state.
+//!
+//! Reading them (sysinfo: `/proc/meminfo`, `statfs` of every mount) is slow enough
+//! that it never runs on the agent loop: [`run`] is a task of its own that reads
+//! every interval on a blocking thread and sends each reading to the loop, which
+//! decides whether it is worth gossiping ([`Resources::differs`]).
 
 use std::path::{Path, PathBuf};
 
@@ -30,16 +35,16 @@ impl Resources {
 }
 
 /// Reads host resources; keeps sysinfo's handles between readings.
-pub struct Probe {
+pub struct HostProbe {
     sys: System,
     disks: Disks,
     data_dir: PathBuf,
 }
 
-impl Probe {
+impl HostProbe {
     /// A probe for the disk that holds `data_dir`.
     pub fn new(data_dir: &Path) -> Self {
-        Probe {
+        HostProbe {
             sys: System::new(),
             disks: Disks::new_with_refreshed_list(),
             data_dir: data_dir
@@ -69,6 +74,36 @@ impl Probe {
     }
 }
 
+/// Reads the host every `every` (the first reading at once) and sends it on `tx`,
+/// until `stop` is cancelled or the receiver is gone.
+pub async fn run(
+    mut probe: HostProbe,
+    every: std::time::Duration,
+    tx: tokio::sync::mpsc::Sender<Resources>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok((p, reading)) = tokio::task::spawn_blocking(move || {
+            let r = probe.read();
+            (probe, r)
+        })
+        .await
+        else {
+            return;
+        };
+        probe = p;
+        if tx.send(reading).await.is_err() {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,7 +111,7 @@ mod tests {
     #[test]
     fn reads_the_real_host() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Probe::new(dir.path()).read();
+        let r = HostProbe::new(dir.path()).read();
         assert!(r.cpus >= 1);
         assert!(r.memory_bytes > 0 && r.memory_free_bytes <= r.memory_bytes);
         assert!(r.disk_free_bytes > 0, "the data dir's disk was not found");

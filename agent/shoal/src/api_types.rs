@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::resources::Resources;
+use crate::agent::host_probe::Resources;
 
 /// One member as `shoal nodes` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,27 +45,6 @@ pub struct KvView {
 pub struct ErrorView {
     /// What went wrong.
     pub error: String,
-}
-
-/// Published under `node/<name>/info`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeInfo {
-    /// Node name.
-    pub name: String,
-    /// QUIC address peers dial.
-    pub addr: String,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// shoal version.
-    pub version: String,
-    /// Wall-clock start time (ms since the epoch).
-    pub started_ms: u64,
-    /// HTTP API address (for `shoal logs` of workloads on this node).
-    #[serde(default)]
-    pub api: String,
-    /// Runtime drivers available: `process`, and `docker` when the engine answered.
-    #[serde(default)]
-    pub drivers: Vec<String>,
 }
 
 impl KvView {

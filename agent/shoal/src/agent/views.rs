@@ -1,0 +1,772 @@
+//! What the agent loop publishes for everyone else to read.
+//!
+//! The loop keeps a [`StateIndex`]: the replicated state decoded once, entry by
+//! entry as changes arrive (orchestration records, what each node publishes about
+//! itself, plugin bindings, and every live entry for kv reads). After each turn
+//! that changed something it publishes one immutable [`Views`] through a `watch`.
+//! API reads, the dashboard, `/metrics` and the orchestration pass read the latest
+//! `Views` without queueing behind the loop and without any lock held across an
+//! await. Every part of a `Views` is shared (`Arc`s and a persistent map), so
+//! publishing copies pointers, not the state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use shoal_core::{Entry, Histogram, NodeId, Stats, Status};
+use shoal_orch::{
+    build_snapshot, healthy_replicas, is_healthy, steward_for, AllocState, ClusterView, Member,
+    Members, NodeFacts, PublishedRollout, DOCKER_LABEL,
+};
+use shoal_policy::NodeStatus;
+
+use super::keys::{self, Binding, Key, NodeInfo, PluginRow, Resources};
+use super::ApiError;
+use crate::api_types::{KvView, NodeView, ServiceView, SlotView};
+
+/// What one node has published about itself, decoded.
+#[derive(Debug, Clone, Default)]
+pub struct NodeRecord {
+    /// `node/<n>/info`.
+    pub info: Option<NodeInfo>,
+    /// `node/<n>/resources`.
+    pub resources: Option<Resources>,
+    /// `node/<n>/images`.
+    pub images: Vec<String>,
+    /// `node/<n>/plugins`.
+    pub plugins: Vec<PluginRow>,
+    /// `node/<n>/left` is set.
+    pub left: bool,
+    /// Blobs it advertises (ids as text).
+    pub blobs: BTreeSet<String>,
+    /// Rollout statuses it published as steward, by service.
+    pub rollouts: BTreeMap<String, PublishedRollout>,
+}
+
+/// The decoded replicated state, kept current by the loop (see the module docs).
+#[derive(Default)]
+pub struct StateIndex {
+    cluster: ClusterView,
+    nodes: BTreeMap<String, Arc<NodeRecord>>,
+    bindings: Arc<BTreeMap<String, Binding>>,
+    tombstoned: Arc<BTreeSet<String>>,
+    entries: imbl::OrdMap<String, Arc<Entry>>,
+    logged: BTreeSet<String>,
+    dirty: bool,
+}
+
+/// What a change touched, for the loop's reactions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// An orchestration key: a pass is due.
+    pub orchestration: bool,
+    /// A plugin binding changed (its key).
+    pub binding: Option<String>,
+    /// A node advertised a blob: (node, blob id).
+    pub blob_advert: Option<(String, String)>,
+}
+
+impl StateIndex {
+    /// Takes one entry that became current (a write, a tombstone).
+    pub fn apply(&mut self, e: &Entry) -> Touched {
+        self.dirty = true;
+        if e.is_tombstone() {
+            self.entries.remove(&e.key);
+        } else {
+            self.entries.insert(e.key.clone(), Arc::new(e.clone()));
+        }
+        let mut touched = Touched::default();
+        match keys::classify(&e.key) {
+            Key::Orchestration => {
+                touched.orchestration = true;
+                if let Some(name) = keys::parse_service_key(&e.key) {
+                    if e.is_tombstone() {
+                        Arc::make_mut(&mut self.tombstoned).insert(name.to_string());
+                    } else if self.tombstoned.contains(name) {
+                        Arc::make_mut(&mut self.tombstoned).remove(name);
+                    }
+                }
+                if let Err(err) = self.cluster.apply_entry(&e.key, e.value.as_deref()) {
+                    self.log_once(err.to_string());
+                }
+            }
+            Key::Rollout { node, service } => {
+                touched.orchestration = true;
+                let decoded = e
+                    .value
+                    .as_ref()
+                    .map(|_| keys::decode::<PublishedRollout>(e));
+                let service = service.to_string();
+                let rec = self.node_mut(node);
+                match decoded {
+                    Some(Ok(r)) => {
+                        rec.rollouts.insert(service, r);
+                    }
+                    Some(Err(err)) => {
+                        rec.rollouts.remove(&service);
+                        self.log_once(err);
+                    }
+                    None => {
+                        rec.rollouts.remove(&service);
+                    }
+                }
+            }
+            Key::Node { node, suffix } => {
+                let node = node.to_string();
+                if let Err(err) = self.apply_node(&node, suffix, e) {
+                    self.log_once(err);
+                }
+            }
+            Key::BlobAdvert { node, id } => {
+                let (node, id) = (node.to_string(), id.to_string());
+                let rec = self.node_mut(&node);
+                if e.is_tombstone() {
+                    rec.blobs.remove(&id);
+                } else {
+                    rec.blobs.insert(id.clone());
+                    touched.blob_advert = Some((node, id));
+                }
+            }
+            Key::Binding => {
+                touched.binding = Some(e.key.clone());
+                let bindings = Arc::make_mut(&mut self.bindings);
+                match e.value.as_ref().map(|_| keys::decode::<Binding>(e)) {
+                    Some(Ok(b)) => {
+                        bindings.insert(e.key.clone(), b);
+                    }
+                    Some(Err(err)) => {
+                        bindings.remove(&e.key);
+                        self.log_once(err);
+                    }
+                    None => {
+                        bindings.remove(&e.key);
+                    }
+                }
+            }
+            Key::User | Key::Other => {}
+        }
+        touched
+    }
+
+    fn apply_node(&mut self, node: &str, suffix: &str, e: &Entry) -> Result<(), String> {
+        let live = !e.is_tombstone();
+        match suffix {
+            keys::INFO => {
+                let v = if live { Some(keys::decode(e)?) } else { None };
+                self.node_mut(node).info = v;
+            }
+            keys::RESOURCES => {
+                let v = if live { Some(keys::decode(e)?) } else { None };
+                self.node_mut(node).resources = v;
+            }
+            keys::IMAGES => {
+                let v = if live { keys::decode(e)? } else { Vec::new() };
+                self.node_mut(node).images = v;
+            }
+            keys::PLUGINS => {
+                let v = if live { keys::decode(e)? } else { Vec::new() };
+                self.node_mut(node).plugins = v;
+            }
+            shoal_core::LEFT_SUFFIX => self.node_mut(node).left = live,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn node_mut(&mut self, node: &str) -> &mut NodeRecord {
+        Arc::make_mut(self.nodes.entry(node.to_string()).or_default())
+    }
+
+    /// Logs an unreadable record once (a bad writer must not flood the log).
+    fn log_once(&mut self, what: String) {
+        if self.logged.len() < 10_000 && self.logged.insert(what.clone()) {
+            tracing::warn!("ignoring an unreadable record: {what}");
+        }
+    }
+
+    /// Whether something changed since the last [`StateIndex::take_dirty`].
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// The decoded orchestration state.
+    #[cfg(test)]
+    pub fn cluster(&self) -> &ClusterView {
+        &self.cluster
+    }
+
+    /// Bindings by key.
+    pub fn bindings(&self) -> &BTreeMap<String, Binding> {
+        &self.bindings
+    }
+
+    /// Nodes (other than `me`) that advertise blob `id`.
+    pub fn advertisers(&self, id: &str, me: &str) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|(n, r)| n.as_str() != me && r.blobs.contains(id))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// The record of `name`, if present and live.
+    pub fn service(&self, name: &str) -> Option<&shoal_orch::ServiceRecord> {
+        self.cluster.services.get(name).map(|r| r.as_ref())
+    }
+
+    /// The part of a [`Views`] that comes from the state.
+    pub fn snapshot_parts(&self) -> StateParts {
+        StateParts {
+            cluster: self.cluster.clone(),
+            nodes: self.nodes.clone(),
+            tombstoned: self.tombstoned.clone(),
+            entries: self.entries.clone(),
+        }
+    }
+}
+
+/// The state-derived part of [`Views`].
+#[derive(Debug, Clone, Default)]
+pub struct StateParts {
+    /// Orchestration records.
+    pub cluster: ClusterView,
+    /// What each node published about itself.
+    pub nodes: BTreeMap<String, Arc<NodeRecord>>,
+    /// Services whose record is a tombstone.
+    pub tombstoned: Arc<BTreeSet<String>>,
+    /// Every live entry, for kv reads.
+    pub entries: imbl::OrdMap<String, Arc<Entry>>,
+}
+
+/// Counters of the agent, published with the views for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct AgentStats {
+    /// The core's counters.
+    pub core: Stats,
+    /// Keys held (tombstones included).
+    pub keys: usize,
+    /// Batches that failed to persist.
+    pub persist_errors: u64,
+    /// Reconcile passes made as steward.
+    pub steward_passes: u64,
+    /// Writes made as steward.
+    pub steward_writes: u64,
+    /// This node's allocations by reported state.
+    pub allocations: BTreeMap<&'static str, usize>,
+    /// Loop turns by branch.
+    pub turns: BTreeMap<&'static str, Histogram>,
+    /// Orchestration pass durations (off the loop).
+    pub passes: Histogram,
+    /// `(name, capacity, queued)` of every named channel.
+    pub channels: Vec<(&'static str, usize, usize)>,
+    /// Blob frames dropped because the blob worker's inbox was full.
+    pub blob_frames_dropped: u64,
+}
+
+/// One immutable picture of the agent (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct Views {
+    /// This agent's name.
+    pub me: String,
+    /// Every member, one per name, this agent included.
+    pub members: Arc<Vec<(NodeId, Status)>>,
+    /// The state-derived part.
+    pub state: StateParts,
+    /// This agent's plugin rows.
+    pub local_plugins: Arc<Vec<PluginRow>>,
+    /// `not joined: …` while no seed let us in.
+    pub join_note: Option<String>,
+    /// Counters.
+    pub stats: Arc<AgentStats>,
+}
+
+fn to_status(s: Status) -> NodeStatus {
+    match s {
+        Status::Alive => NodeStatus::Alive,
+        Status::Suspect => NodeStatus::Suspect,
+        Status::Down => NodeStatus::Down,
+        Status::Left => NodeStatus::Left,
+    }
+}
+
+fn status_str(s: NodeStatus) -> &'static str {
+    match s {
+        NodeStatus::Alive => "alive",
+        NodeStatus::Suspect => "suspect",
+        NodeStatus::Down => "down",
+        NodeStatus::Left => "left",
+    }
+}
+
+/// Lower-case name of an allocation state, as the CLI shows it.
+pub fn state_str(s: AllocState) -> &'static str {
+    match s {
+        AllocState::Pending => "pending",
+        AllocState::Starting => "starting",
+        AllocState::Running => "running",
+        AllocState::Stopping => "stopping",
+        AllocState::Failed => "failed",
+        AllocState::Exited => "exited",
+    }
+}
+
+impl Views {
+    /// Membership statuses by name, for orchestration: SWIM's view, plus nodes known
+    /// only from the state (they published info), which count as down.
+    pub fn membership(&self) -> Vec<(String, NodeStatus)> {
+        let mut out: Vec<(String, NodeStatus)> = self
+            .members
+            .iter()
+            .map(|(id, st)| {
+                let st = if id.name == self.me {
+                    NodeStatus::Alive
+                } else {
+                    to_status(*st)
+                };
+                (id.name.clone(), st)
+            })
+            .collect();
+        for (name, rec) in &self.state.nodes {
+            if rec.info.is_some() && !out.iter().any(|(n, _)| n == name) {
+                out.push((name.clone(), NodeStatus::Down));
+            }
+        }
+        out
+    }
+
+    /// Members with their status (stamps are not known here: `since_ms` is 0).
+    pub fn members_table(&self) -> Members {
+        self.membership()
+            .into_iter()
+            .map(|(n, status)| {
+                (
+                    n,
+                    Member {
+                        status,
+                        since_ms: 0,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Nodes that published their info.
+    pub fn known_nodes(&self) -> Vec<String> {
+        self.state
+            .nodes
+            .iter()
+            .filter(|(_, r)| r.info.is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// What the scheduler knows of every node that published something.
+    pub fn facts(&self) -> BTreeMap<String, NodeFacts> {
+        self.state
+            .nodes
+            .iter()
+            .map(|(name, r)| {
+                let mut labels = r
+                    .info
+                    .as_ref()
+                    .map(|i| i.labels.clone())
+                    .unwrap_or_default();
+                if r.info
+                    .as_ref()
+                    .is_some_and(|i| i.drivers.iter().any(|d| d == "docker"))
+                {
+                    labels.insert(DOCKER_LABEL.to_string(), "true".into());
+                }
+                let capacity = r.resources.map_or(shoal_policy::Resources::default(), |r| {
+                    shoal_policy::Resources {
+                        cpu_millis: u64::from(r.cpus) * 1000,
+                        memory_bytes: r.memory_bytes,
+                        disk_bytes: r.disk_free_bytes,
+                    }
+                });
+                (
+                    name.clone(),
+                    NodeFacts {
+                        name: name.clone(),
+                        status: NodeStatus::Down,
+                        labels,
+                        capacity,
+                        images: r.images.clone(),
+                        ports_in_use: Vec::new(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The scheduler's view: every member with labels, capacity and what slots reserve.
+    pub fn scheduler_snapshot(&self) -> shoal_policy::Snapshot {
+        let known = self.facts();
+        let facts: Vec<NodeFacts> = self
+            .membership()
+            .into_iter()
+            .map(|(name, status)| {
+                let mut f = known.get(&name).cloned().unwrap_or_else(|| NodeFacts {
+                    name: name.clone(),
+                    ..NodeFacts::default()
+                });
+                f.status = status;
+                f
+            })
+            .collect();
+        build_snapshot(&facts, &self.state.cluster.slots)
+    }
+
+    /// `shoal nodes`.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        self.members
+            .iter()
+            .map(|(id, status)| {
+                let rec = self.state.nodes.get(&id.name);
+                NodeView {
+                    name: id.name.clone(),
+                    addr: id.addr.to_string(),
+                    status: status.as_str().to_string(),
+                    gen: id.gen,
+                    labels: rec
+                        .and_then(|r| r.info.as_ref())
+                        .map(|i| i.labels.clone())
+                        .unwrap_or_default(),
+                    resources: rec.and_then(|r| r.resources),
+                    note: (id.name == self.me)
+                        .then(|| self.join_note.clone())
+                        .flatten(),
+                }
+            })
+            .collect()
+    }
+
+    fn alive(&self) -> Vec<String> {
+        self.membership()
+            .into_iter()
+            .filter(|(_, st)| *st == NodeStatus::Alive)
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    /// `shoal services`.
+    pub fn services(&self) -> Vec<ServiceView> {
+        let members = self.members_table();
+        let alive = self.alive();
+        self.state
+            .cluster
+            .services
+            .keys()
+            .map(|name| self.service_view(name, &members, &alive))
+            .collect()
+    }
+
+    fn service_view(&self, name: &str, members: &Members, alive: &[String]) -> ServiceView {
+        let r = &self.state.cluster.services[name];
+        let (slots, reports) = self.slots_and_reports(name);
+        let running = slots
+            .values()
+            .filter(|s| {
+                s.placements().any(|p| {
+                    reports.get(&p.alloc_id).is_some_and(|rep| {
+                        rep.node == p.node && rep.report.state == AllocState::Running
+                    })
+                })
+            })
+            .count() as u32;
+        let healthy = healthy_replicas(slots, reports, members);
+        let updated = slots
+            .values()
+            .filter(|s| {
+                s.next.is_none()
+                    && s.current
+                        .as_ref()
+                        .is_some_and(|p| p.version == r.version && is_healthy(p, reports, members))
+            })
+            .count() as u32;
+        let steward = steward_for(name, alive.iter().map(String::as_str));
+        // The steward's published status, if it is for this version.
+        let rollout = steward
+            .and_then(|s| self.state.nodes.get(s))
+            .and_then(|rec| rec.rollouts.get(name))
+            .filter(|ro| ro.version == r.version)
+            .map(|ro| ro.status.clone());
+        ServiceView {
+            name: name.to_string(),
+            driver: match r.spec.image() {
+                Some(_) => "docker".into(),
+                None => "process".into(),
+            },
+            desired: if r.deleted { 0 } else { r.replicas },
+            slots: slots.len() as u32,
+            running,
+            healthy,
+            updated,
+            version: r.version,
+            removing: r.deleted,
+            steward: steward.map(str::to_string),
+            rollout,
+        }
+    }
+
+    /// The slots and reports of `name` (empty if it has none).
+    fn slots_and_reports(&self, name: &str) -> (&shoal_orch::SlotMap, &shoal_orch::Reports) {
+        static NO_SLOTS: shoal_orch::SlotMap = shoal_orch::SlotMap::new();
+        static NO_REPORTS: shoal_orch::Reports = shoal_orch::Reports::new();
+        let cluster = &self.state.cluster;
+        (
+            cluster.slots.get(name).map_or(&NO_SLOTS, |s| s.as_ref()),
+            cluster
+                .reports
+                .get(name)
+                .map_or(&NO_REPORTS, |r| r.as_ref()),
+        )
+    }
+
+    /// `shoal ps <name>`.
+    pub fn ps(&self, name: &str) -> Result<(ServiceView, Vec<SlotView>), ApiError> {
+        let cluster = &self.state.cluster;
+        if !cluster.services.contains_key(name) {
+            return Err(ApiError::NotFound(format!("no service named {name:?}")));
+        }
+        let members = self.members_table();
+        let summary = self.service_view(name, &members, &self.alive());
+        let (slots, reports) = self.slots_and_reports(name);
+        let mut rows = Vec::new();
+        for (&n, slot) in slots {
+            if slot.current.is_none() {
+                rows.push(SlotView {
+                    slot: n,
+                    node: None,
+                    state: "pending".into(),
+                    healthy: false,
+                    endpoint: None,
+                    restarts: 0,
+                    reason: slot.reason.clone(),
+                    version: None,
+                    alloc_id: None,
+                    handle: None,
+                    next: false,
+                    cpu_percent: 0.0,
+                    memory_bytes: 0,
+                });
+            }
+            for (p, next) in [(&slot.current, false), (&slot.next, true)] {
+                let Some(p) = p else { continue };
+                let rep = reports
+                    .get(&p.alloc_id)
+                    .filter(|rep| rep.node == p.node)
+                    .map(|rep| &rep.report);
+                let member = members.get(&p.node).map(|m| m.status);
+                let reachable = matches!(member, Some(NodeStatus::Alive | NodeStatus::Suspect));
+                let (state_name, reason) = match rep {
+                    Some(rep) if reachable => (
+                        state_str(rep.state).to_string(),
+                        rep.reason
+                            .clone()
+                            .or_else(|| if next { None } else { slot.reason.clone() }),
+                    ),
+                    _ if !reachable => (
+                        "pending".to_string(),
+                        Some(format!(
+                            "node {} is {}",
+                            p.node,
+                            member.map_or("unknown", status_str)
+                        )),
+                    ),
+                    _ => (
+                        "pending".to_string(),
+                        Some(format!("waiting for node {} to start it", p.node)),
+                    ),
+                };
+                rows.push(SlotView {
+                    slot: n,
+                    node: Some(p.node.clone()),
+                    state: state_name,
+                    healthy: is_healthy(p, reports, &members),
+                    endpoint: rep.and_then(|r| r.endpoint.clone()),
+                    restarts: rep.map_or(0, |r| r.restarts),
+                    reason,
+                    version: Some(p.version),
+                    alloc_id: Some(p.alloc_id.clone()),
+                    handle: rep.and_then(|r| r.handle.clone()),
+                    next,
+                    cpu_percent: rep.map_or(0.0, |r| r.cpu_percent),
+                    memory_bytes: rep.map_or(0, |r| r.memory_bytes),
+                });
+            }
+        }
+        Ok((summary, rows))
+    }
+
+    /// Where the logs of `name`'s allocations are (slot `slot` only, if given).
+    pub fn log_targets(&self, name: &str, slot: Option<u32>) -> Result<Vec<LogTarget>, ApiError> {
+        let (_, rows) = self.ps(name)?;
+        let mut out = Vec::new();
+        for row in rows {
+            if slot.is_some_and(|s| s != row.slot) {
+                continue;
+            }
+            let (Some(node), Some(alloc_id)) = (row.node, row.alloc_id) else {
+                continue;
+            };
+            let api = self
+                .state
+                .nodes
+                .get(&node)
+                .and_then(|r| r.info.as_ref())
+                .map(|i| i.api.clone())
+                .unwrap_or_default();
+            out.push(LogTarget {
+                slot: row.slot,
+                local: node == self.me,
+                node,
+                alloc_id,
+                api,
+            });
+        }
+        if out.is_empty() {
+            return Err(ApiError::NotFound(match slot {
+                Some(s) => format!("service {name} has no allocation in slot {s}"),
+                None => format!("service {name} has no allocations"),
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Plugin rows: this agent's, or every reachable agent's as published.
+    pub fn plugin_rows(&self, all: bool) -> Vec<PluginRow> {
+        if !all {
+            return self.local_plugins.as_ref().clone();
+        }
+        let mut rows = Vec::new();
+        for (id, status) in self.members.iter() {
+            if matches!(status, Status::Down | Status::Left) {
+                continue;
+            }
+            if id.name == self.me {
+                rows.extend(self.local_plugins.iter().cloned());
+            } else if let Some(r) = self.state.nodes.get(&id.name) {
+                rows.extend(r.plugins.iter().cloned());
+            }
+        }
+        rows
+    }
+
+    /// One user kv key.
+    pub fn kv_get(&self, key: &str) -> Result<KvView, ApiError> {
+        if let Some(why) = keys::refusal(key) {
+            return Err(ApiError::BadRequest(why));
+        }
+        self.state
+            .entries
+            .get(key)
+            .map(|e| KvView::of(e))
+            .ok_or_else(|| ApiError::NotFound(format!("key not found: {key}")))
+    }
+
+    /// Live keys under `prefix`: user kv, or with `internal` shoal's records.
+    pub fn kv_list(&self, prefix: &str, internal: bool) -> Vec<KvView> {
+        self.state
+            .entries
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| keys::is_user(k) != internal)
+            .map(|(_, e)| KvView::of(e))
+            .collect()
+    }
+
+    /// A live entry.
+    pub fn entry(&self, key: &str) -> Option<&Entry> {
+        self.state.entries.get(key).map(|e| e.as_ref())
+    }
+}
+
+/// Where one allocation's logs are.
+#[derive(Debug, Clone)]
+pub struct LogTarget {
+    /// Slot number.
+    pub slot: u32,
+    /// Node running it.
+    pub node: String,
+    /// Allocation id.
+    pub alloc_id: String,
+    /// The node's published API address (empty if unknown).
+    pub api: String,
+    /// Whether the node is this agent.
+    pub local: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_core::{Hlc, WriterId};
+
+    fn entry(key: &str, value: Option<&[u8]>) -> Entry {
+        Entry {
+            key: key.into(),
+            value: value.map(<[u8]>::to_vec),
+            hlc: Hlc(1),
+            writer: WriterId {
+                node: "n1".into(),
+                gen: 1,
+            },
+            seq: 1,
+        }
+    }
+
+    #[test]
+    fn the_index_follows_changes_and_logs_bad_records_once() {
+        let mut idx = StateIndex::default();
+        let t = idx.apply(&entry("app/x", Some(b"1")));
+        assert_eq!(t, Touched::default());
+        let info = serde_json::to_vec(&NodeInfo {
+            name: "n2".into(),
+            addr: "127.0.0.1:7002".into(),
+            labels: [("zone".to_string(), "b".to_string())].into(),
+            version: "0".into(),
+            started_ms: 0,
+            api: "127.0.0.1:7102".into(),
+            drivers: vec!["process".into()],
+        })
+        .unwrap();
+        idx.apply(&entry("node/n2/info", Some(&info)));
+        let t = idx.apply(&entry("node/n2/blob/abc", Some(b"")));
+        assert_eq!(t.blob_advert, Some(("n2".into(), "abc".into())));
+        assert_eq!(idx.advertisers("abc", "n1"), vec!["n2".to_string()]);
+        let t = idx.apply(&entry("alloc/web/0", Some(b"{not json")));
+        assert!(t.orchestration);
+        assert!(idx.cluster().slots.is_empty());
+        idx.apply(&entry("alloc/web/0", Some(b"{not json")));
+        assert_eq!(idx.logged.len(), 1, "logged once");
+        assert!(idx.take_dirty());
+        assert!(!idx.take_dirty());
+
+        let views = Views {
+            me: "n1".into(),
+            state: idx.snapshot_parts(),
+            ..Views::default()
+        };
+        assert_eq!(views.kv_get("app/x").unwrap().value, "1");
+        assert!(views.kv_get("node/n2/info").is_err());
+        assert_eq!(views.kv_list("", false).len(), 1);
+        assert_eq!(views.kv_list("node/", true).len(), 2);
+        assert_eq!(
+            views.kv_list("", true).len(),
+            3,
+            "the bad slot is a live entry too"
+        );
+        assert_eq!(views.facts()["n2"].labels["zone"], "b");
+        // n2 is known from the state only: down.
+        assert_eq!(
+            views.membership(),
+            vec![("n2".to_string(), NodeStatus::Down)]
+        );
+        // Deletes leave the index too.
+        idx.apply(&entry("app/x", None));
+        let views = Views {
+            state: idx.snapshot_parts(),
+            ..views
+        };
+        assert!(views.kv_get("app/x").is_err());
+    }
+}
