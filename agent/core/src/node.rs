@@ -444,6 +444,27 @@ impl Node {
 
     /// Writes (or, with `None`, deletes) a key and starts spreading the change.
     pub fn put(&mut self, key: &str, value: Option<Vec<u8>>, now: Now) -> Result<Entry, Reject> {
+        let entry = self.write(key, value, now)?;
+        self.push_fresh(None);
+        Ok(entry)
+    }
+
+    /// Writes several keys (`None` deletes), then spreads them together: one push
+    /// per peer instead of one per key. Each write's outcome is returned in order.
+    pub fn put_many(
+        &mut self,
+        writes: impl IntoIterator<Item = (String, Option<Vec<u8>>)>,
+        now: Now,
+    ) -> Vec<Result<Entry, Reject>> {
+        let out: Vec<Result<Entry, Reject>> = writes
+            .into_iter()
+            .map(|(key, value)| self.write(&key, value, now))
+            .collect();
+        self.push_fresh(None);
+        out
+    }
+
+    fn write(&mut self, key: &str, value: Option<Vec<u8>>, now: Now) -> Result<Entry, Reject> {
         let entry = Entry {
             key: key.to_string(),
             value,
@@ -455,7 +476,6 @@ impl Node {
         self.seq += 1;
         self.state.apply(entry.clone())?;
         self.changed(entry.clone(), true);
-        self.push_fresh(None);
         Ok(entry)
     }
 

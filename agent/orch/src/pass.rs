@@ -398,6 +398,34 @@ mod tests {
     }
 
     #[test]
+    fn settles_after_a_peer_alone_or_cut_off() {
+        let s = Settle::default();
+        let mut o = NodeOrch::new("n1", 1_000, true, s);
+        assert!(
+            !o.settled(1_000 + s.cut_off_ms - 1),
+            "seeds may still answer"
+        );
+        assert!(o.settled(1_000 + s.cut_off_ms), "cut off: act alone");
+        let peers = vec![
+            ("n1".to_string(), NodeStatus::Alive),
+            ("n2".to_string(), NodeStatus::Alive),
+        ];
+        o.observe(&peers, &[], 2_000);
+        assert!(!o.settled(2_000 + s.after_peer_ms - 1));
+        assert!(o.settled(2_000 + s.after_peer_ms));
+        let lone = NodeOrch::new("n1", 1_000, false, s);
+        assert!(!lone.settled(1_000));
+        assert!(lone.settled(1_000 + s.alone_ms));
+        // A node known from the state but not from membership is down since first missed.
+        let mut o = NodeOrch::new("n1", 0, true, s);
+        o.observe(&peers, &["n3".to_string()], 5_000);
+        assert_eq!(o.members()["n3"].status, NodeStatus::Down);
+        assert_eq!(o.members()["n3"].since_ms, 5_000);
+        o.observe(&peers, &["n3".to_string()], 9_000);
+        assert_eq!(o.members()["n3"].since_ms, 5_000, "the stamp stays");
+    }
+
+    #[test]
     fn nothing_happens_before_the_view_settles() {
         let names = ["n1", "n2", "n3"];
         let membership: Vec<(String, NodeStatus)> = names

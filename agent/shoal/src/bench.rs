@@ -32,6 +32,10 @@ pub struct MeshBenchArgs {
     pub idle_secs: u64,
 }
 
+/// The binary benchmarks run agents from (default: this one); `bench loop --agent-binary`
+/// sets it to compare builds in one run.
+static AGENT_BINARY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 struct Procs(Vec<Child>);
 
 impl Drop for Procs {
@@ -96,7 +100,10 @@ impl Mesh {
         let prepared = prepare(dir.path())?;
         let ca = dir.path().join("ca");
         shoal_net::init_ca(&ca)?;
-        let exe = std::env::current_exe().context("locating the shoal binary")?;
+        let exe = match AGENT_BINARY.get() {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().context("locating the shoal binary")?,
+        };
         let quic = |i: usize| SocketAddr::from(([127, 0, 0, 1], base_port + i as u16));
         let api = |i: usize| SocketAddr::from(([127, 0, 0, 1], base_port + 1000 + i as u16));
         // Warm the shared policy cache before the clock starts.
@@ -815,6 +822,10 @@ pub struct LoopBenchArgs {
     /// First port, as for `bench mesh`.
     #[arg(long, default_value_t = 37001)]
     pub base_port: u16,
+    /// Run the agents from this `shoal` binary instead (e.g. an earlier build, to
+    /// compare); the measuring stays this binary's.
+    #[arg(long)]
+    pub agent_binary: Option<std::path::PathBuf>,
 }
 
 /// What `/metrics` of one agent says about its loop and SWIM.
@@ -930,24 +941,40 @@ fn loop_row(
     let mut turns = shoal_core::Histogram::default();
     let mut rtt = shoal_core::Histogram::default();
     let mut failures = 0;
+    // The longest turn and round trip within the window: the agents' maxima if they
+    // rose in it, else the bound of the highest bucket the window filled.
     let mut max = (0.0, String::new());
+    let mut rtt_max: f64 = 0.0;
     let mut passes = shoal_core::Histogram::default();
     for (b, a) in before.iter().zip(after) {
-        turns.merge(&diff(&a.turns, &b.turns));
-        passes.merge(&diff(&a.passes, &b.passes));
-        rtt.merge(&diff(&a.rtt, &b.rtt));
-        failures += a.probe_failures.saturating_sub(b.probe_failures);
-        if a.max_turn.0 > max.0 {
-            max = a.max_turn.clone();
+        let t = diff(&a.turns, &b.turns);
+        let r = diff(&a.rtt, &b.rtt);
+        let turn_max = if a.max_turn.0 > b.max_turn.0 {
+            a.max_turn.clone()
+        } else {
+            (window_bound(&t), "≤".to_string())
+        };
+        if turn_max.0 > max.0 {
+            max = turn_max;
         }
-        rtt.max = rtt.max.max(a.rtt.max);
+        rtt_max = rtt_max.max(if a.rtt.max > b.rtt.max {
+            a.rtt.max
+        } else {
+            window_bound(&r)
+        });
+        turns.merge(&t);
+        rtt.merge(&r);
+        passes.merge(&diff(&a.passes, &b.passes));
+        failures += a.probe_failures.saturating_sub(b.probe_failures);
     }
+    turns.max = f64::INFINITY;
+    rtt.max = f64::INFINITY;
     vec![
         name.to_string(),
         format!("{:.1} ms", turns.quantile(0.99) * 1000.0),
         format!("{:.1} ms ({})", max.0 * 1000.0, max.1),
         format!("{:.1} ms", rtt.quantile(0.99) * 1000.0),
-        format!("{:.1} ms", rtt.max * 1000.0),
+        format!("{:.1} ms", rtt_max * 1000.0),
         failures.to_string(),
         if passes.count == 0 {
             "-".to_string()
@@ -959,11 +986,32 @@ fn loop_row(
     ]
 }
 
+/// The upper bound of the highest non-empty bucket (0 if empty).
+fn window_bound(h: &shoal_core::Histogram) -> f64 {
+    h.counts
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, c)| **c > 0)
+        .map_or(0.0, |(i, _)| {
+            shoal_core::BUCKETS_SECS
+                .get(i)
+                .copied()
+                .unwrap_or(f64::INFINITY)
+        })
+}
+
 /// Loop turns and SWIM round trips while (a) many replicas run and (b) a large blob
 /// moves between two agents.
 pub async fn run_loop(args: LoopBenchArgs) -> anyhow::Result<()> {
     if args.agents < 2 {
         bail!("--agents must be at least 2");
+    }
+    if let Some(p) = &args.agent_binary {
+        if !p.is_file() {
+            bail!("--agent-binary {}: no such file", p.display());
+        }
+        let _ = AGENT_BINARY.set(p.clone());
     }
     let http = reqwest::Client::new();
     let mut rows = Vec::new();
@@ -985,13 +1033,20 @@ pub async fn run_loop(args: LoopBenchArgs) -> anyhow::Result<()> {
         let spec =
             bench_spec(args.replicas, 60_000).replace("interval = \"250ms\"", "interval = \"1s\"");
         let up = deploy_and_wait(&mesh, "bench", spec, Duration::from_secs(300)).await?;
+        let deployed = read(&mesh.apis).await?;
+        rows.push(loop_row(
+            &format!("deploy of {} replicas", args.replicas),
+            &before,
+            &deployed,
+            format!("all healthy after {:.1} s", up.as_secs_f64()),
+        ));
         tokio::time::sleep(Duration::from_secs(args.secs)).await;
         let after = read(&mesh.apis).await?;
         rows.push(loop_row(
-            &format!("{} replicas (deploy + {} s)", args.replicas, args.secs),
-            &before,
+            &format!("{} replicas running, {} s", args.replicas, args.secs),
+            &deployed,
             &after,
-            format!("all healthy after {:.1} s", up.as_secs_f64()),
+            "health checks every 1 s".to_string(),
         ));
     }
     if args.blob_mib > 0 {

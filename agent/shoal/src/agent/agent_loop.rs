@@ -386,9 +386,9 @@ impl AgentLoop {
                 self.node.handle_timeout(now);
             }
             Branch::Exec(events) => {
-                for e in events {
-                    self.on_exec(e);
-                }
+                let writes: Vec<Write> =
+                    events.into_iter().filter_map(|e| self.on_exec(e)).collect();
+                self.apply_writes(writes);
             }
             Branch::Compiled(c) => {
                 let effects = {
@@ -473,16 +473,24 @@ impl AgentLoop {
         }
     }
 
-    /// Applies writes decided elsewhere (orchestration), logging refusals.
+    /// Applies writes decided elsewhere (orchestration, the executor's reports) and
+    /// spreads them in one push, logging refusals.
     fn apply_writes(&mut self, writes: Vec<Write>) {
+        if writes.is_empty() {
+            return;
+        }
         let now = self.now();
-        for w in writes {
-            let res = match &w {
-                Write::Put { key, value } => self.node.put(key, Some(value.clone()), now),
-                Write::Delete { key } => self.node.put(key, None, now),
-            };
+        let pairs: Vec<(String, Option<Vec<u8>>)> = writes
+            .into_iter()
+            .map(|w| match w {
+                Write::Put { key, value } => (key, Some(value)),
+                Write::Delete { key } => (key, None),
+            })
+            .collect();
+        let keys: Vec<String> = pairs.iter().map(|(k, _)| k.clone()).collect();
+        for (key, res) in keys.iter().zip(self.node.put_many(pairs, now)) {
             if let Err(e) = res {
-                tracing::warn!(key = w.key(), "write refused: {e}");
+                tracing::warn!(key, "write refused: {e}");
             }
         }
     }
@@ -590,31 +598,32 @@ impl AgentLoop {
 
     // ----- owners' events ------------------------------------------------------
 
-    fn on_exec(&mut self, ev: ExecEvent) {
+    /// Takes one executor event; returns the report write it asks for.
+    fn on_exec(&mut self, ev: ExecEvent) -> Option<Write> {
         match ev {
             ExecEvent::Report(id, report) => {
                 let key = keys::report_key(&self.cfg.name, &id);
-                let value = match report {
+                Some(match report {
                     Some(r) => {
                         self.own_reports.insert(id.clone());
                         self.alloc_states
-                            .insert(id.clone(), super::views::state_str(r.state));
-                        Some(encode(&r))
+                            .insert(id, super::views::state_str(r.state));
+                        Write::Put {
+                            key,
+                            value: encode(&r),
+                        }
                     }
                     None => {
                         self.own_reports.remove(&id);
                         self.alloc_states.remove(&id);
-                        None
+                        Write::Delete { key }
                     }
-                };
-                let now = self.now();
-                if let Err(e) = self.node.put(&key, value, now) {
-                    tracing::warn!(alloc = %id, "publishing a report failed: {e}");
-                }
+                })
             }
             ExecEvent::Ready => {
                 self.executor_ready = true;
                 self.pass_dirty = true;
+                None
             }
         }
     }

@@ -211,6 +211,11 @@ pub async fn run(
         sampling: false,
         housekeeping: false,
         tracker,
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(1)
+            .build()
+            .unwrap_or_default(),
     };
     ex.adopt().await;
     ex.apply(&desired.borrow_and_update().clone());
@@ -254,6 +259,9 @@ struct Executor {
     housekeeping: bool,
     /// Where driver calls run.
     tracker: TaskTracker,
+    /// One HTTP client for every health probe (building one per probe costs more
+    /// than the probe).
+    http: reqwest::Client,
 }
 
 impl Executor {
@@ -630,13 +638,14 @@ impl Executor {
             let driver = a.driver.clone();
             let tx = self.done_tx.clone();
             let id = id.clone();
+            let http = self.http.clone();
             self.tracker.spawn(async move {
-                let r =
-                    tokio::time::timeout(check.timeout, probe(&check.probe, &ports, driver, &id))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(format!("no answer within {}", human(check.timeout)))
-                        });
+                let r = tokio::time::timeout(
+                    check.timeout,
+                    probe(&http, &check.probe, &ports, driver, &id),
+                )
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {}", human(check.timeout))));
                 let _ = tx.send(Done::Probed(id, r)).await;
             });
         }
@@ -789,6 +798,7 @@ impl Executor {
 
 /// Runs one health probe.
 async fn probe(
+    http: &reqwest::Client,
     probe: &Probe,
     ports: &[(String, u16)],
     driver: Option<Arc<dyn Runtime>>,
@@ -805,11 +815,7 @@ async fn probe(
         Probe::Http { path, port } => {
             let port = port_of(port)?;
             let url = format!("http://127.0.0.1:{port}{path}");
-            let client = reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .map_err(|e| e.to_string())?;
-            let resp = client
+            let resp = http
                 .get(&url)
                 .send()
                 .await
