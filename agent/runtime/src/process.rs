@@ -85,7 +85,14 @@ struct Inner {
     /// One async lock per alloc id, so start/stop/exit-recording of one alloc never
     /// interleave while different allocs proceed in parallel.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Starts forking at once. A thousand parallel forks on a thousand blocking
+    /// threads starve every other thread of the agent (API, loop) for seconds; a few
+    /// at a time start them as fast and leave the CPU to answer.
+    launch_slots: tokio::sync::Semaphore,
 }
+
+/// Starts that fork at once (see `Inner::launch_slots`).
+const LAUNCH_SLOTS: usize = 4;
 
 #[derive(Default)]
 struct Live {
@@ -249,6 +256,7 @@ impl ProcessDriver {
                 corrupt: Mutex::new(corrupt),
                 live: Mutex::new(HashMap::new()),
                 locks: Mutex::new(HashMap::new()),
+                launch_slots: tokio::sync::Semaphore::new(LAUNCH_SLOTS),
             }),
         })
     }
@@ -617,6 +625,112 @@ fn pick_port(proto: Protocol) -> io::Result<u16> {
     }
 }
 
+/// The blocking half of a start: rotates the log, picks ports, forks the workload in
+/// its own process group and writes its record (fsync). Runs on a blocking thread
+/// inside the runtime, so the child is still watched by tokio.
+fn launch(
+    inner: &Inner,
+    spec: &WorkloadSpec,
+    command: &[String],
+) -> Result<(tokio::process::Child, AllocRecord), DriverError> {
+    let alloc_id = spec.alloc_id.as_str();
+    // A crash loop appends to one log: keep it under its cap at every start too.
+    inner.rotate_log(alloc_id);
+
+    let mut ports = Vec::with_capacity(spec.ports.len());
+    for p in &spec.ports {
+        let host = match p.host_port {
+            Some(h) => h,
+            None => pick_port(p.protocol).map_err(|source| DriverError::PortUnavailable {
+                alloc_id: alloc_id.to_string(),
+                port: p.name.clone(),
+                source,
+            })?,
+        };
+        ports.push((p.name.clone(), host));
+    }
+
+    let log_path = inner.log_path(alloc_id);
+    // Appended across restarts of one allocation, so the output of a crash is
+    // still there after the restart that follows it.
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io_err("open log file", &log_path))?;
+    // stdout and stderr share one open file (and so one offset): lines interleave
+    // in the order they were written and never overwrite each other.
+    let log2 = log
+        .try_clone()
+        .map_err(io_err("open log file", &log_path))?;
+
+    let mut cmd = tokio::process::Command::new(&command[0]);
+    cmd.args(&command[1..])
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+        )
+        .envs(&spec.env)
+        .env("SHOAL_ALLOC_ID", alloc_id)
+        .env("SHOAL_SERVICE", &spec.service)
+        .env("SHOAL_SLOT", spec.slot.to_string())
+        .env("SHOAL_VERSION", spec.version.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        // Own group: stop reaches everything the workload forks, and a Ctrl-C
+        // aimed at the agent's terminal group does not reach the workload.
+        .process_group(0)
+        // The workload must survive the agent (it is adopted after a restart).
+        .kill_on_drop(false);
+    for (i, (name, host)) in ports.iter().enumerate() {
+        cmd.env(port_env_name(name), host.to_string());
+        if i == 0 {
+            cmd.env("PORT", host.to_string());
+        }
+    }
+
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(source) => {
+            let _ = fs::remove_file(&log_path);
+            return Err(DriverError::Spawn {
+                alloc_id: alloc_id.to_string(),
+                program: command[0].clone(),
+                source,
+            });
+        }
+    };
+    let started_at_ms = now_ms();
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    // Until we wait on it the child cannot be reaped, so its stat is readable even
+    // if it already exited.
+    let start_ticks = procfs::read_stat(pid).map(|s| s.start_ticks).unwrap_or(0);
+    let rec = AllocRecord {
+        alloc_id: alloc_id.to_string(),
+        service: spec.service.clone(),
+        slot: spec.slot,
+        version: spec.version,
+        command: command.to_vec(),
+        pid,
+        start_ticks,
+        boot_id: inner.boot_id.clone(),
+        started_at_ms,
+        ports,
+        exit: None,
+    };
+    if let Err(e) = inner.write_record(&rec) {
+        // Without its record the workload could never be adopted or found again.
+        // Dropping the child hands it to tokio's orphan reaper: no zombie.
+        signal_group(pid, libc::SIGKILL);
+        drop(child);
+        let _ = fs::remove_file(&log_path);
+        return Err(e);
+    }
+    Ok((child, rec))
+}
+
 /// Reads one alloc record file; `None` if it vanished meanwhile.
 fn load_record(path: &Path) -> Result<Option<AllocRecord>, DriverError> {
     let bytes = match fs::read(path) {
@@ -681,99 +795,31 @@ impl Driver for ProcessDriver {
                 .or_default()
                 .log_base = base;
         }
-        // A crash loop appends to one log: keep it under its cap at every start too.
-        inner.rotate_log(alloc_id);
-
-        let mut ports = Vec::with_capacity(spec.ports.len());
-        for p in &spec.ports {
-            let host = match p.host_port {
-                Some(h) => h,
-                None => pick_port(p.protocol).map_err(|source| DriverError::PortUnavailable {
-                    alloc_id: alloc_id.to_string(),
-                    port: p.name.clone(),
-                    source,
-                })?,
-            };
-            ports.push((p.name.clone(), host));
-        }
-
-        let log_path = inner.log_path(alloc_id);
-        // Appended across restarts of one allocation, so the output of a crash is
-        // still there after the restart that follows it.
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io_err("open log file", &log_path))?;
-        // stdout and stderr share one open file (and so one offset): lines interleave
-        // in the order they were written and never overwrite each other.
-        let log2 = log
-            .try_clone()
-            .map_err(io_err("open log file", &log_path))?;
-
-        let mut cmd = tokio::process::Command::new(&command[0]);
-        cmd.args(&command[1..])
-            .env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
-            )
-            .envs(&spec.env)
-            .env("SHOAL_ALLOC_ID", alloc_id)
-            .env("SHOAL_SERVICE", &spec.service)
-            .env("SHOAL_SLOT", spec.slot.to_string())
-            .env("SHOAL_VERSION", spec.version.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2))
-            // Own group: stop reaches everything the workload forks, and a Ctrl-C
-            // aimed at the agent's terminal group does not reach the workload.
-            .process_group(0)
-            // The workload must survive the agent (it is adopted after a restart).
-            .kill_on_drop(false);
-        for (i, (name, host)) in ports.iter().enumerate() {
-            cmd.env(port_env_name(name), host.to_string());
-            if i == 0 {
-                cmd.env("PORT", host.to_string());
-            }
-        }
-
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(source) => {
-                let _ = fs::remove_file(&log_path);
-                return Err(DriverError::Spawn {
-                    alloc_id: alloc_id.to_string(),
-                    program: command[0].clone(),
-                    source,
-                });
-            }
+        // Forking, opening the log and the fsync of the record block: off the async
+        // workers, so a thousand starts do not stall the API or the agent loop.
+        let (child, rec) = {
+            let _slot = inner
+                .launch_slots
+                .acquire()
+                .await
+                .map_err(|e| DriverError::Io {
+                    what: "start workload",
+                    path: inner.record_path(alloc_id),
+                    source: io::Error::other(e),
+                })?;
+            let inner = Arc::clone(&self.inner);
+            let spec = spec.clone();
+            let command = command.clone();
+            tokio::task::spawn_blocking(move || launch(&inner, &spec, &command))
+                .await
+                .map_err(|e| DriverError::Io {
+                    what: "start workload",
+                    path: self.inner.record_path(alloc_id),
+                    source: io::Error::other(e),
+                })??
         };
-        let started_at_ms = now_ms();
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
-        // Until we wait on it the child cannot be reaped, so its stat is readable even
-        // if it already exited.
-        let start_ticks = procfs::read_stat(pid).map(|s| s.start_ticks).unwrap_or(0);
-        let rec = AllocRecord {
-            alloc_id: alloc_id.to_string(),
-            service: spec.service.clone(),
-            slot: spec.slot,
-            version: spec.version,
-            command: command.clone(),
-            pid,
-            start_ticks,
-            boot_id: inner.boot_id.clone(),
-            started_at_ms,
-            ports,
-            exit: None,
-        };
-        if let Err(e) = inner.write_record(&rec) {
-            // Without its record the workload could never be adopted or found again.
-            signal_group(pid, libc::SIGKILL);
-            let _ = child.wait().await;
-            let _ = fs::remove_file(&log_path);
-            return Err(e);
-        }
+        let mut child = child;
+        let pid = rec.pid;
         {
             let mut live = inner.live();
             let l = live.entry(alloc_id.to_string()).or_default();

@@ -479,7 +479,7 @@ pub struct RescheduleBenchArgs {
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
     /// First port, as for `bench mesh`.
-    #[arg(long, default_value_t = 31001)]
+    #[arg(long, default_value_t = 10001)]
     pub base_port: u16,
 }
 
@@ -582,7 +582,7 @@ pub struct DeployBenchArgs {
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// First port, as for `bench mesh`.
-    #[arg(long, default_value_t = 33001)]
+    #[arg(long, default_value_t = 12001)]
     pub base_port: u16,
 }
 
@@ -645,7 +645,7 @@ pub struct ReplicasBenchArgs {
     #[arg(long, default_value_t = 20)]
     pub steady_secs: u64,
     /// First port, as for `bench mesh`.
-    #[arg(long, default_value_t = 35001)]
+    #[arg(long, default_value_t = 14001)]
     pub base_port: u16,
 }
 
@@ -820,7 +820,7 @@ pub struct LoopBenchArgs {
     #[arg(long, default_value_t = 30)]
     pub secs: u64,
     /// First port, as for `bench mesh`.
-    #[arg(long, default_value_t = 37001)]
+    #[arg(long, default_value_t = 16001)]
     pub base_port: u16,
     /// Run the agents from this `shoal` binary instead (e.g. an earlier build, to
     /// compare); the measuring stays this binary's.
