@@ -198,8 +198,7 @@ fn unreachable_agent_and_bad_config_are_clear_errors() {
 
 #[test]
 fn demo_starts_a_local_mesh() {
-    // Pick a base port with a free range above it.
-    let base = free_udp().port().clamp(20_000, 60_000);
+    let base = free_demo_base(3);
     let dir = tempfile::tempdir().unwrap();
     let out = shoal(&[
         "demo",
@@ -266,7 +265,7 @@ fn workload_http_serves_root_health_and_burn_and_stops_on_sigterm() {
 #[test]
 fn demo_cleans_up_on_sighup_and_refuses_a_busy_port() {
     use std::io::{BufRead, BufReader};
-    let base = free_udp().port().clamp(20_000, 60_000);
+    let base = free_demo_base(3);
     let mut child = std::process::Command::new(SHOAL)
         .args(["demo", "--nodes", "3", "--base-port", &base.to_string()])
         .stdout(std::process::Stdio::piped())

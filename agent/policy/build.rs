@@ -8,8 +8,9 @@
 //! (`cargo build --release`, `cargo bench`), because both cargos then want the lock on
 //! `<target>/release` (host artifacts of the nested build live there too). A stable
 //! directory, unlike one under `OUT_DIR`, is shared by every profile, so the guests
-//! are compiled once. The example's `.wasm` is copied to
-//! `<target>/wasm32-wasip2/release/`, where its README says it is.
+//! are compiled once. The examples' `.wasm` files (and the hostile discovery fixture
+//! the black-box tests install) are copied to `<target>/wasm32-wasip2/release/`,
+//! where the READMEs say they are.
 //!
 //! Set `SHOAL_POLICY_PREBUILT_GUESTS` to a directory of prebuilt components to skip the
 //! nested build (packagers, offline builds).
@@ -35,12 +36,22 @@ const GROUPS: &[&[&str]] = &[
         "shoal-fixture-kv",
         "hybrid-cloud",
     ],
-    &["shoal-builtin-scaler"],
-    &["shoal-builtin-discovery"],
+    &["shoal-builtin-scaler", "shoal-fixture-scaler-hostile"],
+    &[
+        "shoal-builtin-discovery",
+        "shoal-fixture-discovery-trap",
+        "local-first",
+    ],
 ];
 
-/// The example policy, copied next to the root target's other wasm32-wasip2 outputs.
-const EXAMPLE: &str = "hybrid_cloud.wasm";
+/// Components copied next to the root target's other wasm32-wasip2 outputs, where
+/// the examples' READMEs and the black-box tests find them.
+const PUBLIC: &[&str] = &[
+    "hybrid_cloud.wasm",
+    "local_first.wasm",
+    "shoal_fixture_discovery_trap.wasm",
+    "shoal_fixture_scaler_hostile.wasm",
+];
 
 fn main() {
     if let Err(e) = run() {
@@ -112,7 +123,9 @@ fn run() -> Result<(), String> {
     copy_all(&built, &out, &names)?;
     let public = target_dir.join(TARGET).join("release");
     fs::create_dir_all(&public).map_err(|e| format!("creating {}: {e}", public.display()))?;
-    copy(&built.join(EXAMPLE), &public.join(EXAMPLE))
+    PUBLIC
+        .iter()
+        .try_for_each(|name| copy(&built.join(name), &public.join(name)))
 }
 
 /// `CARGO_TARGET_DIR` if absolute; otherwise the target directory `OUT_DIR` lives in

@@ -29,6 +29,40 @@ pub fn free_tcp() -> SocketAddr {
         .unwrap()
 }
 
+/// A port on 127.0.0.1 free for both UDP and TCP (for an agent's DNS).
+pub fn free_dns() -> SocketAddr {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = udp.local_addr().unwrap();
+        if TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+}
+
+/// A base port for `shoal demo --nodes n` whose ports are all free: QUIC base+i, API
+/// base+100+i and DNS base+200+i. It lies below the ephemeral range (32768 and up),
+/// so no port the OS hands another test lands in it while the demo starts.
+pub fn free_demo_base(nodes: u16) -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const SLOTS: u16 = 40;
+    let first = (std::process::id() as u16).wrapping_add(NEXT.fetch_add(7, Ordering::Relaxed));
+    for k in 0..SLOTS {
+        let base = 20_000 + (first.wrapping_add(k) % SLOTS) * 300;
+        let free = (0..nodes).all(|i| {
+            UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
+                && TcpListener::bind(("127.0.0.1", base + 100 + i)).is_ok()
+                && UdpSocket::bind(("127.0.0.1", base + 200 + i)).is_ok()
+                && TcpListener::bind(("127.0.0.1", base + 200 + i)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free port range for a demo between 20000 and 32000");
+}
+
 /// Runs `shoal ARGS` to completion.
 pub fn shoal(args: &[&str]) -> Output {
     Command::new(SHOAL)
@@ -71,6 +105,8 @@ pub struct Agent {
     pub quic: SocketAddr,
     /// API address.
     pub api: SocketAddr,
+    /// DNS address (UDP and TCP).
+    pub dns: SocketAddr,
     /// Data directory.
     pub data: PathBuf,
     /// Extra flags given at every start.
@@ -158,6 +194,7 @@ impl Cluster {
             name,
             quic: free_udp(),
             api: free_tcp(),
+            dns: free_dns(),
             extra,
             join,
             child: None,
@@ -187,6 +224,7 @@ impl Cluster {
         cmd.args(["agent", "--name", &a.name])
             .args(["--listen", &a.quic.to_string()])
             .args(["--api", &a.api.to_string()])
+            .args(["--dns", &a.dns.to_string()])
             .arg("--data-dir")
             .arg(&a.data)
             .arg("--ca-dir")
@@ -227,6 +265,7 @@ impl Cluster {
         cmd.args(["agent", "--name", &a.name])
             .args(["--listen", &a.quic.to_string()])
             .args(["--api", &a.api.to_string()])
+            .args(["--dns", &a.dns.to_string()])
             .arg("--data-dir")
             .arg(&a.data)
             .arg("--ca-dir")

@@ -284,6 +284,16 @@ impl Lab {
             .context("running shoal in a lab namespace")
     }
 
+    /// Runs `program ARGS` inside agent `i`'s namespace (a client such as `dig` or
+    /// `curl` on that machine).
+    pub fn exec(&self, i: usize, program: &str, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.agents[i].ns, program])
+            .args(args)
+            .output()
+            .with_context(|| format!("running {program} in a lab namespace"))
+    }
+
     /// Like [`Lab::cli`] with `-o json`, parsed; `None` if the command failed.
     pub fn cli_json(&self, i: usize, args: &[&str]) -> Option<serde_json::Value> {
         let mut all = args.to_vec();

@@ -12,6 +12,8 @@
 //!   membership, time and a cluster [`Snapshot`](shoal_policy_logic::Snapshot) to the
 //!   slot writes that bring the service closer to its record: placement, scaling,
 //!   rescheduling off lost nodes, dependency ordering and rolling updates;
+//! - the autoscaler ([`autoscale`]): the rate limit, stabilization window and
+//!   history around a scaler's recommendation, kept in `scale/<service>`;
 //! - what each agent derives from the slots: [`allocs_for_node`] to run and
 //!   [`orphans`] to stop.
 //!
@@ -23,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+pub mod autoscale;
 mod model;
 mod pass;
 mod snapshot;
@@ -35,6 +38,10 @@ mod scenarios;
 #[cfg(test)]
 mod sim;
 
+pub use autoscale::{
+    native_scaler, parse_scale_key, scale_key, Autoscaling, Recommendation, ScaleEvent, ScaleState,
+    SCALE_PREFIX,
+};
 pub use model::{
     decode, encode, is_orchestration_key, new_alloc_id, parse_report_key, parse_rollout_key,
     parse_service_key, parse_slot_key, published_rollouts, report_key, report_prefix, rollout_key,
@@ -47,10 +54,11 @@ pub use pass::{assigned, Assigned, NodeOrch, PassInput, PassOutput, PublishedRol
 pub use snapshot::{build_snapshot, native_scheduler, NodeFacts, Placed};
 pub use spec::{
     HealthCheck, HealthFile, PortFile, Probe, ResourcesFile, RestartMode, RestartPolicy, Scalar,
-    ServiceSpec, SpecError, SpecFile, UpdateFile, UpdatePolicy, DOCKER_LABEL, MAX_REPLICAS,
+    ScalerValue, ServiceSpec, SpecError, SpecFile, UpdateFile, UpdatePolicy, WindowFile,
+    DOCKER_LABEL, MAX_REPLICAS,
 };
 pub use steward::{
     allocs_for_node, healthy_replicas, is_healthy, orphans, reconcile, rendezvous_score,
     steward_for, Assignment, ReconcileInput, Reconciled, RolloutStatus, Write,
 };
-pub use units::parse_size;
+pub use units::{parse_duration_ms, parse_size};

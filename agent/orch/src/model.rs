@@ -5,6 +5,7 @@
 //! | `service/<name>` | [`ServiceRecord`] | `shoal deploy` / `scale` / `rm` (any node) |
 //! | `alloc/<service>/<slot>` | [`Slot`] | the service's steward only |
 //! | `node/<node>/alloc/<alloc_id>` | [`AllocReport`] | the node running the allocation |
+//! | `scale/<name>` | [`ScaleState`](crate::ScaleState) | the service's steward, if autoscaled |
 //!
 //! Removing a service is a flag, not a tombstone: `shoal rm` writes the record with
 //! `deleted = true`. Its steward then deletes every slot (which tells each agent to stop
@@ -300,8 +301,15 @@ pub struct AllocReport {
     pub state: AllocState,
     /// Result of the health check (or, without one, whether it runs).
     pub healthy: bool,
-    /// `host:port` of its first port, if any.
+    /// `host:port` of its first port, if any. The host is the node's advertised
+    /// address, or `127.0.0.1` when the workload listens on loopback only.
     pub endpoint: Option<String>,
+    /// Every port by name, with the host port it got on the node.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<(String, u16)>,
+    /// It listens on loopback only: reachable from its own node, not from others.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub local_only: bool,
     /// Restarts so far.
     pub restarts: u32,
     /// Last error or exit reason.
@@ -310,6 +318,10 @@ pub struct AllocReport {
     pub cpu_percent: f64,
     /// Resident memory.
     pub memory_bytes: u64,
+    /// Custom metrics scraped from the replica's Prometheus endpoint (autoscaled
+    /// services that name them), by metric name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
     /// Start time (ms since the epoch).
     pub started_ms: u64,
     /// The driver's handle: container id (docker) or pid (process).
@@ -438,8 +450,33 @@ pub struct ClusterView {
     pub slots: ClusterSlots,
     /// Reports by service, then alloc id.
     pub reports: BTreeMap<String, Arc<Reports>>,
+    /// Autoscaler states by service.
+    pub scales: crate::autoscale::ScaleStates,
     /// Service of each report key, so a deleted report can be found.
     report_services: Arc<BTreeMap<String, String>>,
+}
+
+/// Puts a decoded per-service value into `map` (a delete or an undecodable value
+/// takes it out; the latter is returned as the error).
+fn keep<T>(
+    map: &mut BTreeMap<String, Arc<T>>,
+    name: &str,
+    decoded: Result<Option<T>, ModelError>,
+) -> Result<bool, ModelError> {
+    match decoded {
+        Ok(Some(v)) => {
+            map.insert(name.to_string(), Arc::new(v));
+            Ok(true)
+        }
+        Ok(None) => {
+            map.remove(name);
+            Ok(true)
+        }
+        Err(e) => {
+            map.remove(name);
+            Err(e)
+        }
+    }
 }
 
 /// Whether `key` is one [`ClusterView`] decodes.
@@ -447,6 +484,7 @@ pub fn is_orchestration_key(key: &str) -> bool {
     parse_service_key(key).is_some()
         || parse_slot_key(key).is_some()
         || parse_report_key(key).is_some()
+        || crate::autoscale::parse_scale_key(key).is_some()
 }
 
 impl ClusterView {
@@ -456,6 +494,7 @@ impl ClusterView {
         let entries = state
             .scan_prefix(SERVICE_PREFIX)
             .chain(state.scan_prefix(SLOT_PREFIX))
+            .chain(state.scan_prefix(crate::autoscale::SCALE_PREFIX))
             .chain(
                 state
                     .scan_prefix(shoal_core::NODE_PREFIX)
@@ -500,20 +539,13 @@ impl ClusterView {
                     })
                 })
                 .transpose();
-            return match decoded {
-                Ok(Some(r)) => {
-                    self.services.insert(name.to_string(), Arc::new(r));
-                    Ok(true)
-                }
-                Ok(None) => {
-                    self.services.remove(name);
-                    Ok(true)
-                }
-                Err(e) => {
-                    self.services.remove(name);
-                    Err(e)
-                }
-            };
+            return keep(&mut self.services, name, decoded);
+        }
+        if let Some(name) = crate::autoscale::parse_scale_key(key) {
+            let decoded = value
+                .map(|v| decode::<crate::autoscale::ScaleState>(key, v))
+                .transpose();
+            return keep(&mut self.scales, name, decoded);
         }
         if let Some((service, n)) = parse_slot_key(key) {
             let decoded = value.map(|v| decode::<Slot>(key, v)).transpose();
@@ -562,6 +594,25 @@ impl ClusterView {
         Ok(false)
     }
 
+    /// The replica count `service` runs: 0 once removed; for an autoscaled service
+    /// its scaler's count (within `min..=max`), else the record's.
+    pub fn desired_replicas(&self, service: &str) -> u32 {
+        let Some(r) = self.services.get(service) else {
+            return 0;
+        };
+        if r.deleted {
+            return 0;
+        }
+        match r.spec.autoscaling() {
+            Some(auto) => crate::autoscale::effective_replicas(
+                &auto,
+                r.replicas,
+                self.scales.get(service).map(|s| s.as_ref()),
+            ),
+            None => r.replicas,
+        }
+    }
+
     /// Applies a steward's own write (see [`ClusterView::apply_entry`]).
     pub fn apply_write(&mut self, w: &crate::Write) {
         let _ = match w {
@@ -574,6 +625,7 @@ impl ClusterView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn keys_round_trip() {
@@ -617,6 +669,13 @@ mod tests {
         more.replicas = 7;
         let r = ServiceRecord::deploy(Some(&scaled), more);
         assert_eq!((r.version, r.replicas), (1, 7));
+        // What only agents and policies read changes without a rollout.
+        let mut tuned = v1.clone();
+        tuned.stop_delay = Duration::from_secs(9);
+        tuned.discovery.insert("limit".into(), "2".into());
+        let r = ServiceRecord::deploy(Some(&r1), tuned.clone());
+        assert_eq!(r.version, 1);
+        assert_eq!(r.spec_for(1), Some(&tuned));
         // A changed workload is a new version; the old spec is kept.
         let mut v2 = v1.clone();
         v2.env.insert("A".into(), "1".into());

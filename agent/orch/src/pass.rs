@@ -12,23 +12,27 @@
 //!    [`Settle::cut_off_ms`] after start if no seed ever answered (an edge site cut
 //!    off while it restarted keeps working on its own). Before that the node acts
 //!    on nothing: a restarted node must not reschedule from a one-node view;
-//! 3. once settled, runs [`reconcile`] for every service it is steward of, over the
+//! 3. once settled, evaluates the scaler of every autoscaled service it is steward of
+//!    when its interval is due ([`crate::autoscale`]), writing `scale/<svc>`;
+//! 4. runs [`reconcile`] for every service it is steward of, over the
 //!    view with the writes of the services before it applied (so two services in
 //!    one pass cannot overcommit a node). Slots without a record are cleaned up
 //!    only if the record is a tombstone: a record merely not received yet must not
 //!    delete anything;
-//! 4. publishes each stewarded service's rollout status (`node/<me>/rollout/<svc>`)
+//! 5. publishes each stewarded service's rollout status (`node/<me>/rollout/<svc>`)
 //!    when it changed, and deletes the statuses of services that are gone;
-//! 5. says what this node must run: every current and next placement naming it.
+//! 6. says what this node must run: every current and next placement naming it.
 //!
 //! It reads no clock and touches no state: the caller passes the time, the
-//! membership, the decoded view and a scheduler, and applies the returned writes.
+//! membership, the decoded view, a scheduler and a scaler, and applies the returned
+//! writes.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use shoal_policy_logic::{NodeStatus, PlacementRequest, Snapshot};
 
+use crate::autoscale::{decide, native_scaler, scale_input, scale_key, Recommendation};
 use crate::model::{encode, rollout_key, ClusterView, Member, Members, Placement};
 use crate::snapshot::{build_snapshot, NodeFacts, Placed};
 use crate::steward::{allocs_for_node, reconcile, steward_for, RolloutStatus, Write};
@@ -124,6 +128,8 @@ pub struct NodeOrch {
     first_peer_ms: Option<u64>,
     members: Members,
     rollouts: BTreeMap<String, PublishedRollout>,
+    /// When each autoscaled service's scaler last ran here.
+    evaluated: BTreeMap<String, u64>,
     /// Reconcile calls made as steward.
     pub passes: u64,
     /// Writes made as steward.
@@ -142,6 +148,7 @@ impl NodeOrch {
             first_peer_ms: None,
             members: Members::new(),
             rollouts: BTreeMap::new(),
+            evaluated: BTreeMap::new(),
             passes: 0,
             writes: 0,
         }
@@ -197,11 +204,23 @@ impl NodeOrch {
         }
     }
 
-    /// Runs one pass (see the module docs), placing through `scheduler`.
+    /// Runs one pass (see the module docs), placing through `scheduler` and sizing
+    /// autoscaled services with the built-in scalers ([`native_scaler`]).
     pub fn pass(
         &mut self,
         input: &PassInput<'_>,
         scheduler: &mut dyn FnMut(&Snapshot, &[PlacementRequest]) -> Vec<Placed>,
+    ) -> PassOutput {
+        self.pass_with(input, scheduler, &mut native_scaler)
+    }
+
+    /// Runs one pass, placing through `scheduler` and sizing autoscaled services
+    /// through `scaler` (the agent passes its policy host).
+    pub fn pass_with(
+        &mut self,
+        input: &PassInput<'_>,
+        scheduler: &mut dyn FnMut(&Snapshot, &[PlacementRequest]) -> Vec<Placed>,
+        scaler: &mut dyn FnMut(&shoal_policy_logic::ScaleInput) -> Recommendation,
     ) -> PassOutput {
         self.observe(input.membership, input.known_nodes, input.now_ms);
         let settled = self.settled(input.now_ms);
@@ -216,11 +235,11 @@ impl NodeOrch {
         let mut view = input.view.clone();
         let facts = self.facts(input.facts);
         let mut snapshot = build_snapshot(&facts, &view.slots);
-        let alive: Vec<&str> = self
+        let alive: Vec<String> = self
             .members
             .iter()
             .filter(|(_, m)| m.status == NodeStatus::Alive)
-            .map(|(n, _)| n.as_str())
+            .map(|(n, _)| n.clone())
             .collect();
         let names: BTreeSet<String> = view
             .services
@@ -228,43 +247,59 @@ impl NodeOrch {
             .chain(view.slots.keys())
             .cloned()
             .collect();
-        for name in &names {
-            if steward_for(name, alive.iter().copied()) != Some(self.me.as_str()) {
-                continue;
-            }
-            let record = view.services.get(name).cloned();
-            if record.is_none() && !input.tombstoned.contains(name) {
-                continue;
-            }
-            let reconciled = {
-                let ri = view.reconcile_input(name, &self.members, &snapshot, input.now_ms);
-                reconcile(&ri, scheduler)
-            };
-            self.passes += 1;
-            out.stewarded += 1;
-            let wrote = !reconciled.writes.is_empty();
-            for w in &reconciled.writes {
-                view.apply_write(w);
-            }
-            self.writes += reconciled.writes.len() as u64;
-            out.writes.extend(reconciled.writes);
-            if let Some(r) = record {
-                let published = PublishedRollout {
-                    version: r.version,
-                    status: reconciled.rollout,
+        // A service later in the order may free room an earlier one needed (a
+        // scale-down, a move): when the first sweep wrote slots, a second one gives
+        // the earlier services that room now instead of a pass later.
+        for sweep in 0..2 {
+            let mut wrote_slots = false;
+            for name in &names {
+                if steward_for(name, alive.iter().map(String::as_str)) != Some(self.me.as_str()) {
+                    continue;
+                }
+                let record = view.services.get(name).cloned();
+                if record.is_none() && !input.tombstoned.contains(name) {
+                    continue;
+                }
+                if sweep == 0 {
+                    out.stewarded += 1;
+                    if let Some(w) = self.autoscale(name, &view, input.now_ms, scaler) {
+                        view.apply_write(&w);
+                        out.writes.push(w);
+                    }
+                }
+                let reconciled = {
+                    let ri = view.reconcile_input(name, &self.members, &snapshot, input.now_ms);
+                    reconcile(&ri, scheduler)
                 };
-                if self.rollouts.get(name) != Some(&published) {
-                    out.writes.push(Write::Put {
-                        key: rollout_key(&self.me, name),
-                        value: encode(&published),
-                    });
-                    out.rollouts.push((name.clone(), published.status.clone()));
-                    self.rollouts.insert(name.clone(), published);
+                self.passes += 1;
+                let wrote = !reconciled.writes.is_empty();
+                wrote_slots |= wrote;
+                for w in &reconciled.writes {
+                    view.apply_write(w);
+                }
+                self.writes += reconciled.writes.len() as u64;
+                out.writes.extend(reconciled.writes);
+                if let Some(r) = record {
+                    let published = PublishedRollout {
+                        version: r.version,
+                        status: reconciled.rollout,
+                    };
+                    if self.rollouts.get(name) != Some(&published) {
+                        out.writes.push(Write::Put {
+                            key: rollout_key(&self.me, name),
+                            value: encode(&published),
+                        });
+                        out.rollouts.push((name.clone(), published.status.clone()));
+                        self.rollouts.insert(name.clone(), published);
+                    }
+                }
+                if wrote {
+                    // Later services must see what this one just reserved.
+                    snapshot = build_snapshot(&facts, &view.slots);
                 }
             }
-            if wrote {
-                // Later services must see what this one just reserved.
-                snapshot = build_snapshot(&facts, &view.slots);
+            if !wrote_slots {
+                break;
             }
         }
         for svc in input.published_rollouts {
@@ -302,6 +337,66 @@ impl NodeOrch {
             published_rollouts: &published,
         };
         self.pass(&input, scheduler)
+    }
+
+    /// Step 3 for one stewarded service: the scale state to write, if it changed.
+    fn autoscale(
+        &mut self,
+        name: &str,
+        view: &ClusterView,
+        now_ms: u64,
+        scaler: &mut dyn FnMut(&shoal_policy_logic::ScaleInput) -> Recommendation,
+    ) -> Option<Write> {
+        let record = view.services.get(name).filter(|r| !r.deleted);
+        let state = view.scales.get(name).map(|s| s.as_ref());
+        let Some((record, auto)) = record.and_then(|r| Some((r, r.spec.autoscaling()?))) else {
+            // Removed, or no longer autoscaled: the state goes with it.
+            self.evaluated.remove(name);
+            return state.map(|_| Write::Delete {
+                key: scale_key(name),
+            });
+        };
+        let interval = auto.interval.as_millis() as u64;
+        if let Some(at) = self.evaluated.get(name) {
+            if now_ms < at.saturating_add(interval) && now_ms >= *at {
+                return None;
+            }
+        }
+        self.evaluated.insert(name.to_string(), now_ms);
+        let current = crate::autoscale::effective_replicas(&auto, record.replicas, state);
+        let empty_slots = crate::model::SlotMap::new();
+        let empty_reports = crate::model::Reports::new();
+        let scale_in = scale_input(
+            &auto,
+            record,
+            current,
+            view.slots.get(name).map_or(&empty_slots, |s| s.as_ref()),
+            view.reports
+                .get(name)
+                .map_or(&empty_reports, |r| r.as_ref()),
+            &self.members,
+            now_ms,
+        );
+        let rec = scaler(&scale_in);
+        let before = state.cloned().unwrap_or_default();
+        let next = decide(
+            &auto,
+            &record.spec.scaler,
+            &before,
+            current,
+            &rec,
+            now_ms,
+            &self.me,
+        );
+        (state != Some(&next)).then(|| Write::Put {
+            key: scale_key(name),
+            value: encode(&next),
+        })
+    }
+
+    /// When this node last evaluated `service`'s scaler as its steward.
+    pub fn evaluated(&self, service: &str) -> Option<u64> {
+        self.evaluated.get(service).copied()
     }
 
     /// One scheduler fact per member, with the member table's status.

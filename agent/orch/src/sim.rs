@@ -330,7 +330,20 @@ impl Sim {
                 again.writes.is_empty() || (round == 0 && only_reasons),
                 "{node} at {} ms: the pass is not idempotent (round {round}): {:?}",
                 self.now_ms,
-                again.writes.iter().map(Write::key).collect::<Vec<_>>()
+                again
+                    .writes
+                    .iter()
+                    .map(|w| match w {
+                        Write::Put { key, value } => format!(
+                            "{key} {} -> {}",
+                            String::from_utf8_lossy(
+                                self.sides[side].state.value(key).unwrap_or(b"-")
+                            ),
+                            String::from_utf8_lossy(value)
+                        ),
+                        Write::Delete { key } => key.clone(),
+                    })
+                    .collect::<Vec<_>>()
             );
             if again.writes.is_empty() {
                 return;

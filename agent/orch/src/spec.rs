@@ -28,6 +28,11 @@ pub const DOCKER_LABEL: &str = "shoal.driver.docker";
 
 /// Default for `reschedule_after`.
 const DEFAULT_RESCHEDULE_AFTER_MS: u64 = 30_000;
+/// Default for `stop_delay`: longer than `shoal render`'s longest default wait (1 s)
+/// plus gossip and a proxy reload, shorter than anyone's patience with `rm`.
+const DEFAULT_STOP_DELAY_MS: u64 = 2_000;
+/// Longest `stop_delay` accepted.
+const MAX_STOP_DELAY_MS: u64 = 600_000;
 /// Default for `update.healthy_deadline`.
 const DEFAULT_HEALTHY_DEADLINE_MS: u64 = 60_000;
 
@@ -99,6 +104,70 @@ impl fmt::Display for Scalar {
     }
 }
 
+/// A value in a `[scaler]` table: a scalar, or (for `windows`) a list of window tables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ScalerValue {
+    /// A scalar (`min = 2`, `windows = "mon-fri 19:00-23:00 => 10"`).
+    Scalar(Scalar),
+    /// `windows = [{ days = "mon-fri", from = "19:00", to = "23:00", replicas = 10 }]`.
+    Windows(Vec<WindowFile>),
+}
+
+/// One schedule window as a table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowFile {
+    /// `mon-fri`, `sat,sun`, `daily`.
+    pub days: String,
+    /// `HH:MM`.
+    pub from: String,
+    /// `HH:MM` (before `from`: the window runs past midnight).
+    pub to: String,
+    /// Replicas while the window is open.
+    pub replicas: u32,
+    /// IANA time zone (`Asia/Shanghai`); UTC without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tz: Option<String>,
+}
+
+/// The `[scaler]` table as policy params: window tables become the text form
+/// (`mon-fri 19:00-23:00 Asia/Shanghai => 10; …`).
+fn scaler_params(table: Option<&BTreeMap<String, ScalerValue>>) -> Result<Params, SpecError> {
+    let mut out = Params::new();
+    for (k, v) in table.into_iter().flatten() {
+        if k.is_empty() {
+            return Err(bad("scaler", "parameter names must not be empty"));
+        }
+        let text = match v {
+            ScalerValue::Scalar(s) => s.to_string(),
+            ScalerValue::Windows(ws) => {
+                if k != "windows" {
+                    return Err(bad(
+                        format!("scaler.{k}"),
+                        "only `windows` may be a list of tables",
+                    ));
+                }
+                ws.iter()
+                    .map(|w| {
+                        let zone = w.tz.as_deref().map(|z| format!(" {z}")).unwrap_or_default();
+                        format!(
+                            "{} {}-{}{zone} => {}",
+                            w.days.trim(),
+                            w.from.trim(),
+                            w.to.trim(),
+                            w.replicas
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        };
+        out.insert(k.clone(), text);
+    }
+    Ok(out)
+}
+
 /// The file form of a service spec, exactly as written (see the examples in
 /// `examples/services/`). Unknown keys are refused.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -159,12 +228,16 @@ pub struct SpecFile {
     /// How long a node may be down before its replicas are placed elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reschedule_after: Option<Scalar>,
+    /// How long a replica about to stop stays running out of discovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_delay: Option<Scalar>,
     /// Scheduler policy params.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<BTreeMap<String, Scalar>>,
-    /// Scaler policy params.
+    /// Autoscaling: engine keys (`min`, `max`, `interval`, …) and policy params;
+    /// `windows` may be a list of tables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scaler: Option<BTreeMap<String, Scalar>>,
+    pub scaler: Option<BTreeMap<String, ScalerValue>>,
     /// Discovery policy params.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<BTreeMap<String, Scalar>>,
@@ -279,6 +352,9 @@ pub struct ServiceSpec {
     pub update: UpdatePolicy,
     /// How long a node may be down or gone before its replicas are placed elsewhere.
     pub reschedule_after: Duration,
+    /// How long a replica that is about to be stopped keeps running after it left
+    /// discovery, before it gets SIGTERM (only for services with ports).
+    pub stop_delay: Duration,
     /// Scheduler policy params (`strategy = "binpack"`).
     pub scheduler: Params,
     /// Scaler policy params.
@@ -780,6 +856,9 @@ impl SpecFile {
                 "0 together with max_surge = 0 would never let an update proceed",
             ));
         }
+        let scaler = scaler_params(self.scaler.as_ref())?;
+        crate::autoscale::Autoscaling::from_params(&scaler, &ports)
+            .map_err(|m| bad("scaler", m))?;
         Ok(ServiceSpec {
             name: self.name.clone(),
             kind,
@@ -799,8 +878,19 @@ impl SpecFile {
                 self.reschedule_after.as_ref(),
                 DEFAULT_RESCHEDULE_AFTER_MS,
             )?,
+            stop_delay: {
+                let d = duration(
+                    "stop_delay",
+                    self.stop_delay.as_ref(),
+                    DEFAULT_STOP_DELAY_MS,
+                )?;
+                if d > Duration::from_millis(MAX_STOP_DELAY_MS) {
+                    return Err(bad("stop_delay", "must be at most 10m"));
+                }
+                d
+            },
             scheduler: params("scheduler", self.scheduler.as_ref())?,
-            scaler: params("scaler", self.scaler.as_ref())?,
+            scaler,
             discovery: params("discovery", self.discovery.as_ref())?,
         })
     }
@@ -982,14 +1072,27 @@ impl From<ServiceSpec> for SpecFile {
                 healthy_deadline: dur(s.update.healthy_deadline),
             }),
             reschedule_after: dur(s.reschedule_after),
+            stop_delay: dur(s.stop_delay),
             scheduler: param_table(&s.scheduler),
-            scaler: param_table(&s.scaler),
+            scaler: param_table(&s.scaler).map(|t| {
+                t.into_iter()
+                    .map(|(k, v)| (k, ScalerValue::Scalar(v)))
+                    .collect()
+            }),
             discovery: param_table(&s.discovery),
         }
     }
 }
 
 impl ServiceSpec {
+    /// How the service scales, if it has a `[scaler]` table (checked when the spec
+    /// was parsed).
+    pub fn autoscaling(&self) -> Option<crate::autoscale::Autoscaling> {
+        crate::autoscale::Autoscaling::read(&self.scaler, &self.ports)
+            .ok()
+            .flatten()
+    }
+
     /// Parses and validates a TOML spec; `file` names the source in error messages.
     pub fn from_toml(file: &str, text: &str) -> Result<ServiceSpec, SpecError> {
         SpecFile::from_toml(file, text)?
@@ -1056,10 +1159,15 @@ impl ServiceSpec {
     }
 
     /// Whether two specs run the same thing, ignoring the replica count (which
-    /// scaling changes without a rollout).
+    /// scaling changes without a rollout), `stop_delay` and the scaler and discovery
+    /// params (read by agents and policies, not by the replicas).
     pub fn same_workload(&self, other: &ServiceSpec) -> bool {
         let mut a = self.clone();
         a.replicas = other.replicas;
+        // What only the agents and policies read, not the replicas themselves.
+        a.stop_delay = other.stop_delay;
+        a.scaler = other.scaler.clone();
+        a.discovery = other.discovery.clone();
         a == *other
     }
 }
@@ -1179,6 +1287,7 @@ container_port = 8080
         assert_eq!(s.update.max_surge, 0);
         assert_eq!(s.update.healthy_deadline, Duration::from_secs(60));
         assert_eq!(s.reschedule_after, Duration::from_secs(30));
+        assert_eq!(s.stop_delay, Duration::from_secs(2));
         assert_eq!(s.resources, Resources::default());
         assert!(s.health.is_none());
         let w = s.to_workload(2, 7, "web-2-7-abc");
@@ -1205,6 +1314,7 @@ container_port = 8080
             ("bad cpu", format!("{BASE}\n[resources]\ncpu = \"lots\""), "`resources.cpu`"),
             ("bad duration", format!("reschedule_after = \"soon\"\n{BASE}"), "`reschedule_after`: \"soon\" is not a duration"),
             ("duration without unit", format!("reschedule_after = 30\n{BASE}"), "`reschedule_after`"),
+            ("stop delay too long", format!("stop_delay = \"11m\"\n{BASE}"), "`stop_delay`: must be at most 10m"),
             ("bad health duration", format!("{BASE}\n[health]\ntcp = \"http\"\ninterval = \"5 parsecs\""), "`health.interval`"),
             ("docker without image", "name = \"web\"\ndriver = \"docker\"\n".into(), "`image`: required"),
             ("process without command", "name = \"web\"\ndriver = \"process\"\n".into(), "`command`: required"),

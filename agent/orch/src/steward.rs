@@ -112,6 +112,9 @@ pub struct ReconcileInput<'a> {
     /// Its record; `None` means it is known to be gone (a tombstone), and every
     /// slot left is deleted. Do not pass `None` for a record merely not yet received.
     pub record: Option<&'a ServiceRecord>,
+    /// Replicas to run: the record's count, or for an autoscaled service its
+    /// scaler's (see [`ClusterView::desired_replicas`]).
+    pub desired: u32,
     /// Its slots.
     pub slots: &'a SlotMap,
     /// Every report of its allocations, from every node.
@@ -173,6 +176,7 @@ impl ClusterView {
         ReconcileInput {
             service,
             record: record.map(|r| r.as_ref()),
+            desired: self.desired_replicas(service),
             slots: or_empty(self.slots.get(service), &NO_SLOTS),
             reports: or_empty(self.reports.get(service), &NO_REPORTS),
             dependencies,
@@ -384,7 +388,7 @@ struct Round<'a, 'i> {
 
 impl<'a, 'i> Round<'a, 'i> {
     fn new(input: &'a ReconcileInput<'i>, record: &'a ServiceRecord) -> Self {
-        let want = record.replicas.min(MAX_REPLICAS);
+        let want = input.desired.min(MAX_REPLICAS);
         Round {
             input,
             record,
@@ -882,6 +886,7 @@ mod tests {
         let input = ReconcileInput {
             service: "web",
             record,
+            desired: record.map_or(0, |r| if r.deleted { 0 } else { r.replicas }),
             slots,
             reports,
             dependencies: BTreeMap::new(),

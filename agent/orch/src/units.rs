@@ -117,7 +117,7 @@ pub(crate) const MAX_DURATION_MS: u64 = 365 * 24 * 3600 * 1000;
 
 /// Parses a duration in milliseconds: one or more `<number><unit>` with units
 /// `ms`, `s`, `m`, `h` (`5s`, `1m30s`, `1.5s`, `250ms`).
-pub(crate) fn parse_duration_ms(s: &str) -> Option<u64> {
+pub fn parse_duration_ms(s: &str) -> Option<u64> {
     let mut rest = s.trim();
     if rest.is_empty() {
         return None;

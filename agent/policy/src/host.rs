@@ -14,8 +14,8 @@ use crate::error::PolicyError;
 use crate::round::ScheduleRound;
 use crate::runtime::{CallError, Loaded, Pre, Runtime, Stats};
 use crate::types::{
-    DecidedBy, HostConfig, HostStats, KvReader, PlacementOutcome, PluginState, PluginStatus,
-    PolicyKind, WeightedEndpoint,
+    DecidedBy, Discovered, HostConfig, HostStats, KvReader, PlacementOutcome, PluginState,
+    PluginStatus, PolicyKind, Scaled, WeightedEndpoint,
 };
 
 /// A plugin bound to a (kind, scope), with its failure record.
@@ -394,23 +394,50 @@ impl PolicyHost {
     /// built-in scaler (`target-utilization` or `schedule`, by param `policy`). If even
     /// the built-in cannot decide (bad params), the current count, moved into bounds.
     pub fn scale(&self, input: &ScaleInput) -> ScaleDecision {
+        self.scale_explained(input).decision
+    }
+
+    /// [`PolicyHost::scale`], saying who answered: the plugin's name, or `built-in
+    /// <policy>` (with why the plugin was passed over, if it was).
+    pub fn scale_explained(&self, input: &ScaleInput) -> Scaled {
         let wit = convert::scale_input(input);
+        let policy = input
+            .params
+            .get("policy")
+            .map(|p| p.trim().to_string())
+            .unwrap_or_else(|| "target-utilization".into());
+        let mut fallback = None;
         if let Some(binding) = self.binding(PolicyKind::Scaler, &input.service) {
             match self.try_scale(&binding.loaded, &wit, input) {
-                Ok(d) => {
+                Ok(decision) => {
                     self.succeeded(&binding);
-                    return d;
+                    return Scaled {
+                        decision,
+                        decided_by: binding.loaded.name.to_string(),
+                        fallback_reason: None,
+                    };
                 }
-                Err(e) => self.failed(&binding, &e),
+                Err(e) => {
+                    fallback = Some(format!("plugin {} failed: {e}", binding.loaded.name));
+                    self.failed(&binding, &e);
+                }
             }
         }
-        match self.try_scale(self.builtin(PolicyKind::Scaler), &wit, input) {
-            Ok(d) => return d,
-            Err(CallError::Guest(e)) => return keep_current(input, &e),
-            Err(e) => self.builtin_failed(PolicyKind::Scaler, &e),
+        let decided_by = format!("built-in {policy}");
+        let decision = match self.try_scale(self.builtin(PolicyKind::Scaler), &wit, input) {
+            Ok(d) => d,
+            Err(CallError::Guest(e)) => keep_current(input, &e),
+            Err(e) => {
+                self.builtin_failed(PolicyKind::Scaler, &e);
+                self.native_answered();
+                logic::scale(input).unwrap_or_else(|e| keep_current(input, &e))
+            }
+        };
+        Scaled {
+            decision,
+            decided_by,
+            fallback_reason: fallback,
         }
-        self.native_answered();
-        logic::scale(input).unwrap_or_else(|e| keep_current(input, &e))
     }
 
     fn try_discover(
@@ -447,28 +474,45 @@ impl PolicyHost {
     /// from its plugin, else the built-in `zone-aware` policy. If even that cannot
     /// decide (bad params), every healthy endpoint in input order.
     pub fn discover(&self, input: &DiscoveryInput) -> Vec<WeightedEndpoint> {
+        self.discover_explained(input).endpoints
+    }
+
+    /// [`PolicyHost::discover`], saying which policy decided and, when a bound plugin
+    /// was passed over, why.
+    pub fn discover_explained(&self, input: &DiscoveryInput) -> Discovered {
         let wit = convert::discovery_input(input);
         let count = input.endpoints.len();
-        let ranked = 'ranked: {
+        let mut fallback_reason = None;
+        let (ranked, decided_by) = 'ranked: {
             if let Some(binding) = self.binding(PolicyKind::Discovery, &input.service) {
                 match self.try_discover(&binding.loaded, &wit, count) {
                     Ok(r) => {
                         self.succeeded(&binding);
-                        break 'ranked r;
+                        break 'ranked (r, binding.decided_by());
                     }
-                    Err(e) => self.failed(&binding, &e),
+                    Err(e) => {
+                        fallback_reason = Some(e.to_string());
+                        self.failed(&binding, &e);
+                    }
                 }
             }
             match self.try_discover(self.builtin(PolicyKind::Discovery), &wit, count) {
-                Ok(r) => break 'ranked r,
-                Err(CallError::Guest(e)) => break 'ranked all_healthy(input, &e),
+                Ok(r) => break 'ranked (r, DecidedBy::Builtin),
+                Err(CallError::Guest(e)) => {
+                    fallback_reason.get_or_insert_with(|| e.clone());
+                    break 'ranked (all_healthy(input, &e), DecidedBy::Builtin);
+                }
                 Err(e) => self.builtin_failed(PolicyKind::Discovery, &e),
             }
             self.native_answered();
-            logic::discover(input).unwrap_or_else(|e| all_healthy(input, &e))
+            let r = logic::discover(input).unwrap_or_else(|e| {
+                fallback_reason.get_or_insert_with(|| e.clone());
+                all_healthy(input, &e)
+            });
+            (r, DecidedBy::Native)
         };
-        ranked
-            .into_iter()
+        let endpoints = ranked
+            .iter()
             .filter_map(|r| {
                 input
                     .endpoints
@@ -478,7 +522,13 @@ impl PolicyHost {
                         weight: r.weight,
                     })
             })
-            .collect()
+            .collect();
+        Discovered {
+            ranked,
+            endpoints,
+            decided_by,
+            fallback_reason,
+        }
     }
 }
 

@@ -44,8 +44,8 @@ pub use shoal_policy_logic::{
     ScaleDecision, ScaleInput, Snapshot,
 };
 pub use types::{
-    DecidedBy, HostConfig, HostStats, KvReader, PlacementOutcome, PluginState, PluginStatus,
-    PolicyKind, Unplaced, WeightedEndpoint,
+    DecidedBy, Discovered, HostConfig, HostStats, KvReader, PlacementOutcome, PluginState,
+    PluginStatus, PolicyKind, Scaled, Unplaced, WeightedEndpoint,
 };
 
 /// The built-in components' wasm, for tools that want to inspect or re-install them.

@@ -223,6 +223,31 @@ pub struct WeightedEndpoint {
     pub weight: u32,
 }
 
+/// A discovery answer and where it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Discovered {
+    /// Endpoints to use, best first: indices into the input's endpoints, each once.
+    pub ranked: Vec<shoal_policy_logic::Ranked>,
+    /// The same endpoints, copied from the input, with their weights.
+    pub endpoints: Vec<WeightedEndpoint>,
+    /// Which policy decided.
+    pub decided_by: DecidedBy,
+    /// Why the bound plugin (or the built-in's params) could not be used, if so.
+    pub fallback_reason: Option<String>,
+}
+
+/// A scaler's answer and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scaled {
+    /// The answer, within the input's bounds.
+    pub decision: shoal_policy_logic::ScaleDecision,
+    /// The plugin's name, or `built-in <policy>`.
+    pub decided_by: String,
+    /// Why the bound plugin was passed over (it failed, trapped, answered out of
+    /// bounds), if it was.
+    pub fallback_reason: Option<String>,
+}
+
 /// Counters of the host's work since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostStats {

@@ -217,7 +217,7 @@ fn target_utilization_scaler() {
     let d = host.scale(&hpa(3, 1, 20, 90.0));
     assert_eq!(
         (d.replicas, d.reason.as_str()),
-        (6, "cpu 90 vs target 50: 3 -> 6")
+        (6, "cpu 90% of 50% target: 3 \u{2192} 6")
     ); // ceil(5.4)
     assert_eq!(host.scale(&hpa(3, 1, 20, 54.0)).replicas, 3, "within ±10%");
     assert_eq!(host.scale(&hpa(3, 1, 20, 46.0)).replicas, 3, "within ±10%");

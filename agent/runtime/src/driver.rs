@@ -68,4 +68,10 @@ pub trait Driver: Send + Sync {
     /// the host with the workload's environment (process), and returns its exit code
     /// (128 + signal when killed). The caller bounds the time it may take.
     async fn exec(&self, alloc_id: &str, command: &[String]) -> Result<i32, DriverError>;
+
+    /// Notified whenever a workload of this driver ends on its own, so the caller can
+    /// look at once instead of at its next poll. `None`: the driver cannot tell (poll).
+    fn exits(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
 }

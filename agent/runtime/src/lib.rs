@@ -22,6 +22,7 @@
 mod docker;
 mod driver;
 mod error;
+mod listeners;
 mod logfile;
 mod mem;
 mod process;
@@ -33,6 +34,7 @@ pub mod testutil;
 pub use docker::{labels, DockerDriver, DockerOptions};
 pub use driver::Driver;
 pub use error::DriverError;
+pub use listeners::Listeners;
 pub use logfile::{LogChunk, LogPolicy, LogQuery, MAX_LOG_CHUNK};
 pub use mem::{MemCall, MemDriver, MemOp};
 pub use process::ProcessDriver;

@@ -85,6 +85,8 @@ struct Inner {
     /// One async lock per alloc id, so start/stop/exit-recording of one alloc never
     /// interleave while different allocs proceed in parallel.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Notified when a watched child ends.
+    exits: Arc<tokio::sync::Notify>,
     /// Starts forking at once. A thousand parallel forks on a thousand blocking
     /// threads starve every other thread of the agent (API, loop) for seconds; a few
     /// at a time start them as fast and leave the CPU to answer.
@@ -257,6 +259,7 @@ impl ProcessDriver {
                 live: Mutex::new(HashMap::new()),
                 locks: Mutex::new(HashMap::new()),
                 launch_slots: tokio::sync::Semaphore::new(LAUNCH_SLOTS),
+                exits: Arc::new(tokio::sync::Notify::new()),
             }),
         })
     }
@@ -472,6 +475,7 @@ impl Inner {
     /// (file removed) or restarted (other pid) in the meantime.
     async fn record_exit(&self, alloc_id: &str, pid: i32, exit: ExitRecord) {
         self.remember_exit(alloc_id, pid, exit);
+        self.exits.notify_one();
         let _guard = self.lock(alloc_id).await;
         match self.read_record(alloc_id) {
             Ok(Some(mut rec)) if rec.pid == pid && rec.exit.is_none() => {
@@ -765,6 +769,10 @@ fn scan_groups(pgids: &HashSet<i32>, page_size: u64) -> HashMap<i32, (u64, u64)>
 impl Driver for ProcessDriver {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn exits(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.inner.exits.clone())
     }
 
     async fn start(&self, spec: &WorkloadSpec) -> Result<WorkloadStatus, DriverError> {

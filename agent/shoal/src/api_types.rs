@@ -84,6 +84,49 @@ pub struct ServiceView {
     pub steward: Option<String>,
     /// The steward's rollout status for the current version, once it has one.
     pub rollout: Option<shoal_orch::RolloutStatus>,
+    /// How it is autoscaled, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleView>,
+}
+
+/// An autoscaled service's scaler, as `shoal services` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoscaleView {
+    /// The built-in policy (a plugin installed for the service decides first).
+    pub policy: String,
+    /// Fewest replicas.
+    pub min: u32,
+    /// Most replicas.
+    pub max: u32,
+    /// Why the count is what it is (the last change).
+    pub reason: Option<String>,
+    /// When it last changed (ms since the epoch).
+    pub changed_ms: Option<u64>,
+    /// The latest evaluation's conclusion.
+    pub last: Option<String>,
+    /// Changes so far.
+    pub decisions: u64,
+}
+
+/// One scale decision, for `shoal events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventView {
+    /// The service.
+    pub service: String,
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// `scale`.
+    pub kind: String,
+    /// Replicas before.
+    pub from: u32,
+    /// Replicas after.
+    pub to: u32,
+    /// Why.
+    pub reason: String,
+    /// The scaler that answered.
+    pub by: String,
+    /// The steward that decided.
+    pub steward: String,
 }
 
 /// One allocation slot as `shoal ps` shows it.

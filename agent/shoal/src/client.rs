@@ -6,7 +6,9 @@ use anyhow::{anyhow, bail, Context};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
-use crate::api_types::{DeployView, ErrorView, KvView, LogsView, NodeView, PsView, ServiceView};
+use crate::api_types::{
+    DeployView, ErrorView, EventView, KvView, LogsView, NodeView, PsView, ServiceView,
+};
 
 /// Output format of client commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -126,6 +128,15 @@ impl Client {
     pub async fn services(&self) -> anyhow::Result<Vec<ServiceView>> {
         self.send(self.http.get(format!("{}/v1/services", self.base)))
             .await
+    }
+
+    /// `GET /v1/events[?service=]`: scale decisions, newest first.
+    pub async fn events(&self, service: Option<&str>) -> anyhow::Result<Vec<EventView>> {
+        let mut req = self.http.get(format!("{}/v1/events", self.base));
+        if let Some(s) = service {
+            req = req.query(&[("service", s)]);
+        }
+        self.send(req).await
     }
 
     /// `GET /v1/services/<name>`.
@@ -251,6 +262,39 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/discover/<svc>`: one service's endpoints for the agent's node.
+    pub async fn discover(&self, svc: &str) -> anyhow::Result<shoal_discovery::LookupView> {
+        self.send(self.http.get(format!("{}/v1/discover/{svc}", self.base)))
+            .await
+    }
+
+    /// `GET /v1/discover/<svc>/input`: what the discovery policy is given.
+    pub async fn discover_input(&self, svc: &str) -> anyhow::Result<shoal_policy::DiscoveryInput> {
+        self.send(
+            self.http
+                .get(format!("{}/v1/discover/{svc}/input", self.base)),
+        )
+        .await
+    }
+
+    /// `GET /v1/discover?index=&wait=`: every service's endpoints, once the catalog
+    /// generation passes `index` (or `wait` runs out; 0 answers at once).
+    pub async fn discover_all(
+        &self,
+        index: u64,
+        wait: std::time::Duration,
+    ) -> anyhow::Result<shoal_discovery::CatalogView> {
+        let req = self
+            .http
+            .get(format!("{}/v1/discover", self.base))
+            .query(&[
+                ("index", index.to_string()),
+                ("wait", format!("{}ms", wait.as_millis())),
+            ])
+            .timeout(wait + std::time::Duration::from_secs(10));
+        self.send(req).await
+    }
+
     /// `DELETE /v1/kv/<key>`.
     pub async fn kv_rm(&self, key: &str) -> anyhow::Result<serde_json::Value> {
         self.send(self.http.delete(format!("{}/v1/kv/{}", self.base, key)))
@@ -276,6 +320,28 @@ fn bytes_human(b: u64) -> String {
     } else {
         format!("{:.0}M", b / MIB)
     }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` UTC of a ms timestamp.
+pub fn clock_text(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rest / 3600,
+        (rest / 60) % 60,
+        rest % 60
+    )
 }
 
 /// `s` with control characters (ANSI escapes, NUL, newlines…) shown as escapes,

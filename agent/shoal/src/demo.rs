@@ -32,7 +32,8 @@ pub struct DemoArgs {
     /// How many agents to start.
     #[arg(long, default_value_t = 5)]
     pub nodes: usize,
-    /// First QUIC port; agent i listens on base+i for QUIC and base+100+i for its API.
+    /// First QUIC port; agent i listens on base+i for QUIC, base+100+i for its API and
+    /// base+200+i for DNS.
     #[arg(long, default_value_t = 7001)]
     pub base_port: u16,
     /// Keep CA and data here instead of a temporary directory.
@@ -48,7 +49,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.nodes == 0 || args.nodes > 99 {
         bail!("--nodes must be between 1 and 99, got {}", args.nodes);
     }
-    if usize::from(args.base_port) + 100 + args.nodes > usize::from(u16::MAX) {
+    if usize::from(args.base_port) + 200 + args.nodes > usize::from(u16::MAX) {
         bail!(
             "--base-port {} leaves no room for {} agents",
             args.base_port,
@@ -142,11 +143,17 @@ async fn start_and_show(
             // One cache for all: the built-in policies are compiled once, not per agent.
             policy_cache: dir.join("policy-cache"),
             // The example app runs as processes; every workload stops with the demo.
-            docker: false,
+            docker: crate::agent::config::DockerSetting::Off,
             drain_on_exit: true,
             api_hosts: Vec::new(),
             api_token: None,
             logs: shoal_runtime::LogPolicy::default(),
+            dns: Some(addr(args.base_port + 200 + i as u16)),
+            dns_config: shoal_discovery::DnsConfig::new(
+                "shoal",
+                crate::agent::config::DEFAULT_DNS_TTL,
+            )
+            .expect("the default domain is valid"),
             perf: crate::agent::config::Perf::default(),
             tuning: Tuning {
                 cluster_size: Some(args.nodes as u32),
@@ -212,11 +219,31 @@ async fn start_and_show(
         );
         print!("{}", crate::service_cli::slots_table(&ps.slots));
     }
+    // Every agent answers DNS: ask n1 where web is, as any client would.
+    let dns0 = addr(args.base_port + 200);
+    match shoal_discovery::client::query(
+        dns0,
+        "web.service.shoal.",
+        shoal_discovery::RecordType::SRV,
+        Duration::from_secs(2),
+    )
+    .await
+    {
+        Ok(a) => {
+            println!("\nweb.service.shoal SRV, from n1's DNS on {dns0}:");
+            for r in &a.records {
+                println!("  {r}");
+            }
+        }
+        Err(e) => println!("\nasking n1's DNS on {dns0} failed: {e}"),
+    }
     println!("\nTry, in another terminal:");
     let api_last = apis[apis.len() - 1];
     println!("  export SHOAL_API=http://{}", apis[0]);
     println!("  shoal services");
     println!("  shoal ps web");
+    println!("  dig @127.0.0.1 -p {} web.service.shoal SRV", dns0.port());
+    println!("  shoal discover web");
     println!("  shoal scale web 5");
     println!("  shoal logs web --slot 0");
     println!("  shoal nodes --api http://{api_last}");
@@ -250,7 +277,15 @@ fn check_ports_free(args: &DemoArgs) -> anyhow::Result<()> {
     for i in 0..args.nodes {
         let quic = args.base_port + i as u16;
         let api = args.base_port + 100 + i as u16;
+        let dns = args.base_port + 200 + i as u16;
         let name = format!("n{}", i + 1);
+        let dns_free = std::net::UdpSocket::bind(("127.0.0.1", dns))
+            .and_then(|_| std::net::TcpListener::bind(("127.0.0.1", dns)).map(|_| ()));
+        if let Err(e) = dns_free {
+            bail!(
+                "port {dns} (DNS of {name}) is not free: {e}; pick another range with --base-port"
+            );
+        }
         if let Err(e) = std::net::UdpSocket::bind(("127.0.0.1", quic)) {
             bail!("port {quic} (QUIC of {name}) is not free: {e}; pick another range with --base-port");
         }

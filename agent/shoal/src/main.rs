@@ -10,6 +10,7 @@ mod api_types;
 mod bench;
 mod client;
 mod demo;
+mod discover_cli;
 mod kv_cli;
 mod plugin_cli;
 mod service_cli;
@@ -76,6 +77,20 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// A service's endpoints, as this agent's DNS and policy give them.
+    Discover {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Render a template with every service's endpoints (proxy configs), once or on every change.
+    Render {
+        #[command(flatten)]
+        args: discover_cli::RenderArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// The cluster-wide key/value store.
     Kv {
         #[command(subcommand)]
@@ -102,7 +117,7 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum WorkloadCmd {
-    /// An HTTP server with `/`, `/healthz` and `/burn?ms=N`.
+    /// An HTTP server with `/`, `/healthz`, `/burn?ms=N`, `/sleep?ms=N` and `/metrics`.
     Http(workload::HttpArgs),
 }
 
@@ -120,6 +135,12 @@ enum BenchCmd {
     Replicas(bench::ReplicasBenchArgs),
     /// Agent loop turns and SWIM round trips under replica load and a large blob transfer.
     Loop(bench::LoopBenchArgs),
+    /// One agent's DNS under dnsperf, beside dnsmasq serving the same names.
+    Dns(bench::discovery::DnsBenchArgs),
+    /// From a replica turning healthy, unhealthy or dying to every agent's DNS answer changing.
+    Freshness(bench::discovery::FreshnessBenchArgs),
+    /// From a load step to the autoscaler's decision and new replicas healthy; flaps under steady noisy load.
+    Scale(bench::scale::ScaleBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -186,7 +207,7 @@ struct AgentArgs {
     /// Compiled-policy cache [default: <data-dir>/policy-cache]; agents on one machine may share it.
     #[arg(long)]
     policy_cache: Option<PathBuf>,
-    /// Docker driver: auto (use the engine when it answers) or off.
+    /// Docker driver: auto (use the default engine when it answers), off, or an engine's socket (unix:///path).
     #[arg(long)]
     docker: Option<String>,
     /// Stop every workload when the agent exits (default: leave them running for the next start to adopt).
@@ -204,6 +225,15 @@ struct AgentArgs {
     /// Workload log files kept, the current one included [default: 3].
     #[arg(long, value_name = "N")]
     log_max_files: Option<u32>,
+    /// DNS listen address, UDP and TCP, or `off` [default: 127.0.0.1:8600].
+    #[arg(long, value_name = "ADDR|off")]
+    dns: Option<String>,
+    /// DNS domain: `<svc>.service.<domain>`, `<node>.node.<domain>` [default: shoal].
+    #[arg(long, value_name = "DOMAIN")]
+    dns_domain: Option<String>,
+    /// TTL of DNS answers in seconds [default: 1].
+    #[arg(long, value_name = "SECS")]
+    dns_ttl: Option<u32>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -236,7 +266,10 @@ impl AgentArgs {
             docker,
             api_token_file,
             log_max_size,
-            log_max_files
+            log_max_files,
+            dns,
+            dns_domain,
+            dns_ttl
         );
         f.api_hosts.extend(self.api_host);
         if self.drain_on_exit {
@@ -312,6 +345,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Kv { cmd, client } => kv_cli::run(cmd, &client.api, client.output).await,
+        Cmd::Discover { service, client } => {
+            discover_cli::discover(&client.api, &service, client.output).await
+        }
+        Cmd::Render { args, client } => discover_cli::render(&client.api, args).await,
         Cmd::Workload {
             cmd: WorkloadCmd::Http(args),
         } => workload::run(args).await,
@@ -339,6 +376,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCmd::Loop(args) => {
                 init_logging("warn");
                 bench::run_loop(args).await
+            }
+            BenchCmd::Dns(args) => {
+                init_logging("warn");
+                bench::discovery::run_dns(args).await
+            }
+            BenchCmd::Freshness(args) => {
+                init_logging("warn");
+                bench::discovery::run_freshness(args).await
+            }
+            BenchCmd::Scale(args) => {
+                init_logging("warn");
+                bench::scale::run_scale(args).await
             }
         },
         Cmd::Ca { cmd } => match cmd {

@@ -51,7 +51,11 @@ pub enum PluginCmd {
         file: PathBuf,
         /// JSON input: placement request(s) for a scheduler, a scale input, or a discovery input.
         #[arg(long)]
-        request: PathBuf,
+        request: Option<PathBuf>,
+        /// For a discovery policy: rank this live service's endpoints, with the agent
+        /// behind --api as the caller (instead of --request).
+        #[arg(long, conflicts_with = "request")]
+        service: Option<String>,
         /// Snapshot JSON (from `shoal nodes --snapshot`); default: the live cluster behind --api.
         #[arg(long)]
         snapshot: Option<PathBuf>,
@@ -121,15 +125,36 @@ pub async fn run(cmd: PluginCmd, api: &str, output: Format) -> anyhow::Result<()
             kind,
             file,
             request,
+            service,
             snapshot,
-        } => eval(kind, &file, &request, snapshot.as_deref(), api, json).await,
+        } => {
+            let input = match (request, service) {
+                (Some(r), _) => EvalInput::File(r),
+                (None, Some(s)) if kind == PolicyKind::Discovery => EvalInput::Service(s),
+                (None, Some(_)) => {
+                    bail!("--service works with --kind discovery; give a {kind} --request")
+                }
+                (None, None) => {
+                    bail!("give --request FILE (or, for --kind discovery, --service NAME)")
+                }
+            };
+            eval(kind, &file, &input, snapshot.as_deref(), api, json).await
+        }
     }
+}
+
+/// What `plugin eval` runs the component on.
+enum EvalInput {
+    /// A JSON file.
+    File(PathBuf),
+    /// A live service's discovery input, from the agent.
+    Service(String),
 }
 
 async fn eval(
     kind: PolicyKind,
     file: &Path,
-    request: &Path,
+    input: &EvalInput,
     snapshot: Option<&Path>,
     api: &str,
     json: bool,
@@ -138,8 +163,13 @@ async fn eval(
     let host = tokio::task::spawn_blocking(|| PolicyHost::new(HostConfig::default()))
         .await?
         .context("starting the policy host")?;
+    let host = std::sync::Arc::new(host);
     host.install(kind, None, "eval", &wasm)
         .with_context(|| format!("loading {}", file.display()))?;
+    let request = match input {
+        EvalInput::File(p) => p.as_path(),
+        EvalInput::Service(_) => Path::new("-"),
+    };
     match kind {
         PolicyKind::Scheduler => {
             let requests: Vec<PlacementRequest> =
@@ -155,7 +185,9 @@ async fn eval(
             if snap.nodes.is_empty() {
                 bail!("the snapshot has no nodes");
             }
-            let outcomes = host.schedule(&snap, &requests);
+            let requests_for_host = requests.clone();
+            let outcomes =
+                off_runtime(&host, move |h| h.schedule(&snap, &requests_for_host)).await?;
             if json {
                 return print_json(&outcomes);
             }
@@ -183,7 +215,10 @@ async fn eval(
         }
         PolicyKind::Scaler => {
             let input: ScaleInput = read_json(request, "scale input")?;
-            let d = host.scale(&input);
+            let d = {
+                let input = input.clone();
+                off_runtime(&host, move |h| h.scale(&input)).await?
+            };
             if json {
                 print_json(&d)
             } else {
@@ -195,22 +230,65 @@ async fn eval(
             }
         }
         PolicyKind::Discovery => {
-            let input: DiscoveryInput = read_json(request, "discovery input")?;
-            let eps = host.discover(&input);
+            let input: DiscoveryInput = match input {
+                EvalInput::File(p) => read_json(p, "discovery input")?,
+                EvalInput::Service(s) => Client::new(api)?.discover_input(s).await?,
+            };
+            let d = {
+                let input = input.clone();
+                off_runtime(&host, move |h| h.discover_explained(&input)).await?
+            };
             if json {
-                print_json(&eps)
-            } else {
-                for e in &eps {
-                    println!(
-                        "{}  weight {}",
-                        serde_json::to_string(&e.endpoint)?,
-                        e.weight
-                    );
-                }
-                Ok(())
+                return print_json(&d);
             }
+            println!(
+                "{}: {} of {} endpoints for {}",
+                crate::client::printable(&input.service),
+                d.endpoints.len(),
+                input.endpoints.len(),
+                crate::client::printable(&input.caller.node)
+            );
+            println!("  decided by: {}", decided(&d.decided_by));
+            if let Some(r) = &d.fallback_reason {
+                println!(
+                    "  the plugin's answer was not used: {}",
+                    crate::client::printable(r)
+                );
+            }
+            let rows: Vec<Vec<String>> = d
+                .endpoints
+                .iter()
+                .map(|w| {
+                    let e = &w.endpoint;
+                    vec![
+                        e.address.clone(),
+                        e.port.to_string(),
+                        crate::client::printable(&e.node).into_owned(),
+                        crate::client::printable(&e.zone).into_owned(),
+                        w.weight.to_string(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                crate::client::table(&["ADDRESS", "PORT", "NODE", "ZONE", "WEIGHT"], &rows)
+            );
+            Ok(())
         }
     }
+}
+
+/// Runs a policy call on a blocking thread: a guest that writes to stderr (a
+/// panicking one does) needs WASI's blocking I/O, which must not run on an async
+/// worker.
+async fn off_runtime<T: Send + 'static>(
+    host: &std::sync::Arc<PolicyHost>,
+    f: impl FnOnce(&PolicyHost) -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let host = host.clone();
+    tokio::task::spawn_blocking(move || f(&host))
+        .await
+        .context("the policy call failed")
 }
 
 fn decided(d: &shoal_policy::DecidedBy) -> String {

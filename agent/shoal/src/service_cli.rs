@@ -1,4 +1,4 @@
-//! `shoal deploy | services | ps | scale | logs | rm`: the service commands.
+//! `shoal deploy | services | ps | scale | events | logs | rm`: the service commands.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use shoal_orch::RolloutStatus;
 
-use crate::api_types::{PsView, ServiceView, SlotView};
+use crate::api_types::{EventView, PsView, ServiceView, SlotView};
 use crate::client::{table, Client, Format};
 
 /// A service command.
@@ -39,7 +39,17 @@ pub enum ServiceCmd {
         #[command(flatten)]
         client: crate::ClientArgs,
     },
-    /// Set a service's desired replica count.
+    /// Scale decisions of autoscaled services, newest first: when, from, to and why.
+    Events {
+        /// Only this service.
+        service: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        client: crate::ClientArgs,
+    },
+    /// Set a service's desired replica count (refused for autoscaled services).
     Scale {
         /// Service name.
         name: String,
@@ -80,12 +90,26 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
         | ServiceCmd::Services { client }
         | ServiceCmd::Ps { client, .. }
         | ServiceCmd::Scale { client, .. }
+        | ServiceCmd::Events { client, .. }
         | ServiceCmd::Logs { client, .. }
         | ServiceCmd::Rm { client, .. } => client.clone(),
     };
     let c = Client::new(&args.api)?;
     let json = args.output == Format::Json;
     match cmd {
+        ServiceCmd::Events { service, limit, .. } => {
+            let mut v = c.events(service.as_deref()).await?;
+            v.truncate(limit);
+            if json {
+                return print_json(&v);
+            }
+            if v.is_empty() {
+                println!("no scale decisions yet");
+                return Ok(());
+            }
+            print!("{}", events_table(&v));
+            Ok(())
+        }
         ServiceCmd::Deploy {
             file,
             wait,
@@ -333,15 +357,46 @@ pub fn services_table(v: &[ServiceView]) -> String {
                 s.healthy.to_string(),
                 s.version.to_string(),
                 rollout_text(s),
+                scaler_text(s),
             ]
         })
         .collect();
     table(
         &[
-            "NAME", "DRIVER", "DESIRED", "RUNNING", "HEALTHY", "VERSION", "ROLLOUT",
+            "NAME", "DRIVER", "DESIRED", "RUNNING", "HEALTHY", "VERSION", "ROLLOUT", "SCALER",
         ],
         &rows,
     )
+}
+
+/// The SCALER column: `-`, or the policy, bounds and the last decision's reason.
+fn scaler_text(s: &ServiceView) -> String {
+    let Some(a) = &s.autoscale else {
+        return "-".into();
+    };
+    let why = a
+        .reason
+        .as_deref()
+        .or(a.last.as_deref())
+        .unwrap_or("not evaluated yet");
+    crate::client::printable(&format!("{} {}..{}: {why}", a.policy, a.min, a.max)).into_owned()
+}
+
+/// `shoal events` table.
+pub fn events_table(v: &[EventView]) -> String {
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|e| {
+            vec![
+                crate::client::clock_text(e.at_ms),
+                e.service.clone(),
+                format!("{} \u{2192} {}", e.from, e.to),
+                crate::client::printable(&e.by).into_owned(),
+                crate::client::printable(&e.reason).into_owned(),
+            ]
+        })
+        .collect();
+    table(&["TIME", "SERVICE", "REPLICAS", "BY", "REASON"], &rows)
 }
 
 fn rollout_text(s: &ServiceView) -> String {

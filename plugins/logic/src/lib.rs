@@ -26,8 +26,8 @@ pub use model::{
     Snapshot, SnapshotColumns,
 };
 pub use scale::{
-    parse_windows, scale, schedule, target_utilization, Window, DEFAULT_CPU_TARGET,
-    DEFAULT_TOLERANCE,
+    metric_targets, parse_windows, scale, schedule, target_utilization, window_floor, MetricTarget,
+    Window, DEFAULT_CPU_TARGET, DEFAULT_TOLERANCE,
 };
 pub use schedule::{Cluster, NodeView, Strategy, MAX_REPLICAS_PER_REQUEST};
 

@@ -488,7 +488,7 @@ pub fn describe_filter(filter: &Filter, request: &PlacementRequest) -> String {
     serde(default)
 )]
 pub struct ReplicaMetrics {
-    /// CPU use in percent of the replica's CPU request.
+    /// CPU use in percent of the replica's CPU request; NaN inside its startup period.
     pub cpu_percent: f64,
     /// Resident memory in bytes.
     pub memory_bytes: u64,
@@ -506,7 +506,7 @@ pub struct ReplicaMetrics {
 pub struct ScaleInput {
     /// Service name.
     pub service: String,
-    /// Replicas running now.
+    /// The replica count in effect (the last decision).
     pub current: u32,
     /// Lower bound.
     pub min: u32,

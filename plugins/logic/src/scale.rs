@@ -1,5 +1,10 @@
-//! Built-in scalers: `target-utilization` (the Kubernetes HPA rule) and `schedule`
-//! (fixed replica counts in weekly time windows, UTC).
+//! Built-in scalers: `target-utilization` (the Kubernetes HPA rule over CPU, memory
+//! and custom metrics) and `schedule` (fixed replica counts in weekly time windows,
+//! in UTC or a named time zone).
+//!
+//! These are pure recommendations from one moment's metrics and clock. What needs
+//! history — the scale-up rate limit, the scale-down stabilization window, the
+//! record of decisions — is the host's (`shoal-orch`'s autoscaler).
 
 use crate::model::{Params, ScaleDecision, ScaleInput};
 
@@ -42,43 +47,163 @@ fn clamp(desired: u32, input: &ScaleInput) -> (u32, &'static str) {
     }
 }
 
-/// Kubernetes HPA: `desired = ceil(current × metric / target)`, unchanged while the
-/// ratio is within the tolerance, clamped to `min..=max`.
+/// One metric a `target-utilization` scaler follows, with its target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricTarget {
+    /// `cpu` (percent of the replica's CPU request), `memory` (bytes) or the name
+    /// of a custom metric the replica exposes.
+    pub name: String,
+    /// The per-replica value to hold.
+    pub target: f64,
+}
+
+/// The metrics of a `target-utilization` scaler: param `metric` is one name with
+/// param `target` (`metric = "cpu"`, `target = 50`; cpu defaults to
+/// [`DEFAULT_CPU_TARGET`]) or a list of `name:target` pairs
+/// (`metric = "cpu:50, requests_in_flight:10"`), in which case `target` must not be
+/// set.
+pub fn metric_targets(params: &Params) -> Result<Vec<MetricTarget>, String> {
+    let text = params.get("metric").map(|s| s.trim()).unwrap_or("cpu");
+    let target = param_f64(params, "target")?;
+    let mut out = Vec::new();
+    if text.contains(':') {
+        if target.is_some() {
+            return Err(format!(
+                "param target must not be set when metric lists targets ({text:?})"
+            ));
+        }
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, t) = part
+                .split_once(':')
+                .ok_or_else(|| format!("param metric: {part:?} is not `name:target`"))?;
+            let t: f64 = t
+                .trim()
+                .trim_end_matches('%')
+                .parse()
+                .ok()
+                .filter(|v: &f64| v.is_finite())
+                .ok_or_else(|| format!("param metric: target of {part:?} is not a number"))?;
+            out.push(MetricTarget {
+                name: name.trim().to_string(),
+                target: t,
+            });
+        }
+    } else {
+        let name = if text.is_empty() { "cpu" } else { text };
+        let target = match (target, name) {
+            (Some(t), _) => t,
+            (None, "cpu") => DEFAULT_CPU_TARGET,
+            (None, _) => return Err(format!("param target is required for metric {name:?}")),
+        };
+        out.push(MetricTarget {
+            name: name.to_string(),
+            target,
+        });
+    }
+    if out.is_empty() {
+        return Err("param metric names no metric".into());
+    }
+    for m in &out {
+        if m.name.is_empty() || m.name.contains(char::is_whitespace) {
+            return Err(format!("param metric: {:?} is not a metric name", m.name));
+        }
+        if m.target <= 0.0 {
+            return Err(format!(
+                "param target must be above 0, got {} for {}",
+                m.target, m.name
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// What one metric recommends.
+struct Recommendation {
+    replicas: u32,
+    why: String,
+}
+
+/// The recommendation of one metric, or `None` when no replica reports it.
 ///
-/// Params: `metric` = `cpu` (default, percent of request), `memory` (bytes) or the name
-/// of a custom metric; `target` (default 80 for cpu, required otherwise); `tolerance`
-/// (default 0.1). The metric is averaged over the replicas that report it; with no
-/// metrics, or from zero replicas, the count only moves into bounds.
-pub fn target_utilization(input: &ScaleInput) -> Result<ScaleDecision, String> {
-    let metric = input
-        .params
-        .get("metric")
-        .map(|s| s.trim())
-        .unwrap_or("cpu");
-    let target = match (param_f64(&input.params, "target")?, metric) {
-        (Some(t), _) => t,
-        (None, "cpu") => DEFAULT_CPU_TARGET,
-        (None, _) => return Err(format!("param target is required for metric {metric:?}")),
-    };
-    if target <= 0.0 {
-        return Err(format!("param target must be above 0, got {target}"));
-    }
-    let tolerance = param_f64(&input.params, "tolerance")?.unwrap_or(DEFAULT_TOLERANCE);
-    if tolerance < 0.0 {
-        return Err(format!(
-            "param tolerance must not be negative, got {tolerance}"
-        ));
-    }
+/// `n = max(current, reporting)` replicas are assumed; those that do not report
+/// (starting, unhealthy, inside their startup period) count as 0 when the others
+/// ask for more (so a spike on the first replicas does not overshoot) and as
+/// exactly on target when the others ask for fewer (so a scale-down never counts
+/// on replicas it cannot see). If that reverses the direction or lands within the
+/// tolerance, the count stays.
+fn recommend(input: &ScaleInput, m: &MetricTarget, tolerance: f64) -> Option<Recommendation> {
     let samples: Vec<f64> = input
         .replicas
         .iter()
-        .filter_map(|r| match metric {
+        .filter_map(|r| match m.name.as_str() {
             "cpu" => Some(r.cpu_percent),
             "memory" => Some(r.memory_bytes as f64),
             name => r.custom.get(name).copied(),
         })
         .filter(|v| v.is_finite() && *v >= 0.0)
         .collect();
+    if samples.is_empty() {
+        return None;
+    }
+    let k = samples.len() as f64;
+    let n = f64::from(input.current).max(k);
+    let missing = n - k;
+    let sum: f64 = samples.iter().sum();
+    let average = sum / k;
+    let unit = if m.name == "cpu" { "%" } else { "" };
+    let observed = format!(
+        "{} {}{unit} of {}{unit} target",
+        m.name,
+        short(average),
+        short(m.target)
+    );
+    let keep = |why: &str| Recommendation {
+        replicas: input.current,
+        why: format!("{observed}: {why}, keeping {}", input.current),
+    };
+    let ratio = average / m.target;
+    if (ratio - 1.0).abs() <= tolerance {
+        return Some(keep("within tolerance"));
+    }
+    let adjusted = if ratio > 1.0 {
+        sum / (n * m.target)
+    } else {
+        (sum + missing * m.target) / (n * m.target)
+    };
+    if (adjusted - 1.0).abs() <= tolerance || (adjusted > 1.0) != (ratio > 1.0) {
+        return Some(keep(&format!("{} replicas not reporting", missing as u64)));
+    }
+    // Subtract a hair so that float noise on an exact ratio (4 × 1.25) cannot round up.
+    let raw = (n * adjusted - 1e-9).ceil();
+    let replicas = if raw >= f64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        raw.max(0.0) as u32
+    };
+    Some(Recommendation {
+        replicas,
+        why: format!("{observed}: {} \u{2192} {replicas}", input.current),
+    })
+}
+
+/// Kubernetes HPA: `desired = ceil(current × metric / target)` per metric, the
+/// largest wins, unchanged while the ratio is within the tolerance, clamped to
+/// `min..=max`.
+///
+/// Params: `metric` and `target` (see [`metric_targets`]); `tolerance` (default
+/// 0.1). Each metric is averaged over the replicas that report it; replicas that do
+/// not are treated conservatively (see the module's `recommend`). With no metrics at
+/// all, or from zero replicas, the count only moves into bounds. The rate limit on
+/// scale-up and the scale-down stabilization window are the host's: they need the
+/// history of decisions, which a scaler call does not keep.
+pub fn target_utilization(input: &ScaleInput) -> Result<ScaleDecision, String> {
+    let metrics = metric_targets(&input.params)?;
+    let tolerance = param_f64(&input.params, "tolerance")?.unwrap_or(DEFAULT_TOLERANCE);
+    if tolerance < 0.0 {
+        return Err(format!(
+            "param tolerance must not be negative, got {tolerance}"
+        ));
+    }
     let keep = |why: String| {
         let (replicas, note) = clamp(input.current, input);
         Ok(ScaleDecision {
@@ -86,32 +211,25 @@ pub fn target_utilization(input: &ScaleInput) -> Result<ScaleDecision, String> {
             reason: format!("{why}{note}"),
         })
     };
-    if samples.is_empty() {
-        return keep(format!("no {metric} metrics; keeping {}", input.current));
-    }
     if input.current == 0 {
-        return keep(format!("{metric}: not scaling from zero replicas"));
+        return keep("not scaling from zero replicas".to_string());
     }
-    let average = samples.iter().sum::<f64>() / samples.len() as f64;
-    let ratio = average / target;
-    let observed = format!("{metric} {} vs target {}", short(average), short(target));
-    if (ratio - 1.0).abs() <= tolerance {
+    let best = metrics
+        .iter()
+        .filter_map(|m| recommend(input, m, tolerance))
+        .max_by_key(|r| r.replicas);
+    let Some(best) = best else {
+        let names: Vec<&str> = metrics.iter().map(|m| m.name.as_str()).collect();
         return keep(format!(
-            "{observed}: within tolerance, keeping {}",
+            "no {} metrics; keeping {}",
+            names.join("/"),
             input.current
         ));
-    }
-    // Subtract a hair so that float noise on an exact ratio (4 × 1.25) cannot round up.
-    let raw = (f64::from(input.current) * ratio - 1e-9).ceil();
-    let desired = if raw >= f64::from(u32::MAX) {
-        u32::MAX
-    } else {
-        raw.max(0.0) as u32
     };
-    let (replicas, note) = clamp(desired, input);
+    let (replicas, note) = clamp(best.replicas, input);
     Ok(ScaleDecision {
         replicas,
-        reason: format!("{observed}: {} -> {desired}{note}", input.current),
+        reason: format!("{}{note}", best.why),
     })
 }
 
@@ -124,8 +242,9 @@ fn short(v: f64) -> String {
 }
 
 /// One `schedule` window: on `days` (bit 0 = Monday), from `start` to `end` minutes
-/// after midnight (UTC); `end <= start` runs past midnight into the next day.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// after midnight, in time zone `tz` (UTC without one); `end <= start` runs past
+/// midnight into the next day.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Window {
     /// Days the window starts on, bit 0 = Monday … bit 6 = Sunday.
     pub days: u8,
@@ -135,6 +254,8 @@ pub struct Window {
     pub end: u16,
     /// Replicas while the window is open.
     pub replicas: u32,
+    /// IANA time zone the times are in (`Asia/Shanghai`); `None` is UTC.
+    pub tz: Option<jiff::tz::TimeZone>,
     /// The window as written.
     pub text: String,
 }
@@ -196,8 +317,9 @@ fn minutes(t: &str) -> Result<u16, String> {
     Ok(h * 60 + m)
 }
 
-/// Parses windows like `mon-fri 18:00-22:00 => 8; sat,sun 00:00-24:00 => 2`
-/// (separated by `;` or newlines; days `mon`..`sun`, ranges, lists, or `daily`).
+/// Parses windows like `mon-fri 18:00-22:00 => 8; sat,sun 00:00-24:00 => 2` or, with a
+/// time zone, `mon-fri 19:00-23:00 Asia/Shanghai => 10` (separated by `;` or
+/// newlines; days `mon`..`sun`, ranges, lists, or `daily`; without a zone, UTC).
 pub fn parse_windows(text: &str) -> Result<Vec<Window>, String> {
     let mut out = Vec::new();
     for entry in text
@@ -208,15 +330,17 @@ pub fn parse_windows(text: &str) -> Result<Vec<Window>, String> {
         let bad = |why: String| format!("window {entry:?}: {why}");
         let (when, count) = entry
             .split_once("=>")
-            .ok_or_else(|| bad("expected `<days> HH:MM-HH:MM => <replicas>`".into()))?;
+            .ok_or_else(|| bad("expected `<days> HH:MM-HH:MM [time zone] => <replicas>`".into()))?;
         let replicas: u32 = count
             .trim()
             .parse()
             .map_err(|_| bad(format!("{:?} is not a replica count", count.trim())))?;
-        let when = when.trim();
-        let (day_spec, range) = when
-            .rsplit_once(char::is_whitespace)
-            .ok_or_else(|| bad("missing days or times".into()))?;
+        let words: Vec<&str> = when.split_whitespace().collect();
+        let (day_spec, range, zone) = match words.as_slice() {
+            [d, r] => (*d, *r, None),
+            [d, r, z] => (*d, *r, Some(*z)),
+            _ => return Err(bad("missing days or times".into())),
+        };
         let (start, end) = range
             .split_once('-')
             .ok_or_else(|| bad(format!("bad time range {range:?}")))?;
@@ -224,11 +348,21 @@ pub fn parse_windows(text: &str) -> Result<Vec<Window>, String> {
         if start == end {
             return Err(bad("empty time range".into()));
         }
+        let tz = match zone {
+            None => None,
+            Some(z) if z.eq_ignore_ascii_case("utc") => None,
+            Some(z) => Some(jiff::tz::TimeZone::get(z).map_err(|_| {
+                bad(format!(
+                    "unknown time zone {z:?} (an IANA name such as Europe/Berlin)"
+                ))
+            })?),
+        };
         out.push(Window {
             days: days(day_spec).map_err(bad)?,
             start,
             end,
             replicas,
+            tz,
             text: entry.to_string(),
         });
     }
@@ -236,13 +370,31 @@ pub fn parse_windows(text: &str) -> Result<Vec<Window>, String> {
 }
 
 impl Window {
-    /// Whether the window is open at `now_ms` (Unix milliseconds, UTC).
+    /// Whether the window is open at `now_ms` (Unix milliseconds), on the clock of
+    /// its time zone (daylight saving included).
     pub fn contains(&self, now_ms: u64) -> bool {
-        let day_index = now_ms / 86_400_000;
-        // 1970-01-01 was a Thursday (index 3 with Monday = 0).
-        let weekday = ((day_index + 3) % 7) as u8;
+        let (weekday, minute) = match &self.tz {
+            None => {
+                let day_index = now_ms / 86_400_000;
+                // 1970-01-01 was a Thursday (index 3 with Monday = 0).
+                (
+                    ((day_index + 3) % 7) as u8,
+                    ((now_ms % 86_400_000) / 60_000) as u16,
+                )
+            }
+            Some(tz) => {
+                let Ok(ts) = jiff::Timestamp::from_millisecond(now_ms.min(i64::MAX as u64) as i64)
+                else {
+                    return false;
+                };
+                let local = ts.to_zoned(tz.clone());
+                (
+                    local.weekday().to_monday_zero_offset() as u8,
+                    local.hour() as u16 * 60 + local.minute() as u16,
+                )
+            }
+        };
         let yesterday = (weekday + 6) % 7;
-        let minute = ((now_ms % 86_400_000) / 60_000) as u16;
         let on = |d: u8| self.days & (1 << d) != 0;
         if self.start < self.end {
             on(weekday) && minute >= self.start && minute < self.end
@@ -250,6 +402,19 @@ impl Window {
             (on(weekday) && minute >= self.start) || (on(yesterday) && minute < self.end)
         }
     }
+}
+
+/// The replica count of the first window open at `input.now_ms`, with the window's
+/// text: what param `windows` adds to a metric policy (the larger count wins).
+/// `None` without `windows` or outside every window.
+pub fn window_floor(params: &Params, now_ms: u64) -> Result<Option<(u32, String)>, String> {
+    let Some(text) = params.get("windows") else {
+        return Ok(None);
+    };
+    Ok(parse_windows(text)?
+        .into_iter()
+        .find(|w| w.contains(now_ms))
+        .map(|w| (w.replicas, w.text)))
 }
 
 /// Fixed replica counts by time window. Params: `windows` (see [`parse_windows`]; the

@@ -31,7 +31,7 @@ fn hpa_formula_scales_up_by_the_metric_ratio() {
     // ceil(4 × 100 / 80) = 5
     let d = scale(&cpu(4, 1, 10, 100.0)).unwrap();
     assert_eq!(d.replicas, 5);
-    assert_eq!(d.reason, "cpu 100 vs target 80: 4 -> 5");
+    assert_eq!(d.reason, "cpu 100% of 80% target: 4 \u{2192} 5");
     // ceil(3 × 130 / 80) = ceil(4.875) = 5
     assert_eq!(scale(&cpu(3, 1, 10, 130.0)).unwrap().replicas, 5);
 }
@@ -215,4 +215,60 @@ fn window_syntax_errors_are_reported() {
         parse_windows("monday-wednesday,sat 09:30-17:00 => 4").unwrap()[0].days,
         0b010_0111
     );
+}
+
+#[test]
+fn missing_metrics_are_counted_conservatively_and_the_largest_metric_wins() {
+    // 4 replicas desired, 2 report 150% of an 80% target: the other two count as 0
+    // when scaling up, so the total load (300) decides: ceil(300 / 80) = 4, no change.
+    let mut input = cpu(4, 1, 10, 150.0);
+    input.replicas.truncate(2);
+    let d = scale(&input).unwrap();
+    assert_eq!(d.replicas, 4, "{}", d.reason);
+    assert!(d.reason.contains("not reporting"), "{}", d.reason);
+    // Two report 200%: the load (400) does need 5.
+    let mut input = cpu(4, 1, 10, 200.0);
+    input.replicas.truncate(2);
+    assert_eq!(scale(&input).unwrap().replicas, 5);
+    // Scaling down, the silent ones count as on target: 2 × 20% + 2 × 80% = 200 -> 3.
+    let mut input = cpu(4, 1, 10, 20.0);
+    input.replicas.truncate(2);
+    assert_eq!(scale(&input).unwrap().replicas, 3);
+    // NaN CPU (a replica in its startup period) is missing, not 0.
+    let mut input = cpu(2, 1, 10, 160.0);
+    input.replicas[1].cpu_percent = f64::NAN;
+    assert_eq!(
+        scale(&input).unwrap().replicas,
+        2,
+        "160 of 2 × 80: on target"
+    );
+    // Several metrics: the one asking for most replicas wins.
+    let mut input = cpu(2, 1, 10, 40.0);
+    input.params = BTreeMap::from([("metric".into(), "cpu:80, rif:10".into())]);
+    for r in &mut input.replicas {
+        r.custom.insert("rif".into(), 30.0);
+    }
+    let d = scale(&input).unwrap();
+    assert_eq!(
+        d.replicas, 6,
+        "rif 30 of 10 beats cpu 40 of 80: {}",
+        d.reason
+    );
+    assert!(d.reason.starts_with("rif"), "{}", d.reason);
+    input.params.insert("target".into(), "5".into());
+    assert!(scale(&input).is_err(), "target next to a list of targets");
+}
+
+#[test]
+fn windows_may_name_a_time_zone() {
+    // 2024-01-01 is a Monday; 19:00 in Shanghai is 11:00 UTC.
+    let w = "mon-fri 19:00-23:00 Asia/Shanghai => 10";
+    assert_eq!(scheduled(w, Some("2"), MONDAY + 11 * HOUR), 10);
+    assert_eq!(
+        scheduled(w, Some("2"), MONDAY + 19 * HOUR),
+        2,
+        "19:00 UTC is 03:00 there"
+    );
+    assert!(parse_windows("mon 10:00-11:00 Nowhere/Land => 1").is_err());
+    assert_eq!(scheduled("mon 00:00-01:00 UTC => 4", Some("1"), MONDAY), 4);
 }

@@ -284,6 +284,8 @@ impl AgentLoop {
         self.refresh_plugin_rows();
         self.refresh_members();
         self.end_turn();
+        // Whatever end_turn's pacing decided: the API starts on this.
+        self.publish_views();
         Ok(())
     }
 
@@ -557,6 +559,12 @@ impl AgentLoop {
                 reply,
             } => {
                 let r = self.live_record(&name).and_then(|r| {
+                    if let Some(auto) = r.spec.autoscaling() {
+                        return Err(ApiError::Conflict(format!(
+                            "service {name} is autoscaled by {} (min {}, max {}): a manual count would be undone at its next evaluation; change min/max under [scaler] in its spec and deploy it, or remove [scaler] to set a fixed count",
+                            auto.policy, auto.min, auto.max
+                        )));
+                    }
                     r.scaled(replicas)
                         .map_err(|e| ApiError::BadRequest(e.to_string()))
                 });
@@ -610,7 +618,7 @@ impl AgentLoop {
                             .insert(id, super::views::state_str(r.state));
                         Write::Put {
                             key,
-                            value: encode(&r),
+                            value: encode(&*r),
                         }
                     }
                     None => {

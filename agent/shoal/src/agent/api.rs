@@ -49,6 +49,10 @@ pub struct AppState {
     pub net: Net,
     /// This agent's API token, passed on when asking another agent for logs.
     pub token: Option<Arc<str>>,
+    /// The latest discovery catalog and its answers.
+    pub discovery: watch::Receiver<Arc<shoal_discovery::Resolver>>,
+    /// The DNS server's counters, when it runs.
+    pub dns_stats: Option<Arc<shoal_discovery::DnsStats>>,
 }
 
 impl AppState {
@@ -68,6 +72,7 @@ impl IntoResponse for ApiError {
             ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unreachable(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
         };
         (
             code,
@@ -246,7 +251,12 @@ async fn snapshot(State(app): State<AppState>) -> Response {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    let text = super::metrics::render(&app.views(), &app.net.stats());
+    let mut text = super::metrics::render(&app.views(), &app.net.stats());
+    let resolver = app.discovery.borrow().clone();
+    text.push_str(&super::metrics::render_discovery(
+        &resolver,
+        app.dns_stats.as_deref(),
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -279,6 +289,18 @@ async fn service_deploy(
     })
     .await?;
     Ok(Json(v).into_response())
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    service: Option<String>,
+}
+
+async fn events(
+    State(app): State<AppState>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    Ok(Json(app.views().events(q.service.as_deref())?).into_response())
 }
 
 async fn service_list(State(app): State<AppState>) -> Response {
@@ -530,8 +552,10 @@ pub fn router(state: AppState, guard: HttpGuard) -> Router {
             get(service_ps).delete(service_remove),
         )
         .route("/v1/services/{name}/scale", post(service_scale))
+        .route("/v1/events", get(events))
         .route("/v1/services/{name}/logs", get(service_logs))
         .route("/v1/allocs/{id}/logs", get(alloc_logs))
+        .merge(super::discovery::routes())
         .route("/v1/blobs", get(blob_list))
         .route("/v1/blobs/{id}/fetch", post(blob_fetch))
         .with_state(state)

@@ -172,7 +172,9 @@ pub struct FileConfig {
     /// Where compiled policy components are cached [default: <data_dir>/policy-cache];
     /// agents on one machine may share it.
     pub policy_cache: Option<PathBuf>,
-    /// Docker driver: `auto` (default: used when the engine answers) or `off`.
+    /// Docker driver: `auto` (default: the engine at `$DOCKER_HOST` or
+    /// `/var/run/docker.sock`, used when it answers), `off`, or an engine's socket
+    /// (`unix:///run/docker-2.sock`), which must answer.
     pub docker: Option<String>,
     /// Stop every workload when the agent exits (default: leave them running, to be
     /// adopted by the next start).
@@ -187,6 +189,12 @@ pub struct FileConfig {
     pub log_max_size: Option<String>,
     /// Workload log files kept, the current one included (3 by default).
     pub log_max_files: Option<u32>,
+    /// DNS listen address (UDP and TCP), or `"off"` [default: 127.0.0.1:8600].
+    pub dns: Option<String>,
+    /// The DNS domain [default: shoal]: `<svc>.service.<domain>`, `<node>.node.<domain>`.
+    pub dns_domain: Option<String>,
+    /// TTL of DNS answers, in seconds [default: 1].
+    pub dns_ttl: Option<u32>,
     /// Timing overrides.
     #[serde(default)]
     pub tuning: Tuning,
@@ -228,6 +236,18 @@ pub enum Tls {
     },
 }
 
+/// Whether and where the agent uses Docker Engine (`--docker`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DockerSetting {
+    /// The default engine, when it answers; without it docker replicas fail with
+    /// the reason.
+    Auto,
+    /// No docker driver.
+    Off,
+    /// This engine's socket; it must answer at start.
+    Socket(PathBuf),
+}
+
 /// A validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -251,8 +271,8 @@ pub struct AgentConfig {
     pub profile: Profile,
     /// Compiled-policy cache directory.
     pub policy_cache: PathBuf,
-    /// Whether to try the docker driver.
-    pub docker: bool,
+    /// Whether and where to use Docker Engine.
+    pub docker: DockerSetting,
     /// Stop every workload on exit.
     pub drain_on_exit: bool,
     /// Extra host names the API answers to.
@@ -261,11 +281,21 @@ pub struct AgentConfig {
     pub api_token: Option<String>,
     /// Rotation of workload logs.
     pub logs: shoal_runtime::LogPolicy,
+    /// Where DNS listens (`None`: off).
+    pub dns: Option<SocketAddr>,
+    /// DNS domain and TTL.
+    pub dns_config: shoal_discovery::DnsConfig,
     /// Timing overrides.
     pub tuning: Tuning,
     /// Queue sizes and loop thresholds.
     pub perf: Perf,
 }
+
+/// Default DNS port (Consul's, so tooling that knows Consul finds it).
+pub const DEFAULT_DNS_PORT: u16 = 8600;
+/// Default TTL of DNS answers, in seconds: shorter than the default `stop_delay`
+/// (2 s), so a client that cached an answer drops a stopping replica before it stops.
+pub const DEFAULT_DNS_TTL: u32 = 1;
 
 /// Reads an API token file: one line of at least 16 printable characters. A file
 /// that other users may read defeats its purpose, so that is refused too.
@@ -398,14 +428,19 @@ impl AgentConfig {
             });
         }
         let docker = match f.docker.as_deref().unwrap_or("auto") {
-            "auto" => true,
-            "off" => false,
-            other => {
-                return Err(ConfigError::Invalid {
-                    field: "docker",
-                    reason: format!("{other:?} is not one of \"auto\", \"off\""),
-                })
-            }
+            "auto" => DockerSetting::Auto,
+            "off" => DockerSetting::Off,
+            other => match other.strip_prefix("unix://") {
+                Some(path) if path.starts_with('/') => DockerSetting::Socket(PathBuf::from(path)),
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        field: "docker",
+                        reason: format!(
+                            "{other:?} is not \"auto\", \"off\" or an engine socket such as \"unix:///var/run/docker.sock\""
+                        ),
+                    })
+                }
+            },
         };
         let policy_cache = f
             .policy_cache
@@ -447,8 +482,33 @@ impl AgentConfig {
             }
             logs.max_files = n;
         }
+        let dns = match f.dns.as_deref().map(str::trim) {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_DNS_PORT))),
+            Some("off") => None,
+            Some(a) => Some(a.parse().map_err(|_| ConfigError::Invalid {
+                field: "dns",
+                reason: format!("{a:?} is not an address like 127.0.0.1:8600, or \"off\""),
+            })?),
+        };
+        let ttl = f.dns_ttl.unwrap_or(DEFAULT_DNS_TTL);
+        if ttl > 3600 {
+            return Err(ConfigError::Invalid {
+                field: "dns_ttl",
+                reason: format!(
+                    "{ttl} is more than an hour; discovery answers change by the second"
+                ),
+            });
+        }
+        let dns_config =
+            shoal_discovery::DnsConfig::new(f.dns_domain.as_deref().unwrap_or("shoal"), ttl)
+                .map_err(|reason| ConfigError::Invalid {
+                    field: "dns_domain",
+                    reason,
+                })?;
         f.perf.check()?;
         Ok(AgentConfig {
+            dns,
+            dns_config,
             perf: f.perf,
             policy_cache,
             docker,
@@ -517,6 +577,29 @@ mod tests {
         let c = AgentConfig::validate(f).unwrap();
         assert_eq!(c.name, "n1");
         assert_eq!(c.labels.get("zone").map(String::as_str), Some("a"));
+    }
+
+    #[test]
+    fn docker_is_auto_off_or_a_socket() {
+        for (text, want) in [
+            (None, Some(DockerSetting::Auto)),
+            (Some("off"), Some(DockerSetting::Off)),
+            (
+                Some("unix:///run/d2.sock"),
+                Some(DockerSetting::Socket(PathBuf::from("/run/d2.sock"))),
+            ),
+            (Some("tcp://1.2.3.4:2375"), None),
+            (Some("unix://relative.sock"), None),
+            (Some("yes"), None),
+        ] {
+            let mut f = base();
+            f.docker = text.map(str::to_string);
+            match (AgentConfig::validate(f), want) {
+                (Ok(cfg), Some(w)) => assert_eq!(cfg.docker, w, "{text:?}"),
+                (Err(e), None) => assert!(e.to_string().contains("docker"), "{e}"),
+                (got, want) => panic!("{text:?}: {:?} vs {want:?}", got.map(|c| c.docker)),
+            }
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use shoal_orch::{AllocReport, AllocState, HealthCheck, Probe, RestartPolicy};
 use shoal_runtime::{
-    Driver as Runtime, RunState, Usage, WorkloadKind, WorkloadSpec, WorkloadStatus,
+    Driver as Runtime, Protocol, RunState, Usage, WorkloadKind, WorkloadSpec, WorkloadStatus,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -35,8 +35,19 @@ use tokio_util::task::TaskTracker;
 const TICK: Duration = Duration::from_millis(250);
 /// How often CPU and memory are sampled.
 const USAGE_EVERY: Duration = Duration::from_secs(5);
+/// How often replicas of autoscaled services are sampled (and their custom metrics
+/// scraped), and at most how often their metrics are republished: fast enough for
+/// the autoscaler's reaction goal, and no faster.
+const AUTOSCALED_EVERY: Duration = Duration::from_secs(1);
+/// A scrape of a replica's Prometheus endpoint gives up after this long.
+const SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
+/// At most this much of a metrics page is read.
+const SCRAPE_MAX_BYTES: usize = 1 << 20;
 /// A report whose only change is CPU or memory is republished at most this often.
 const METRICS_EVERY: Duration = Duration::from_secs(10);
+/// How long after a start a replica's listening address is looked up every tick,
+/// until it is known.
+const SCOPE_FRESH: Duration = Duration::from_secs(30);
 /// How often drivers rotate logs and do other upkeep.
 const HOUSEKEEP_EVERY: Duration = Duration::from_secs(2);
 /// Running this long without ending resets the restart backoff.
@@ -53,6 +64,21 @@ pub struct DesiredAlloc {
     pub health: Option<HealthCheck>,
     /// Restart policy of its spec.
     pub restart: RestartPolicy,
+    /// How long it keeps running out of discovery before a stop (zero: stop at once).
+    pub stop_delay: Duration,
+    /// Its service is autoscaled: sample it every second and scrape these metrics.
+    pub autoscaled: Option<Scrape>,
+}
+
+/// What the autoscaler needs read from a replica besides CPU and memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scrape {
+    /// Custom metrics (Prometheus names) to read; empty: none.
+    pub metrics: Vec<String>,
+    /// The port (by name) serving them.
+    pub port: Option<String>,
+    /// The path of the Prometheus text page.
+    pub path: String,
 }
 
 /// Everything this node must run, from the driver task.
@@ -69,7 +95,7 @@ pub struct Desired {
 #[derive(Debug, Clone)]
 pub enum ExecEvent {
     /// Publish (or with `None` delete) the report of an allocation.
-    Report(String, Option<AllocReport>),
+    Report(String, Option<Box<AllocReport>>),
     /// Adoption is done: every report this node should have is now published, so
     /// older reports of this node found in the cluster state can be deleted.
     Ready,
@@ -129,6 +155,9 @@ enum Phase {
     Backoff { until: Instant },
     /// Ended for good (restart policy), or cannot be run here.
     Done { state: AllocState },
+    /// Out of discovery (reported stopping), still running until `until`; then
+    /// stopped. Wanted again meanwhile, it simply goes back to `Running`.
+    Draining { until: Instant },
     /// A stop is in flight (or retried at the next tick after a failure).
     Stopping { in_flight: bool },
 }
@@ -147,6 +176,13 @@ struct Alloc {
     started: Instant,
     reason: Option<String>,
     usage: Usage,
+    /// Custom metrics from its last scrape.
+    custom: BTreeMap<String, f64>,
+    /// A scrape is in flight.
+    scraping: bool,
+    last_scrape: Instant,
+    /// It listens on loopback only (`None`: not known yet, nothing listens).
+    local_only: Option<bool>,
     service: String,
     slot: u32,
     version: u64,
@@ -169,6 +205,10 @@ impl Alloc {
             started: now,
             reason: None,
             usage: Usage::default(),
+            custom: BTreeMap::new(),
+            scraping: false,
+            last_scrape: now,
+            local_only: None,
             service,
             slot,
             version,
@@ -181,6 +221,10 @@ enum Done {
     Stopped(String, Result<(), String>),
     Probed(String, Result<(), String>),
     Usage(Vec<(String, Usage)>),
+    /// A scrape of custom metrics (an error keeps the last values and is logged).
+    Scraped(String, Result<BTreeMap<String, f64>, String>),
+    /// Which allocations listen on loopback only (from one read of the socket tables).
+    Scopes(Vec<(String, bool)>),
     Housekept,
 }
 
@@ -207,9 +251,12 @@ pub async fn run(
         events,
         settled: false,
         last_usage: Instant::now(),
+        last_fast_usage: Instant::now(),
         last_housekeep: Instant::now(),
         sampling: false,
         housekeeping: false,
+        scoping: false,
+        last_scope: Instant::now(),
         tracker,
         http: reqwest::Client::builder()
             .no_proxy()
@@ -223,7 +270,14 @@ pub async fn run(
     let _ = ex.events.send(ExecEvent::Ready).await;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A workload that ends is looked at at once, not at the next tick.
+    let exits = ex
+        .runtimes
+        .process
+        .exits()
+        .unwrap_or_else(|| Arc::new(tokio::sync::Notify::new()));
     loop {
+        let due = ex.next_due();
         tokio::select! {
             changed = desired.changed() => {
                 if changed.is_err() {
@@ -234,6 +288,8 @@ pub async fn run(
             }
             Some(done) = done_rx.recv() => ex.on_done(done),
             _ = tick.tick() => ex.poll().await,
+            () = exits.notified() => ex.poll().await,
+            () = tokio::time::sleep_until(due) => ex.on_due(Instant::now()),
             () = stop.cancelled() => break,
         }
         ex.publish().await;
@@ -252,11 +308,15 @@ struct Executor {
     events: mpsc::Sender<ExecEvent>,
     settled: bool,
     last_usage: Instant,
+    last_fast_usage: Instant,
     last_housekeep: Instant,
     /// A usage sample is in flight.
     sampling: bool,
     /// Driver upkeep is in flight.
     housekeeping: bool,
+    /// A read of the socket tables is in flight.
+    scoping: bool,
+    last_scope: Instant,
     /// Where driver calls run.
     tracker: TaskTracker,
     /// One HTTP client for every health probe (building one per probe costs more
@@ -307,6 +367,11 @@ impl Executor {
                             restart.push(id.clone());
                         }
                     }
+                    if matches!(a.phase, Phase::Draining { .. }) {
+                        tracing::info!(alloc = %id, "wanted again while leaving discovery: kept");
+                        a.phase = Phase::Running;
+                        a.reason = None;
+                    }
                     a.desired = Some(want.clone());
                 }
                 // Before the view settles, the slots may be stale (restored from
@@ -330,7 +395,7 @@ impl Executor {
             .filter(|(id, a)| {
                 !d.allocs.contains_key(*id)
                     && (a.desired.is_some() || self.settled)
-                    && !matches!(a.phase, Phase::Stopping { .. })
+                    && !matches!(a.phase, Phase::Stopping { .. } | Phase::Draining { .. })
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -383,6 +448,25 @@ impl Executor {
     }
 
     fn stop(&mut self, id: &str) {
+        let Some(a) = self.allocs.get_mut(id) else {
+            return;
+        };
+        let delay = a.desired.take().map_or(Duration::ZERO, |d| d.stop_delay);
+        if !delay.is_zero() && a.phase == Phase::Running && a.healthy {
+            // In discovery until now: leave it first (the report says `stopping`),
+            // keep serving while clients and proxies catch up, then stop.
+            tracing::info!(alloc = %id, "leaving discovery; stopping in {}", human(delay));
+            a.phase = Phase::Draining {
+                until: Instant::now() + delay,
+            };
+            a.reason = Some(format!("left discovery; stopping in {}", human(delay)));
+            return;
+        }
+        self.stop_now(id);
+    }
+
+    /// Stops `id` through its driver (no delay).
+    fn stop_now(&mut self, id: &str) {
         let Some(a) = self.allocs.get_mut(id) else {
             return;
         };
@@ -488,6 +572,23 @@ impl Executor {
                 }
             }
             Done::Housekept => self.housekeeping = false,
+            Done::Scopes(list) => {
+                self.scoping = false;
+                for (id, local) in list {
+                    if let Some(a) = self.allocs.get_mut(&id) {
+                        a.local_only = Some(local);
+                    }
+                }
+            }
+            Done::Scraped(id, r) => {
+                if let Some(a) = self.allocs.get_mut(&id) {
+                    a.scraping = false;
+                    match r {
+                        Ok(m) => a.custom = m,
+                        Err(e) => tracing::debug!(alloc = %id, "scraping metrics failed: {e}"),
+                    }
+                }
+            }
             Done::Usage(list) => {
                 self.sampling = false;
                 for (id, u) in list {
@@ -596,19 +697,78 @@ impl Executor {
                     a.consecutive += 1;
                     self.start(&id);
                 }
-                Phase::Stopping { in_flight: false } => self.stop(&id),
+                Phase::Draining { until } if now >= until => self.stop_now(&id),
+                Phase::Stopping { in_flight: false } => self.stop_now(&id),
                 _ => {}
             }
         }
         self.probe_due(now);
+        self.scope_due();
         if self.last_usage.elapsed() >= USAGE_EVERY {
             self.last_usage = Instant::now();
-            self.sample_usage();
+            self.last_fast_usage = self.last_usage;
+            self.sample_usage(false);
+        } else if self.last_fast_usage.elapsed() >= AUTOSCALED_EVERY {
+            self.last_fast_usage = Instant::now();
+            self.sample_usage(true);
         }
+        self.scrape_due(now);
         if self.last_housekeep.elapsed() >= HOUSEKEEP_EVERY {
             self.last_housekeep = Instant::now();
             self.housekeep();
         }
+    }
+
+    /// When the next probe, restart or end of a stop delay is due (at most a tick away).
+    fn next_due(&self) -> Instant {
+        let mut due = Instant::now() + TICK;
+        for a in self.allocs.values() {
+            let at = match a.phase {
+                // Exactly the allocations `probe_due` would probe (so a due time in
+                // the past always moves on).
+                Phase::Running
+                    if !a.probing
+                        && a.desired.as_ref().is_some_and(|d| d.health.is_some())
+                        && a.status
+                            .as_ref()
+                            .is_some_and(|s| s.state == RunState::Running) =>
+                {
+                    a.next_probe
+                }
+                Phase::Backoff { until } | Phase::Draining { until } => until,
+                _ => continue,
+            };
+            due = due.min(at);
+        }
+        due
+    }
+
+    /// Does what is due by the clock alone (probes, restarts, stops after a delay),
+    /// without asking the drivers what runs.
+    fn on_due(&mut self, now: Instant) {
+        let due: Vec<(String, Phase)> = self
+            .allocs
+            .iter()
+            .filter(|(_, a)| match a.phase {
+                Phase::Backoff { until } | Phase::Draining { until } => now >= until,
+                _ => false,
+            })
+            .map(|(id, a)| (id.clone(), a.phase.clone()))
+            .collect();
+        for (id, phase) in due {
+            match phase {
+                Phase::Backoff { .. } => {
+                    if let Some(a) = self.allocs.get_mut(&id) {
+                        a.restarts += 1;
+                        a.consecutive += 1;
+                    }
+                    self.start(&id);
+                }
+                Phase::Draining { .. } => self.stop_now(&id),
+                _ => {}
+            }
+        }
+        self.probe_due(now);
     }
 
     fn probe_due(&mut self, now: Instant) {
@@ -651,15 +811,19 @@ impl Executor {
         }
     }
 
-    /// Samples CPU and memory of every running allocation off the executor task:
-    /// one `usage_many` call per driver (one pass over `/proc` for processes).
-    fn sample_usage(&mut self) {
+    /// Samples CPU and memory of every running allocation (with `only_autoscaled`,
+    /// of those of autoscaled services) off the executor task: one `usage_many` call
+    /// per driver (one pass over `/proc` for processes).
+    fn sample_usage(&mut self, only_autoscaled: bool) {
         if self.sampling {
             return; // The previous pass is still running (a slow host): skip a beat.
         }
         let mut by_driver: Vec<(Arc<dyn Runtime>, Vec<String>)> = Vec::new();
         for (id, a) in &self.allocs {
             if a.phase != Phase::Running {
+                continue;
+            }
+            if only_autoscaled && a.desired.as_ref().is_none_or(|d| d.autoscaled.is_none()) {
                 continue;
             }
             let Some(d) = a.driver.clone() else { continue };
@@ -682,6 +846,116 @@ impl Executor {
                 }
             }
             let _ = tx.send(Done::Usage(out)).await;
+        });
+    }
+
+    /// Scrapes the custom metrics of running replicas of autoscaled services that name
+    /// some, at most every [`AUTOSCALED_EVERY`], each in a task of its own.
+    fn scrape_due(&mut self, now: Instant) {
+        for (id, a) in &mut self.allocs {
+            if a.phase != Phase::Running || a.scraping {
+                continue;
+            }
+            if now.duration_since(a.last_scrape) < AUTOSCALED_EVERY {
+                continue;
+            }
+            let Some(scrape) = a.desired.as_ref().and_then(|d| d.autoscaled.clone()) else {
+                continue;
+            };
+            if scrape.metrics.is_empty() {
+                continue;
+            }
+            let ports = a
+                .status
+                .as_ref()
+                .map(|s| s.ports.clone())
+                .unwrap_or_default();
+            let port = match &scrape.port {
+                Some(name) => ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p),
+                None => ports.first().map(|(_, p)| *p),
+            };
+            let Some(port) = port else { continue };
+            a.scraping = true;
+            a.last_scrape = now;
+            let url = format!("http://127.0.0.1:{port}{}", scrape.path);
+            let http = self.http.clone();
+            let tx = self.done_tx.clone();
+            let id = id.clone();
+            self.tracker.spawn(async move {
+                let r = tokio::time::timeout(
+                    SCRAPE_TIMEOUT,
+                    scrape_metrics(&http, &url, &scrape.metrics),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!("{url}: no answer within {}", human(SCRAPE_TIMEOUT)))
+                });
+                let _ = tx.send(Done::Scraped(id, r)).await;
+            });
+        }
+    }
+
+    /// Finds out which running allocations listen on loopback only, with one read of
+    /// the socket tables off the executor task: at once for replicas that just
+    /// started listening (within their first [`SCOPE_FRESH`]), else every
+    /// [`USAGE_EVERY`] (a workload may rebind).
+    fn scope_due(&mut self) {
+        if self.scoping {
+            return;
+        }
+        let periodic = self.last_scope.elapsed() >= USAGE_EVERY;
+        let mut asks: Vec<(String, Vec<(u16, Protocol)>)> = Vec::new();
+        let mut fresh = false;
+        for (id, a) in &self.allocs {
+            if a.phase != Phase::Running {
+                continue;
+            }
+            let Some(spec) = a.desired.as_ref().and_then(|d| d.workload.as_ref().ok()) else {
+                continue;
+            };
+            let ports: Vec<(u16, Protocol)> = a
+                .status
+                .iter()
+                .flat_map(|s| s.ports.iter())
+                .filter_map(|(name, host)| {
+                    let p = spec.ports.iter().find(|p| &p.name == name)?;
+                    Some((*host, p.protocol))
+                })
+                .collect();
+            if ports.is_empty() {
+                continue;
+            }
+            if a.local_only.is_none() && a.started.elapsed() < SCOPE_FRESH {
+                fresh = true;
+            }
+            asks.push((id.clone(), ports));
+        }
+        if asks.is_empty() || !(fresh || periodic) {
+            return;
+        }
+        self.scoping = true;
+        self.last_scope = Instant::now();
+        let tx = self.done_tx.clone();
+        self.tracker.spawn(async move {
+            let read = tokio::task::spawn_blocking(shoal_runtime::Listeners::read).await;
+            let out = match read {
+                Ok(Ok(l)) => asks
+                    .into_iter()
+                    .filter_map(|(id, ports)| {
+                        let seen: Vec<bool> = ports
+                            .iter()
+                            .filter_map(|(port, proto)| l.loopback_only(*port, *proto))
+                            .collect();
+                        (!seen.is_empty()).then(|| (id, seen.iter().all(|b| *b)))
+                    })
+                    .collect(),
+                Ok(Err(e)) => {
+                    tracing::debug!("reading the socket tables failed: {e}");
+                    Vec::new()
+                }
+                Err(_) => Vec::new(),
+            };
+            let _ = tx.send(Done::Scopes(out)).await;
         });
     }
 
@@ -712,13 +986,22 @@ impl Executor {
             },
             Phase::Backoff { .. } => AllocState::Failed,
             Phase::Done { state } => *state,
-            Phase::Stopping { .. } => AllocState::Stopping,
+            Phase::Draining { .. } | Phase::Stopping { .. } => AllocState::Stopping,
         };
-        let endpoint = a
+        let local_only = a.local_only == Some(true);
+        let ip = if local_only {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            self.endpoint_ip
+        };
+        let ports = a
             .status
             .as_ref()
-            .and_then(|s| s.ports.first())
-            .map(|(_, port)| SocketAddr::new(self.endpoint_ip, *port).to_string());
+            .map(|s| s.ports.clone())
+            .unwrap_or_default();
+        let endpoint = ports
+            .first()
+            .map(|(_, port)| SocketAddr::new(ip, *port).to_string());
         AllocReport {
             service: a.service.clone(),
             slot: a.slot,
@@ -726,27 +1009,37 @@ impl Executor {
             state,
             healthy: a.healthy && state == AllocState::Running,
             endpoint,
+            ports,
+            local_only,
             restarts: a.restarts,
             reason: a.reason.clone(),
             cpu_percent: (a.usage.cpu_percent * 10.0).round() / 10.0,
             memory_bytes: a.usage.memory_bytes,
+            metrics: a.custom.clone(),
             started_ms: a.status.as_ref().map_or(0, |s| s.started_at_ms),
             handle: a.status.as_ref().map(|s| s.handle.clone()),
         }
     }
 
-    /// Sends the reports that changed (metrics-only changes at most every 10 s).
+    /// Sends the reports that changed (metrics-only changes at most every 10 s, or
+    /// every second for replicas of autoscaled services).
     async fn publish(&mut self) {
         let mut out = Vec::new();
         for (id, a) in &self.allocs {
             let r = self.report(a);
+            let every = if a.desired.as_ref().is_some_and(|d| d.autoscaled.is_some()) {
+                AUTOSCALED_EVERY
+            } else {
+                METRICS_EVERY
+            };
             let send = match self.published.get(id) {
                 None => true,
                 Some((old, at)) => {
                     let mut same = r.clone();
                     same.cpu_percent = old.cpu_percent;
                     same.memory_bytes = old.memory_bytes;
-                    same != *old || (r != *old && at.elapsed() >= METRICS_EVERY)
+                    same.metrics = old.metrics.clone();
+                    same != *old || (r != *old && at.elapsed() >= every)
                 }
             };
             if send {
@@ -772,7 +1065,12 @@ impl Executor {
                     self.published.remove(&id);
                 }
             }
-            if self.events.send(ExecEvent::Report(id, r)).await.is_err() {
+            if self
+                .events
+                .send(ExecEvent::Report(id, r.map(Box::new)))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -860,11 +1158,53 @@ fn human(d: Duration) -> String {
     }
 }
 
+/// Reads `names` from the Prometheus text page at `url`: each name's samples summed
+/// over their labels (so `requests_in_flight{handler="a"}` and `{handler="b"}` add
+/// up). A name the page lacks is left out, so it counts as missing, not as 0.
+async fn scrape_metrics(
+    http: &reqwest::Client,
+    url: &str,
+    names: &[String],
+) -> Result<BTreeMap<String, f64>, String> {
+    let resp = http
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url}: HTTP {}", resp.status()));
+    }
+    let body = resp.bytes().await.map_err(|e| format!("{url}: {e}"))?;
+    if body.len() > SCRAPE_MAX_BYTES {
+        return Err(format!("{url}: page larger than {SCRAPE_MAX_BYTES} bytes"));
+    }
+    let text = String::from_utf8_lossy(&body);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .map_err(|e| format!("{url}: not Prometheus text: {e}"))?;
+    let mut out = BTreeMap::new();
+    for s in &scrape.samples {
+        if !names.contains(&s.metric) {
+            continue;
+        }
+        let v = match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            // Histograms and summaries have no single value to scale on.
+            _ => continue,
+        };
+        if v.is_finite() {
+            *out.entry(s.metric.clone()).or_insert(0.0) += v;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use shoal_orch::RestartMode;
-    use shoal_runtime::{MemDriver, WorkloadKind};
+    use shoal_runtime::{MemCall, MemDriver, WorkloadKind};
 
     fn want(id: &str, mode: RestartMode) -> DesiredAlloc {
         DesiredAlloc {
@@ -888,6 +1228,8 @@ mod tests {
                 backoff: Duration::from_millis(10),
                 backoff_max: Duration::from_millis(40),
             },
+            stop_delay: Duration::ZERO,
+            autoscaled: None,
         }
     }
 
@@ -950,7 +1292,7 @@ mod tests {
                     .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", self.reports));
                 match ev {
                     Some(ExecEvent::Report(id, Some(r))) => {
-                        self.reports.insert(id, r);
+                        self.reports.insert(id, *r);
                     }
                     Some(ExecEvent::Report(id, None)) => {
                         self.reports.remove(&id);
@@ -1067,6 +1409,81 @@ mod tests {
         // Without drain, workloads outlive the executor.
         h.shut().await;
         assert!(mem.status("keep").await.unwrap().is_some());
+    }
+
+    fn starts(mem: &MemDriver, id: &str) -> usize {
+        mem.calls()
+            .iter()
+            .filter(|c| matches!(c, MemCall::Start(s) if s.alloc_id == id))
+            .count()
+    }
+
+    fn stops(mem: &MemDriver, id: &str) -> usize {
+        mem.calls()
+            .iter()
+            .filter(|c| matches!(c, MemCall::Stop { alloc_id, .. } if alloc_id == id))
+            .count()
+    }
+
+    /// A replica that is no longer wanted first reports `stopping` (so discovery
+    /// drops it) and keeps running for its `stop_delay`; wanted again meanwhile, it
+    /// simply stays.
+    #[tokio::test]
+    async fn a_stop_leaves_discovery_first_and_waits_its_stop_delay() {
+        let mem = Arc::new(MemDriver::new());
+        let mut h = Harness::start(mem.clone(), false);
+        let mut w = want("a", RestartMode::Always);
+        w.stop_delay = Duration::from_millis(800);
+        h.set(&[("a", w.clone())], true);
+        h.until("a running", |r| running(r, "a")).await;
+
+        h.set(&[], true);
+        h.until("a leaving discovery", |r| {
+            r.get("a").is_some_and(|r| {
+                r.state == AllocState::Stopping
+                    && !r.healthy
+                    && r.reason
+                        .as_deref()
+                        .is_some_and(|x| x.contains("left discovery"))
+            })
+        })
+        .await;
+        assert_eq!(stops(&mem, "a"), 0, "still serving during its stop_delay");
+        assert!(mem.status("a").await.unwrap().is_some());
+
+        // Wanted again before the delay ran out: kept, not restarted.
+        h.set(&[("a", w.clone())], true);
+        h.until("a back", |r| running(r, "a")).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!((starts(&mem, "a"), stops(&mem, "a")), (1, 0));
+
+        // Unwanted for good: stopped once the delay is over.
+        let t = Instant::now();
+        h.set(&[], true);
+        h.until("a gone", |r| !r.contains_key("a")).await;
+        assert!(t.elapsed() >= Duration::from_millis(800), "stopped early");
+        assert_eq!(stops(&mem, "a"), 1);
+        h.shut().await;
+    }
+
+    /// Without a delay (no ports), or when it never was in discovery (unhealthy), a
+    /// stop is immediate.
+    #[tokio::test]
+    async fn replicas_out_of_discovery_stop_at_once() {
+        let mem = Arc::new(MemDriver::new());
+        let mut h = Harness::start(mem.clone(), false);
+        let mut w = want("a", RestartMode::Never);
+        w.stop_delay = Duration::from_secs(30);
+        h.set(&[("a", w)], true);
+        h.until("a running", |r| running(r, "a")).await;
+        assert!(mem.exit("a", Some(1)));
+        h.until("a failed", |r| {
+            r.get("a").is_some_and(|r| r.state == AllocState::Failed)
+        })
+        .await;
+        h.set(&[], true);
+        h.until("a gone", |r| !r.contains_key("a")).await;
+        h.shut().await;
     }
 
     #[tokio::test]

@@ -271,5 +271,131 @@ pub fn render(v: &Views, net: &NetStats) -> String {
     for (state, n) in &s.allocations {
         let _ = writeln!(o, "shoal_allocations{{state=\"{state}\"}} {n}");
     }
+    render_scaling(&mut o, v);
+    o
+}
+
+/// Desired replicas of every service and the autoscaler's decisions, from the
+/// replicated state (every agent shows the same numbers).
+fn render_scaling(o: &mut String, v: &Views) {
+    let cluster = &v.state.cluster;
+    family(
+        o,
+        "shoal_service_desired_replicas",
+        "gauge",
+        "Replicas each service should run (its scaler's count when autoscaled).",
+    );
+    for name in cluster.services.keys() {
+        let _ = writeln!(
+            o,
+            "shoal_service_desired_replicas{{service=\"{}\"}} {}",
+            label(name),
+            cluster.desired_replicas(name)
+        );
+    }
+    family(
+        o,
+        "shoal_scaler_decisions_total",
+        "counter",
+        "Replica count changes the autoscaler made, per service.",
+    );
+    for (name, st) in &cluster.scales {
+        let _ = writeln!(
+            o,
+            "shoal_scaler_decisions_total{{service=\"{}\"}} {}",
+            label(name),
+            st.decisions
+        );
+    }
+    family(
+        o,
+        "shoal_scaler_last_change_timestamp_seconds",
+        "gauge",
+        "When each autoscaled service's replica count last changed (Unix time).",
+    );
+    for (name, st) in &cluster.scales {
+        if st.changed_ms > 0 {
+            let _ = writeln!(
+                o,
+                "shoal_scaler_last_change_timestamp_seconds{{service=\"{}\"}} {:.3}",
+                label(name),
+                st.changed_ms as f64 / 1000.0
+            );
+        }
+    }
+}
+
+/// A Prometheus label value, escaped.
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The discovery and DNS families: catalog generation and size, and (when DNS is on)
+/// the server's counters.
+pub fn render_discovery(
+    resolver: &shoal_discovery::Resolver,
+    dns: Option<&shoal_discovery::DnsStats>,
+) -> String {
+    let mut o = String::new();
+    let c = resolver.catalog();
+    family(
+        &mut o,
+        "shoal_discovery_generation",
+        "gauge",
+        "Generation of this agent's discovery catalog (moves on every change).",
+    );
+    let _ = writeln!(o, "shoal_discovery_generation {}", c.generation);
+    family(
+        &mut o,
+        "shoal_discovery_endpoints",
+        "gauge",
+        "Healthy endpoints in this agent's discovery catalog, all services together.",
+    );
+    let n: usize = c.services.values().map(|s| s.endpoints.len()).sum();
+    let _ = writeln!(o, "shoal_discovery_endpoints {n}");
+    let Some(dns) = dns else {
+        return o;
+    };
+    let k = dns.counts();
+    family(
+        &mut o,
+        "shoal_dns_queries_total",
+        "counter",
+        "DNS queries received, by transport.",
+    );
+    let _ = writeln!(o, "shoal_dns_queries_total{{transport=\"udp\"}} {}", k.udp);
+    let _ = writeln!(o, "shoal_dns_queries_total{{transport=\"tcp\"}} {}", k.tcp);
+    family(
+        &mut o,
+        "shoal_dns_answers_total",
+        "counter",
+        "DNS answers sent, by response code.",
+    );
+    for (rcode, n) in shoal_discovery::server::RCODES.iter().zip(k.answers) {
+        let _ = writeln!(o, "shoal_dns_answers_total{{rcode=\"{rcode}\"}} {n}");
+    }
+    family(
+        &mut o,
+        "shoal_dns_malformed_total",
+        "counter",
+        "DNS queries that could not be parsed (answered FORMERR).",
+    );
+    let _ = writeln!(o, "shoal_dns_malformed_total {}", k.malformed);
+    family(
+        &mut o,
+        "shoal_dns_dropped_total",
+        "counter",
+        "DNS packets left unanswered (shorter than a header, or responses).",
+    );
+    let _ = writeln!(o, "shoal_dns_dropped_total {}", k.dropped);
+    family(
+        &mut o,
+        "shoal_dns_truncated_total",
+        "counter",
+        "DNS answers too large for UDP, sent with TC set (the client retries over TCP).",
+    );
+    let _ = writeln!(o, "shoal_dns_truncated_total {}", k.truncated);
     o
 }

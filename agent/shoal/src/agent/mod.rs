@@ -29,6 +29,7 @@ pub mod blobs;
 pub mod channels;
 pub mod commands;
 pub mod config;
+pub mod discovery;
 pub mod executor;
 pub mod host_probe;
 pub mod http_guard;
@@ -46,6 +47,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use shoal_core::{Node, Now};
+use shoal_discovery::{DnsServer, DnsStats, Resolver};
 use shoal_net::{Identity, Net, NetConfig};
 use shoal_policy::{HostConfig, PolicyHost};
 use shoal_store::{Persist, RedbStore};
@@ -74,6 +76,10 @@ pub enum ApiError {
     /// Another agent that holds the answer could not be reached.
     #[error("{0}")]
     Unreachable(String),
+    /// The request conflicts with how the object is managed (scaling an autoscaled
+    /// service by hand).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -105,21 +111,34 @@ async fn open_runtimes(cfg: &AgentConfig) -> anyhow::Result<executor::Runtimes> 
     let dir = cfg.data_dir.join("workloads");
     let process = shoal_runtime::ProcessDriver::with_logs(&dir, cfg.logs)
         .with_context(|| format!("opening the process driver in {}", dir.display()))?;
-    let engine: Result<Arc<shoal_runtime::DockerDriver>, String> = if cfg.docker {
-        let mut opts = shoal_runtime::DockerOptions::new(cfg.name.clone());
-        opts.timeout = Duration::from_secs(60);
-        match tokio::time::timeout(
-            Duration::from_secs(5),
-            shoal_runtime::DockerDriver::connect_with(opts),
-        )
-        .await
-        {
-            Ok(Ok(d)) => Ok(Arc::new(d)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("Docker Engine did not answer within 5 s".into()),
+    let socket = match &cfg.docker {
+        config::DockerSetting::Off => None,
+        config::DockerSetting::Auto => Some(None),
+        config::DockerSetting::Socket(p) => Some(Some(p.clone())),
+    };
+    let engine: Result<Arc<shoal_runtime::DockerDriver>, String> = match socket {
+        Some(socket) => {
+            let mut opts = shoal_runtime::DockerOptions::new(cfg.name.clone());
+            opts.timeout = Duration::from_secs(60);
+            opts.socket = socket.clone();
+            let connected = match tokio::time::timeout(
+                Duration::from_secs(5),
+                shoal_runtime::DockerDriver::connect_with(opts),
+            )
+            .await
+            {
+                Ok(Ok(d)) => Ok(Arc::new(d)),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("Docker Engine did not answer within 5 s".into()),
+            };
+            if let (Some(path), Err(e)) = (&socket, &connected) {
+                // Named explicitly: running without it would fail every docker
+                // replica here later, far from the cause.
+                anyhow::bail!("--docker unix://{}: {e}", path.display());
+            }
+            connected
         }
-    } else {
-        Err("disabled by config (docker = \"off\")".into())
+        None => Err("disabled by config (docker = \"off\")".into()),
     };
     match &engine {
         Ok(_) => tracing::info!("docker driver ready"),
@@ -223,6 +242,14 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(cfg.api)
         .await
         .with_context(|| format!("binding the HTTP API on {}", cfg.api))?;
+    let dns_server = match cfg.dns {
+        None => None,
+        Some(addr) => Some(DnsServer::bind(addr).await.with_context(|| {
+            format!(
+                "binding DNS on {addr} (UDP and TCP); pick another with --dns ADDR, or --dns off"
+            )
+        })?),
+    };
 
     let stop = CancellationToken::new();
     let api_stop = CancellationToken::new();
@@ -347,10 +374,41 @@ pub async fn run(
             !cfg.join.is_empty(),
             host.clone(),
             desired_tx,
+            endpoint_ip,
         );
         thread("shoal-orchestrate", BULK_NICE, move || {
             worker.run(pass_rx, pass_res_tx)
         })?
+    };
+
+    // Discovery: the catalog task and the DNS server, both fed by the views.
+    let (resolver_tx, resolver_rx) = watch::channel(Arc::new(Resolver::build(
+        shoal_discovery::Catalog::default(),
+        &shoal_discovery::InOrder,
+        None,
+    )));
+    tracker.spawn(discovery::run(
+        views_rx.clone(),
+        host.clone(),
+        resolver_tx,
+        stop.clone(),
+    ));
+    let dns_stats = Arc::new(DnsStats::default());
+    let dns_addr = match dns_server {
+        None => None,
+        Some(server) => {
+            let addr = server.local_addr().ok();
+            server
+                .spawn(
+                    resolver_rx.clone(),
+                    Arc::new(cfg.dns_config.clone()),
+                    dns_stats.clone(),
+                    stop.clone(),
+                    &tracker,
+                )
+                .context("starting the DNS server")?;
+            addr
+        }
     };
 
     // Host probe.
@@ -378,8 +436,9 @@ pub async fn run(
         runtimes,
         net: net.clone(),
         token: guard.token.clone(),
+        discovery: resolver_rx,
+        dns_stats: dns_addr.map(|_| dns_stats),
     };
-    let api_task = tracker.spawn(api::serve(listener, api_state, guard, api_stop.clone()));
 
     let mut inputs = Inputs {
         commands: cmd_rx,
@@ -414,7 +473,12 @@ pub async fn run(
         runtime_names,
     );
     lp.begin()?;
-    tracing::info!(%name, %quic, api = %api_addr, restored, "agent started");
+    // Only now: the first Views holds what was restored from disk, so no read
+    // after a restart answers from an empty state. (Connections wait in the
+    // listener's backlog meanwhile.)
+    let api_task = tracker.spawn(api::serve(listener, api_state, guard, api_stop.clone()));
+    let dns_text = dns_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
+    tracing::info!(%name, %quic, api = %api_addr, dns = %dns_text, restored, "agent started");
 
     // --- the loop --------------------------------------------------------------
     lp.run(&mut inputs, &stop).await;

@@ -5,7 +5,7 @@
 //! changed and once a second anyway, never while one is running. The pass —
 //! member table, settle gate, every stewarded service's reconcile through the
 //! policy host (installed scheduler plugins place real replicas), rollout
-//! statuses — runs here, where a slow scheduler or a thousand slots cannot delay
+//! statuses, the scalers of autoscaled services — runs here, where a slow scheduler or a thousand slots cannot delay
 //! SWIM. Its writes go back to the loop ([`PassResult`]), which applies them. The
 //! worker also hands the executor the set of allocations this node must run (a
 //! `watch` of [`Desired`]), and, once the executor has adopted what it runs,
@@ -25,7 +25,7 @@ use shoal_orch::{
 use shoal_policy::PolicyHost;
 use tokio::sync::{mpsc, watch};
 
-use super::executor::{Desired, DesiredAlloc};
+use super::executor::{Desired, DesiredAlloc, Scrape};
 use super::views::Views;
 
 /// A pass to run.
@@ -60,6 +60,9 @@ pub struct OrchWorker {
     /// `PATH` for process workloads: the agent's own directory first, so a spec's
     /// `shoal workload http` runs this very binary.
     path_env: Option<String>,
+    /// `SHOAL_NODE` and `SHOAL_IP` (the node's advertised address, which a workload
+    /// binds to be reachable from other nodes), unless the spec sets them.
+    node_env: [(String, String); 2],
 }
 
 impl OrchWorker {
@@ -70,12 +73,17 @@ impl OrchWorker {
         has_seeds: bool,
         host: Arc<PolicyHost>,
         desired: watch::Sender<Desired>,
+        endpoint_ip: std::net::IpAddr,
     ) -> Self {
         OrchWorker {
             orch: NodeOrch::new(me, started_ms, has_seeds, Settle::default()),
             host,
             desired,
             path_env: workload_path(),
+            node_env: [
+                ("SHOAL_NODE".to_string(), me.to_string()),
+                ("SHOAL_IP".to_string(), endpoint_ip.to_string()),
+            ],
         }
     }
 
@@ -122,7 +130,19 @@ impl OrchWorker {
                 })
                 .collect::<Vec<_>>()
         };
-        let mut out = self.orch.pass(&input, &mut scheduler);
+        // Scaler plugins run here too: on this thread, never on an async worker.
+        let mut scaler = |scale_in: &shoal_policy::ScaleInput| {
+            let s = host.scale_explained(scale_in);
+            let mut decision = s.decision;
+            if let Some(why) = s.fallback_reason {
+                decision.reason = format!("{} ({why})", decision.reason);
+            }
+            shoal_orch::Recommendation {
+                decision,
+                by: s.decided_by,
+            }
+        };
+        let mut out = self.orch.pass_with(&input, &mut scheduler, &mut scaler);
         for (service, status) in &out.rollouts {
             if let RolloutStatus::Stalled { reason } = status {
                 tracing::warn!(service, "rollout stalled: {reason}");
@@ -155,6 +175,9 @@ impl OrchWorker {
         alloc_id: &str,
     ) -> shoal_runtime::WorkloadSpec {
         let mut w = spec.to_workload(slot, version, alloc_id);
+        for (k, v) in &self.node_env {
+            w.env.entry(k.clone()).or_insert_with(|| v.clone());
+        }
         if let (shoal_runtime::WorkloadKind::Process { .. }, Some(path)) = (&w.kind, &self.path_env)
         {
             w.env.entry("PATH".into()).or_insert_with(|| path.clone());
@@ -177,6 +200,17 @@ impl OrchWorker {
                     workload: Ok(self.workload(spec, a.slot, p.version, &p.alloc_id)),
                     health: spec.health.clone(),
                     restart: spec.restart,
+                    // Only what discovery can hand out needs to leave it first.
+                    stop_delay: if spec.ports.is_empty() {
+                        Duration::ZERO
+                    } else {
+                        spec.stop_delay
+                    },
+                    autoscaled: spec.autoscaling().map(|auto| Scrape {
+                        metrics: auto.custom,
+                        port: auto.metrics_port,
+                        path: auto.metrics_path,
+                    }),
                 },
                 None => DesiredAlloc {
                     workload: Err(format!(
@@ -189,6 +223,8 @@ impl OrchWorker {
                         backoff: Duration::ZERO,
                         backoff_max: Duration::ZERO,
                     },
+                    stop_delay: Duration::ZERO,
+                    autoscaled: None,
                 },
             };
             allocs.insert(p.alloc_id.clone(), want);

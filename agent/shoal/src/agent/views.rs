@@ -496,7 +496,7 @@ impl Views {
                 Some(_) => "docker".into(),
                 None => "process".into(),
             },
-            desired: if r.deleted { 0 } else { r.replicas },
+            desired: self.state.cluster.desired_replicas(name),
             slots: slots.len() as u32,
             running,
             healthy,
@@ -505,7 +505,58 @@ impl Views {
             removing: r.deleted,
             steward: steward.map(str::to_string),
             rollout,
+            autoscale: r.spec.autoscaling().map(|auto| {
+                let state = self.state.cluster.scales.get(name);
+                crate::api_types::AutoscaleView {
+                    policy: auto.policy,
+                    min: auto.min,
+                    max: auto.max,
+                    reason: state.map(|s| s.reason.clone()).filter(|r| !r.is_empty()),
+                    changed_ms: state.map(|s| s.changed_ms).filter(|t| *t > 0),
+                    last: state.map(|s| s.last.clone()).filter(|r| !r.is_empty()),
+                    decisions: state.map_or(0, |s| s.decisions),
+                }
+            }),
         }
+    }
+
+    /// `shoal events [SVC]`: scale decisions, newest first (of `service`, or of all).
+    pub fn events(
+        &self,
+        service: Option<&str>,
+    ) -> Result<Vec<crate::api_types::EventView>, ApiError> {
+        let cluster = &self.state.cluster;
+        if let Some(name) = service {
+            if !cluster.services.contains_key(name) {
+                return Err(ApiError::NotFound(format!("no service named {name:?}")));
+            }
+        }
+        let mut out: Vec<crate::api_types::EventView> = cluster
+            .scales
+            .iter()
+            .filter(|(name, _)| service.is_none_or(|s| s == name.as_str()))
+            .flat_map(|(name, state)| {
+                state
+                    .history
+                    .iter()
+                    .map(move |e| crate::api_types::EventView {
+                        service: name.clone(),
+                        at_ms: e.at_ms,
+                        kind: "scale".into(),
+                        from: e.from,
+                        to: e.to,
+                        reason: e.reason.clone(),
+                        by: e.by.clone(),
+                        steward: e.steward.clone(),
+                    })
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.at_ms
+                .cmp(&a.at_ms)
+                .then_with(|| a.service.cmp(&b.service))
+        });
+        Ok(out)
     }
 
     /// The slots and reports of `name` (empty if it has none).

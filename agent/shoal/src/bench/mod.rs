@@ -6,6 +6,9 @@
 //! (every agent's API polled concurrently, so resolution is one poll round);
 //! and the steady-state bytes each agent sends per second with no changes.
 
+pub mod discovery;
+pub mod scale;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,7 +27,7 @@ pub struct MeshBenchArgs {
     /// Changes timed per size (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub changes: usize,
-    /// First port; agent i uses base+i (QUIC) and base+1000+i (API).
+    /// First port; agent i uses base+i (QUIC), base+1000+i (API) and base+2000+i (DNS).
     #[arg(long, default_value_t = 27001)]
     pub base_port: u16,
     /// Seconds of idle traffic measured per size.
@@ -80,6 +83,8 @@ struct Mesh {
     procs: Procs,
     clients: Vec<Client>,
     apis: Vec<SocketAddr>,
+    /// Each agent's DNS address (empty for agents of another build, given no --dns).
+    dns: Vec<SocketAddr>,
     /// Time from spawning until every agent saw all N alive.
     membership: Duration,
 }
@@ -106,6 +111,9 @@ impl Mesh {
         };
         let quic = |i: usize| SocketAddr::from(([127, 0, 0, 1], base_port + i as u16));
         let api = |i: usize| SocketAddr::from(([127, 0, 0, 1], base_port + 1000 + i as u16));
+        let dns = |i: usize| SocketAddr::from(([127, 0, 0, 1], base_port + 2000 + i as u16));
+        // Another build (`--agent-binary`) may not know `--dns`.
+        let with_dns = AGENT_BINARY.get().is_none();
         // Warm the shared policy cache before the clock starts.
         tokio::task::spawn_blocking({
             let cache = dir.path().join("policy-cache");
@@ -146,6 +154,9 @@ impl Mesh {
             if i > 0 {
                 cmd.args(["--join", &quic(0).to_string()]);
             }
+            if with_dns {
+                cmd.args(["--dns", &dns(i).to_string()]);
+            }
             procs.0.push(cmd.spawn().context("starting an agent")?);
         }
         let apis: Vec<SocketAddr> = (0..n).map(api).collect();
@@ -185,6 +196,11 @@ impl Mesh {
                 procs,
                 clients,
                 apis,
+                dns: if with_dns {
+                    (0..n).map(dns).collect()
+                } else {
+                    Vec::new()
+                },
                 membership: start.elapsed(),
             },
             prepared,
@@ -435,6 +451,8 @@ driver = "process"
 command = ["shoal", "workload", "http", "--bind", "127.0.0.1"]
 replicas = {replicas}
 reschedule_after = "{reschedule_after_ms}ms"
+# Measures how fast replicas stop, not how long they serve out of discovery.
+stop_delay = "0s"
 
 [resources]
 cpu = "10m"
