@@ -231,3 +231,106 @@ strategy = "spread"
         c.services(0).is_empty().then_some(())
     });
 }
+
+/// `network = "host"` (engines without a bridge, edge boxes): no port mapping; each
+/// replica listens on a host port its agent picked, which is its endpoint and its
+/// health-check target.
+#[test]
+fn docker_services_with_host_networking_serve_on_picked_ports() {
+    let image = runtime().block_on(async {
+        let d = DockerDriver::connect("shoal-docker-hostnet").await.unwrap_or_else(|e| {
+            panic!("this test needs Docker Engine on this machine (/var/run/docker.sock or $DOCKER_HOST): {e}")
+        });
+        ensure_test_image(&d)
+            .await
+            .unwrap_or_else(|e| panic!("cannot build the test image: {e}"))
+    });
+    let prefix = format!("hn{}-", std::process::id());
+    let mut c = Cluster::with(2, &prefix, true);
+    let names: Vec<String> = c.agents.iter().map(|a| a.name.clone()).collect();
+    let _cleanup = Cleanup(names);
+    for i in 0..2 {
+        c.spawn(i);
+    }
+    c.wait_all_alive(Duration::from_secs(20));
+    let spec = format!(
+        r#"name = "edge"
+driver = "docker"
+image = "{image}"
+network = "host"
+replicas = 3
+stop_delay = "0s"
+
+[[ports]]
+name = "http"
+container_port = 8080
+
+[health]
+http = "/healthz"
+interval = "500ms"
+"#
+    );
+    let out = c.deploy_wait(0, "edge.toml", &spec);
+    assert!(
+        out.status.success(),
+        "deploy --wait: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = c.ps(1, "edge");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let mut ports = BTreeSet::new();
+    for r in &rows {
+        assert_eq!(r["healthy"], true, "{r}");
+        let ep: std::net::SocketAddr = r["endpoint"].as_str().unwrap().parse().unwrap();
+        assert_ne!(ep.port(), 8080, "a picked host port: {r}");
+        assert!(ports.insert(ep.port()), "one port per replica: {rows:?}");
+        assert!(http_get(ep, "/healthz").is_some(), "the port answers: {r}");
+    }
+    shoal(&["rm", "edge", "--api", &c.agents[0].url()]);
+}
+
+/// `--docker unix:///PATH` names an engine: one that does not answer fails the
+/// start with one line naming the flag, instead of docker replicas failing later.
+#[test]
+fn a_named_engine_that_does_not_answer_fails_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    common::shoal_ok(&["ca", "init", "--out", ca.to_str().unwrap()]);
+    let mut child = std::process::Command::new(common::SHOAL)
+        .args(["agent", "--name", "nodock"])
+        .args(["--listen", &common::free_udp().to_string()])
+        .args(["--api", &common::free_tcp().to_string()])
+        .args([
+            "--dns",
+            "off",
+            "--docker",
+            "unix:///nonexistent/docker.sock",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("d"))
+        .arg("--ca-dir")
+        .arg(&ca)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the agent kept running without its named engine");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--docker unix:///nonexistent/docker.sock"),
+        "names the flag: {err}"
+    );
+}

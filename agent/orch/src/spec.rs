@@ -105,13 +105,36 @@ impl fmt::Display for Scalar {
 }
 
 /// A value in a `[scaler]` table: a scalar, or (for `windows`) a list of window tables.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum ScalerValue {
     /// A scalar (`min = 2`, `windows = "mon-fri 19:00-23:00 => 10"`).
     Scalar(Scalar),
     /// `windows = [{ days = "mon-fri", from = "19:00", to = "23:00", replicas = 10 }]`.
     Windows(Vec<WindowFile>),
+}
+
+impl<'de> Deserialize<'de> for ScalerValue {
+    /// A list reads as window tables and anything else as a scalar, each with its
+    /// own error (`windows[0]: unknown field `till``), where an untagged enum could
+    /// only say that nothing matched.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match toml::Value::deserialize(d)? {
+            toml::Value::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    WindowFile::deserialize(item)
+                        .map_err(|e| D::Error::custom(format!("windows[{i}]: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(ScalerValue::Windows),
+            other => Scalar::deserialize(other)
+                .map(ScalerValue::Scalar)
+                .map_err(|e| D::Error::custom(e.to_string())),
+        }
+    }
 }
 
 /// One schedule window as a table.
@@ -183,6 +206,9 @@ pub struct SpecFile {
     /// Program and arguments (process).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
+    /// Docker networking: `bridge` (default: ports mapped by the engine) or `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// Desired replicas (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i64>,
@@ -673,8 +699,19 @@ impl SpecFile {
                 if image.is_empty() || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
                     return Err(bad("image", format!("{image:?} is not an image reference")));
                 }
+                let host_network = match self.network.as_deref().map(str::trim) {
+                    None | Some("bridge") => false,
+                    Some("host") => true,
+                    Some(other) => {
+                        return Err(bad(
+                            "network",
+                            format!("{other:?} is not \"bridge\" (the default: ports mapped by the engine) or \"host\""),
+                        ))
+                    }
+                };
                 WorkloadKind::Docker {
                     image: image.clone(),
+                    host_network,
                 }
             }
             ("docker", None, _) => return Err(bad("image", "required with driver = \"docker\"")),
@@ -684,9 +721,17 @@ impl SpecFile {
                     "not allowed with driver = \"docker\" (the image decides what runs)",
                 ))
             }
-            ("process", None, Some(cmd)) => WorkloadKind::Process {
-                command: command("command", cmd)?,
-            },
+            ("process", None, Some(cmd)) => {
+                if self.network.is_some() {
+                    return Err(bad(
+                        "network",
+                        "applies to driver = \"docker\" only (a process always uses the host's network)",
+                    ));
+                }
+                WorkloadKind::Process {
+                    command: command("command", cmd)?,
+                }
+            }
             ("process", _, None) => {
                 return Err(bad("command", "required with driver = \"process\""))
             }
@@ -985,9 +1030,17 @@ fn param_table(p: &Params) -> Option<BTreeMap<String, Scalar>> {
 impl From<ServiceSpec> for SpecFile {
     /// The canonical file form: every default written out, units normalised.
     fn from(s: ServiceSpec) -> SpecFile {
-        let (driver, image, command) = match s.kind {
-            WorkloadKind::Docker { image } => ("docker", Some(image), None),
-            WorkloadKind::Process { command } => ("process", None, Some(command)),
+        let (driver, image, command, network) = match s.kind {
+            WorkloadKind::Docker {
+                image,
+                host_network,
+            } => (
+                "docker",
+                Some(image),
+                None,
+                host_network.then(|| "host".to_string()),
+            ),
+            WorkloadKind::Process { command } => ("process", None, Some(command), None),
         };
         let r = s.resources;
         let nonzero = |v: u64, f: fn(u64) -> String| (v > 0).then(|| Scalar::Text(f(v)));
@@ -1019,6 +1072,7 @@ impl From<ServiceSpec> for SpecFile {
             driver: driver.to_string(),
             image,
             command,
+            network,
             replicas: Some(i64::from(s.replicas)),
             resources: (resources != ResourcesFile::default()).then_some(resources),
             ports: s
@@ -1103,7 +1157,7 @@ impl ServiceSpec {
     /// The image, for docker services.
     pub fn image(&self) -> Option<&str> {
         match &self.kind {
-            WorkloadKind::Docker { image } => Some(image),
+            WorkloadKind::Docker { image, .. } => Some(image),
             WorkloadKind::Process { .. } => None,
         }
     }
@@ -1321,6 +1375,11 @@ container_port = 8080
             ("both", format!("{docker}command = [\"x\"]\n"), "`command`: not allowed"),
             ("both (process)", "name = \"web\"\ndriver = \"process\"\nimage = \"i\"\ncommand = [\"x\"]\n".into(), "`image`: not allowed"),
             ("unknown driver", "name = \"web\"\ndriver = \"podman\"\n".into(), "`driver`"),
+            ("bad network", format!("{docker}network = \"overlay\"\n"), "`network`: \"overlay\" is not \"bridge\""),
+            ("network with process", format!("network = \"host\"\n{BASE}"), "`network`: applies to driver = \"docker\" only"),
+            ("scaler without max", format!("{BASE}\n[scaler]\nmin = 2"), "`scaler`: max is required"),
+            ("scaler bad window", format!("{BASE}\n[scaler]\nmax = 3\nwindows = \"someday => 2\""), "`scaler`: window"),
+            ("scaler window table typo", format!("{BASE}\n[scaler]\nmax = 3\nwindows = [{{ days = \"mon\", from = \"10:00\", till = \"11:00\", replicas = 2 }}]"), "windows[0]: unknown field `till`"),
             ("empty command", "name = \"web\"\ndriver = \"process\"\ncommand = []\n".into(), "`command`"),
             ("replicas too large", format!("replicas = 1001\n{BASE}"), "`replicas`: 1001 is not within 0..=1000"),
             ("negative replicas", format!("replicas = -1\n{BASE}"), "`replicas`"),
@@ -1357,6 +1416,31 @@ container_port = 8080
             assert!(msg.starts_with("service spec web.toml: "), "{what}: {msg}");
             assert!(msg.contains(want), "{what}: {msg:?} lacks {want:?}");
         }
+    }
+
+    #[test]
+    fn host_networking_and_window_tables_round_trip() {
+        let text = "name = \"api\"\ndriver = \"docker\"\nimage = \"api:1\"\nnetwork = \"host\"\n[scaler]\nmax = 4\npolicy = \"schedule\"\nwindows = [{ days = \"mon-fri\", from = \"19:00\", to = \"23:00\", replicas = 3, tz = \"Asia/Shanghai\" }]\n";
+        let spec = ServiceSpec::from_toml("api.toml", text).unwrap();
+        assert!(matches!(
+            spec.kind,
+            WorkloadKind::Docker {
+                host_network: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            spec.scaler.get("windows").map(String::as_str),
+            Some("mon-fri 19:00-23:00 Asia/Shanghai => 3")
+        );
+        let file = SpecFile::from(spec.clone());
+        assert_eq!(file.network.as_deref(), Some("host"));
+        assert_eq!(
+            file.validate().unwrap(),
+            spec,
+            "the file form reads back the same"
+        );
+        assert!(spec.autoscaling().is_some());
     }
 
     #[test]

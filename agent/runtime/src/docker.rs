@@ -61,8 +61,11 @@ pub mod labels {
     pub const SLOT: &str = "shoal.slot";
     /// Service spec version.
     pub const VERSION: &str = "shoal.version";
-    /// Port names and container ports: `http=8080/tcp,dns=53/udp`.
+    /// Port names and container ports (host ports with host networking):
+    /// `http=8080/tcp,dns=53/udp`.
     pub const PORTS: &str = "shoal.ports";
+    /// `host` when the container runs in the host's network namespace.
+    pub const NETWORK: &str = "shoal.network";
 }
 
 /// How to reach Docker Engine and how to publish ports.
@@ -443,13 +446,40 @@ impl DockerDriver {
         Ok(())
     }
 
-    fn create_body(&self, spec: &WorkloadSpec, image: &str) -> ContainerCreateBody {
+    fn create_body(
+        &self,
+        spec: &WorkloadSpec,
+        image: &str,
+        host_network: bool,
+    ) -> Result<ContainerCreateBody, DriverError> {
         let mut lbl: HashMap<String, String> = spec.labels.clone().into_iter().collect();
+        // With host networking a port is a host port: the fixed one, or a free one
+        // picked now; the workload listens on it (`PORT_<NAME>`), and it is the one
+        // reported. Otherwise the container port, mapped by the engine.
+        let mut listen = Vec::new();
+        for p in &spec.ports {
+            let port = match (host_network, p.host_port) {
+                (false, _) => p.container_port,
+                (true, Some(h)) => h,
+                (true, None) => {
+                    crate::process::pick_port(p.protocol).map_err(|e| DriverError::Io {
+                        what: "pick a free host port",
+                        path: std::path::PathBuf::from("/proc/net"),
+                        source: e,
+                    })?
+                }
+            };
+            listen.push(port);
+        }
         let ports_label: Vec<String> = spec
             .ports
             .iter()
-            .map(|p| format!("{}={}/{}", p.name, p.container_port, p.protocol.as_str()))
+            .zip(&listen)
+            .map(|(p, port)| format!("{}={port}/{}", p.name, p.protocol.as_str()))
             .collect();
+        if host_network {
+            lbl.insert(labels::NETWORK.to_string(), "host".to_string());
+        }
         for (k, v) in [
             (labels::MANAGED, "true".to_string()),
             (labels::NODE, self.node.clone()),
@@ -467,16 +497,16 @@ impl DockerDriver {
         env.push(format!("SHOAL_SERVICE={}", spec.service));
         env.push(format!("SHOAL_SLOT={}", spec.slot));
         env.push(format!("SHOAL_VERSION={}", spec.version));
-        for (i, p) in spec.ports.iter().enumerate() {
-            env.push(format!("{}={}", port_env_name(&p.name), p.container_port));
+        for (i, (p, port)) in spec.ports.iter().zip(&listen).enumerate() {
+            env.push(format!("{}={port}", port_env_name(&p.name)));
             if i == 0 {
-                env.push(format!("PORT={}", p.container_port));
+                env.push(format!("PORT={port}"));
             }
         }
 
         let mut exposed = Vec::new();
         let mut bindings = PortMap::new();
-        for p in &spec.ports {
+        for p in spec.ports.iter().filter(|_| !host_network) {
             let key = format!("{}/{}", p.container_port, p.protocol.as_str());
             exposed.push(key.clone());
             bindings.insert(
@@ -490,7 +520,7 @@ impl DockerDriver {
         }
 
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        ContainerCreateBody {
+        Ok(ContainerCreateBody {
             image: Some(image.to_string()),
             env: Some(env),
             labels: Some(lbl),
@@ -499,6 +529,7 @@ impl DockerDriver {
                 nano_cpus: spec.cpu_millis.map(|m| clamp(m.saturating_mul(1_000_000))),
                 memory: spec.memory_bytes.map(clamp),
                 port_bindings: Some(bindings),
+                network_mode: host_network.then(|| "host".to_string()),
                 log_config: Some(HostConfigLogConfig {
                     typ: Some("json-file".into()),
                     config: Some(HashMap::from([
@@ -509,7 +540,7 @@ impl DockerDriver {
                 ..Default::default()
             }),
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -555,12 +586,17 @@ fn status_from_inspect(resp: &ContainerInspectResponse) -> Option<WorkloadStatus
         .network_settings
         .as_ref()
         .and_then(|n| n.ports.as_ref());
+    let host_network = lbl.get(labels::NETWORK).map(String::as_str) == Some("host");
     let ports = lbl
         .get(labels::PORTS)
         .map(|s| parse_ports_label(s))
         .unwrap_or_default()
         .into_iter()
         .filter_map(|(name, cport, proto)| {
+            if host_network {
+                // The label holds the host port the workload was told to use.
+                return Some((name, cport));
+            }
             let bindings = bound?
                 .get(&format!("{cport}/{}", proto.as_str()))?
                 .as_ref()?;
@@ -598,7 +634,11 @@ impl Driver for DockerDriver {
 
     async fn start(&self, spec: &WorkloadSpec) -> Result<WorkloadStatus, DriverError> {
         spec.validate()?;
-        let WorkloadKind::Docker { image } = &spec.kind else {
+        let WorkloadKind::Docker {
+            image,
+            host_network,
+        } = &spec.kind
+        else {
             return Err(DriverError::Unsupported {
                 driver: NAME,
                 what: "a process command (use the process driver)".into(),
@@ -626,7 +666,7 @@ impl Driver for DockerDriver {
                     name: Some(name.clone()),
                     platform: String::new(),
                 }),
-                self.create_body(spec, image),
+                self.create_body(spec, image, *host_network)?,
             )
             .await
             .map_err(docker_err(format!(

@@ -251,7 +251,7 @@ impl Driver for MemDriver {
                 return Ok(w.status.clone());
             }
         }
-        if let WorkloadKind::Docker { image } = &spec.kind {
+        if let WorkloadKind::Docker { image, .. } = &spec.kind {
             if st.missing_images.contains(image) {
                 return Err(DriverError::ImageMissing {
                     image: image.clone(),

@@ -621,7 +621,8 @@ async fn wait_group_gone(pgid: i32, within: Duration) -> bool {
     }
 }
 
-fn pick_port(proto: Protocol) -> io::Result<u16> {
+/// A free host port for `proto` (bound on every address, then released).
+pub(crate) fn pick_port(proto: Protocol) -> io::Result<u16> {
     let any = SocketAddr::from(([0, 0, 0, 0], 0));
     match proto {
         Protocol::Tcp => TcpListener::bind(any)?.local_addr().map(|a| a.port()),

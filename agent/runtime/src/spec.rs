@@ -41,6 +41,11 @@ pub enum WorkloadKind {
     Docker {
         /// Image reference, e.g. `web:1.4`.
         image: String,
+        /// Run in the host's network namespace (`--network host`): no port mapping;
+        /// each port is a host port the driver picks (or the fixed `host_port`),
+        /// passed as `PORT_<NAME>` and `PORT` for the workload to listen on.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        host_network: bool,
     },
     /// A program and its arguments, run without a shell.
     Process {
@@ -219,7 +224,7 @@ impl WorkloadSpec {
             )));
         }
         match &self.kind {
-            WorkloadKind::Docker { image } => {
+            WorkloadKind::Docker { image, .. } => {
                 if image.is_empty() || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
                     return Err(bad(format!(
                         "image reference {image:?} is empty or has blanks"
@@ -355,7 +360,12 @@ pub(crate) mod tests {
             ),
             (
                 "image",
-                Box::new(|s| s.kind = WorkloadKind::Docker { image: " ".into() }),
+                Box::new(|s| {
+                    s.kind = WorkloadKind::Docker {
+                        image: " ".into(),
+                        host_network: false,
+                    }
+                }),
             ),
             (
                 "env",

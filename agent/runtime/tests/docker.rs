@@ -78,6 +78,7 @@ fn spec(alloc: &str, image: &str) -> WorkloadSpec {
         alloc_id: alloc.into(),
         kind: WorkloadKind::Docker {
             image: image.into(),
+            host_network: false,
         },
         env: BTreeMap::new(),
         ports: vec![PortSpec {
@@ -324,6 +325,45 @@ async fn a_fixed_host_port_is_published_as_asked() {
     d.stop("fixed-a1", Duration::from_secs(5))
         .await
         .expect("stop");
+}
+
+/// With host networking there is no mapping: the driver picks a host port, tells
+/// the workload (`PORT`), reports it, and finds it again when the agent restarts.
+#[tokio::test]
+async fn host_networking_picks_a_host_port_the_workload_listens_on() {
+    let n = node("hostnet");
+    let (d, _cleanup) = setup(&n).await;
+    let mut s = spec("hostnet-a1", TEST_IMAGE);
+    s.kind = WorkloadKind::Docker {
+        image: TEST_IMAGE.into(),
+        host_network: true,
+    };
+    let st = d.start(&s).await.expect("start");
+    let [(name, port)] = st.ports.as_slice() else {
+        panic!("one port expected: {:?}", st.ports)
+    };
+    assert_eq!(name, "http");
+    assert_ne!(*port, 8080, "a picked host port, not the container port");
+    wait_healthy(*port).await;
+    // A fresh driver (an agent restart) reads the same port back from the labels.
+    let again = connect(&n).await;
+    let listed = again.list().await.expect("list");
+    let found = listed
+        .iter()
+        .find(|w| w.alloc_id == "hostnet-a1")
+        .expect("listed");
+    assert_eq!(found.ports, st.ports);
+    // A fixed host port is used as is.
+    let mut fixed = spec("hostnet-a2", TEST_IMAGE);
+    fixed.kind = s.kind.clone();
+    let want = free_port();
+    fixed.ports[0].host_port = Some(want);
+    let st2 = d.start(&fixed).await.expect("start");
+    assert_eq!(st2.ports, vec![("http".to_string(), want)]);
+    wait_healthy(want).await;
+    for id in ["hostnet-a1", "hostnet-a2"] {
+        d.stop(id, Duration::from_secs(5)).await.expect("stop");
+    }
 }
 
 #[tokio::test]

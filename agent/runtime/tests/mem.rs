@@ -17,6 +17,7 @@ fn spec(alloc: &str, ports: &[(&str, Option<u16>)]) -> WorkloadSpec {
         alloc_id: alloc.into(),
         kind: WorkloadKind::Docker {
             image: "api:1".into(),
+            host_network: false,
         },
         env: BTreeMap::new(),
         ports: ports

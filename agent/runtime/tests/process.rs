@@ -316,6 +316,7 @@ async fn bad_requests_are_clear_errors_and_leave_nothing_behind() {
     let mut docker = spec("dock", &["x"]);
     docker.kind = WorkloadKind::Docker {
         image: "busybox:1".into(),
+        host_network: false,
     };
     let err = d.start(&docker).await.expect_err("docker kind");
     assert!(matches!(err, DriverError::Unsupported { .. }), "{err}");
