@@ -716,3 +716,61 @@ fn an_unknown_dependency_is_named() {
         },
     );
 }
+
+/// `shoal deploy -` reads the spec from stdin (for `envsubst < web.toml | shoal
+/// deploy -` and the like); an empty stdin is a spec error, not a silent no-op.
+/// `shoal completions` prints scripts for the shells clap knows.
+#[test]
+fn deploy_reads_stdin_and_completions_print_scripts() {
+    use std::io::Write as _;
+    let c = Cluster::start(1);
+    let run = |input: &str| {
+        let mut child = std::process::Command::new(common::SHOAL)
+            .args([
+                "deploy",
+                "-",
+                "--wait",
+                "--timeout",
+                "60",
+                "--api",
+                &c.agents[0].url(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = run(&web_spec("piped", 1, ""));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(healthy(&c.ps(0, "piped")).len(), 1);
+    let out = run("");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("service spec stdin"), "{err}");
+
+    for (shell, marker) in [
+        ("bash", "_shoal()"),
+        ("zsh", "#compdef shoal"),
+        ("fish", "complete -c shoal"),
+    ] {
+        let out = common::shoal_ok(&["completions", shell]);
+        assert!(
+            out.contains(marker) && out.contains("deploy"),
+            "{shell}: {out:.200}"
+        );
+    }
+    let out = shoal(&["completions", "tcsh"]);
+    assert_ne!(out.status.code(), Some(0));
+}

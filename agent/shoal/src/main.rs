@@ -108,6 +108,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: WorkloadCmd,
     },
+    /// Print a shell completion script: `shoal completions bash > /etc/bash_completion.d/shoal`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Benchmarks measured on this machine.
     Bench {
         #[command(subcommand)]
@@ -352,6 +357,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Workload {
             cmd: WorkloadCmd::Http(args),
         } => workload::run(args).await,
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "shoal", &mut std::io::stdout());
+            Ok(())
+        }
         Cmd::Bench { cmd } => match cmd {
             BenchCmd::Mesh(args) => {
                 init_logging("warn");

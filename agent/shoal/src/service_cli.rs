@@ -16,7 +16,7 @@ use crate::client::{table, Client, Format};
 pub enum ServiceCmd {
     /// Create or update a service from its spec file.
     Deploy {
-        /// The service spec (TOML), e.g. examples/services/web.toml.
+        /// The service spec (TOML), e.g. examples/services/web.toml; `-` reads it from stdin.
         file: PathBuf,
         /// Wait until every replica runs the new version and is healthy.
         #[arg(long)]
@@ -116,12 +116,20 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
             timeout,
             ..
         } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            let name = file.file_name().map_or_else(
-                || file.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            );
+            let (name, text) = if file.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .context("reading the spec from stdin")?;
+                ("stdin".to_string(), text)
+            } else {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let name = file.file_name().map_or_else(
+                    || file.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                );
+                (name, text)
+            };
             let v = c.deploy(&name, text).await?;
             for w in &v.warnings {
                 eprintln!("warning: {}", crate::client::printable(w));
