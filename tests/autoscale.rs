@@ -67,12 +67,13 @@ interval = "500ms"
     )
 }
 
-/// A bounded client: one request to `/burn` every 100 ms, round-robin over the
+/// A bounded client: one request to `/burn` every `period`, round-robin over the
 /// service's healthy endpoints (refreshed every half second), each burning
 /// `burn_ms` ± `noise` (a fraction) of CPU. Stops when `stop` is set.
 fn cpu_load(
     api: String,
     name: &'static str,
+    period: Duration,
     burn_ms: f64,
     noise: f64,
     stop: Arc<AtomicBool>,
@@ -108,7 +109,7 @@ fn cpu_load(
                 let _ = http_get(ep, &format!("/burn?ms={ms}"));
                 sent += 1;
             }
-            next += Duration::from_millis(100);
+            next += period;
             let now = Instant::now();
             if next > now {
                 std::thread::sleep(next - now);
@@ -147,10 +148,20 @@ fn cpu_load_scales_up_once_and_down_only_after_the_window_even_across_a_steward_
         "{err}"
     );
 
-    // 220 ms of CPU a second against a 50 ms (50% of 100m) target: 5 replicas.
-    // Each request's burn varies ±20%.
+    // 160 ms of CPU a second (8 requests of 20 ms, each ±20%) against a 50 ms (50% of
+    // 100m) target: 4 replicas, which then run at 40%. That is well inside the +10%
+    // before another scale-up even when a busy machine (the whole suite runs beside
+    // this test) makes the measured CPU read high, and one replica fewer would be
+    // over target, so the window holds 4.
     let stop = Arc::new(AtomicBool::new(false));
-    let load = cpu_load(c.agents[0].url(), "web", 22.0, 0.2, stop.clone());
+    let load = cpu_load(
+        c.agents[0].url(),
+        "web",
+        Duration::from_millis(125),
+        20.0,
+        0.2,
+        stop.clone(),
+    );
     let t = Instant::now();
     let scaled = wait_for("a scale-up", Duration::from_secs(30), || {
         let d = desired(&c, 0, "web");
@@ -208,7 +219,7 @@ fn cpu_load_scales_up_once_and_down_only_after_the_window_even_across_a_steward_
     // Load stops; halfway through the window the steward is killed.
     stop.store(true, Ordering::Relaxed);
     let sent = load.join().unwrap();
-    assert!(sent > 200, "the client ran ({sent} requests)");
+    assert!(sent > 150, "the client ran ({sent} requests)");
     let stopped = Instant::now();
     std::thread::sleep(Duration::from_secs(window / 2));
     let steward = service(&c, 0, "web").unwrap()["steward"]
