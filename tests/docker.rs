@@ -29,6 +29,18 @@ async fn engine() -> bollard::Docker {
 }
 
 /// Containers labelled with any of `nodes`.
+/// The locally built test image; fails loudly without Docker Engine.
+fn test_image() -> &'static str {
+    runtime().block_on(async {
+        let d = DockerDriver::connect("shoal-docker-test").await.unwrap_or_else(|e| {
+            panic!("this test needs Docker Engine on this machine (/var/run/docker.sock or $DOCKER_HOST): {e}")
+        });
+        ensure_test_image(&d)
+            .await
+            .unwrap_or_else(|e| panic!("cannot build the test image: {e}"))
+    })
+}
+
 fn containers_of(nodes: &[String]) -> Vec<String> {
     runtime().block_on(async {
         let docker = engine().await;
@@ -72,14 +84,7 @@ impl Drop for Cleanup {
 
 #[test]
 fn docker_services_run_with_limits_are_adopted_and_removed() {
-    let image = runtime().block_on(async {
-        let d = DockerDriver::connect("shoal-docker-test").await.unwrap_or_else(|e| {
-            panic!("this test needs Docker Engine on this machine (/var/run/docker.sock or $DOCKER_HOST): {e}")
-        });
-        ensure_test_image(&d)
-            .await
-            .unwrap_or_else(|e| panic!("cannot build the test image: {e}"))
-    });
+    let image = test_image();
     let prefix = format!("dk{}-", std::process::id());
     let mut c = Cluster::with(3, &prefix, true);
     let names: Vec<String> = c.agents.iter().map(|a| a.name.clone()).collect();
@@ -237,14 +242,7 @@ strategy = "spread"
 /// health-check target.
 #[test]
 fn docker_services_with_host_networking_serve_on_picked_ports() {
-    let image = runtime().block_on(async {
-        let d = DockerDriver::connect("shoal-docker-hostnet").await.unwrap_or_else(|e| {
-            panic!("this test needs Docker Engine on this machine (/var/run/docker.sock or $DOCKER_HOST): {e}")
-        });
-        ensure_test_image(&d)
-            .await
-            .unwrap_or_else(|e| panic!("cannot build the test image: {e}"))
-    });
+    let image = test_image();
     let prefix = format!("hn{}-", std::process::id());
     let mut c = Cluster::with(2, &prefix, true);
     let names: Vec<String> = c.agents.iter().map(|a| a.name.clone()).collect();

@@ -52,17 +52,6 @@ pub const DEFAULT_SCALE_DOWN_WINDOW_MS: u64 = 300_000;
 pub const DEFAULT_STARTUP_MS: u64 = 30_000;
 /// Default path of a replica's Prometheus endpoint.
 pub const DEFAULT_METRICS_PATH: &str = "/metrics";
-/// `[scaler]` keys the engine reads; every other key is a policy parameter.
-pub const ENGINE_KEYS: [&str; 8] = [
-    "policy",
-    "min",
-    "max",
-    "interval",
-    "scale_down_window",
-    "startup",
-    "metrics_port",
-    "metrics_path",
-];
 
 /// `scale/<service>`.
 pub fn scale_key(service: &str) -> String {
@@ -427,9 +416,7 @@ pub fn decide(
     let target = auto.clamp(target);
     if target == current {
         next.last = why;
-        if next.desired != current {
-            next.desired = current;
-        }
+        next.desired = current;
         return next;
     }
     next.desired = target;
@@ -458,7 +445,7 @@ fn clock(ms: u64) -> String {
     format!("{:02}:{:02}:{:02} UTC", s / 3600, (s / 60) % 60, s % 60)
 }
 
-/// Every scale state of a view's services, for the simulators and tests.
+/// Scale states by service, as [`crate::ClusterView`] holds them.
 pub type ScaleStates = BTreeMap<String, std::sync::Arc<ScaleState>>;
 
 #[cfg(test)]

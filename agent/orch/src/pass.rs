@@ -394,11 +394,6 @@ impl NodeOrch {
         })
     }
 
-    /// When this node last evaluated `service`'s scaler as its steward.
-    pub fn evaluated(&self, service: &str) -> Option<u64> {
-        self.evaluated.get(service).copied()
-    }
-
     /// One scheduler fact per member, with the member table's status.
     fn facts(&self, known: &BTreeMap<String, NodeFacts>) -> Vec<NodeFacts> {
         self.members
