@@ -98,6 +98,8 @@ fn docker_services_run_with_limits_are_adopted_and_removed() {
         r#"name = "api"
 driver = "docker"
 image = "{image}"
+# Not the host's docker0 bridge, which some machines lack.
+network = "host"
 replicas = 2
 reschedule_after = "5m"
 

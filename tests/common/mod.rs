@@ -229,13 +229,17 @@ impl Cluster {
             .arg(&a.data)
             .arg("--ca-dir")
             .arg(&self.ca)
-            .args(["--docker", if self.docker { "auto" } else { "off" }])
             .args(&a.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
         for j in &a.join {
             cmd.args(["--join", &j.to_string()]);
+        }
+        // An agent given its own engine (`--docker unix://…` in its extra flags)
+        // keeps it; the others follow the cluster's setting.
+        if !a.extra.iter().any(|x| x == "--docker") {
+            cmd.args(["--docker", if self.docker { "auto" } else { "off" }]);
         }
         let child = cmd.spawn().expect("starting shoal agent");
         self.agents[i].child = Some(child);

@@ -287,6 +287,15 @@ impl<P: Clone + Ord + Debug> Fetch<P> {
         &self.status
     }
 
+    /// The download on disk, once the manifest is known: what this node can already
+    /// serve to others fetching the same blob.
+    pub fn partial(&self) -> Option<&Partial> {
+        match &self.phase {
+            Phase::Chunks { partial, .. } => Some(partial),
+            _ => None,
+        }
+    }
+
     /// Whether the fetch is over (done or failed).
     pub fn is_over(&self) -> bool {
         !matches!(self.status, Status::Running)

@@ -1,7 +1,11 @@
 //! The serving side: answers blob requests from the local store.
 
 use crate::rate::RateLimiter;
-use crate::store::{BlobStore, StoreError};
+use crate::store::{BlobStore, Partial, StoreError};
+
+/// How long a fetcher should leave a peer alone that lacks a chunk it is itself
+/// still downloading.
+const PARTIAL_RETRY_MS: u64 = 150;
 use crate::wire::BlobMsg;
 
 /// Answers one request from `store`, or `None` if `req` is not a request.
@@ -122,6 +126,65 @@ impl Server {
         Some(answer)
     }
 
+    /// Answers `req` for a blob this node is still downloading, from `partial`: its
+    /// manifest, and the chunks verified so far. A chunk not here yet is answered
+    /// [`BlobMsg::Busy`] (ask another peer now, this one later), never
+    /// `NotFound`, which would make the fetcher drop this peer for the whole blob.
+    /// Uploads count against the same cap as complete blobs.
+    pub fn handle_partial(
+        &mut self,
+        req: &BlobMsg,
+        partial: &Partial,
+        now_ms: u64,
+    ) -> Option<BlobMsg> {
+        if !req.is_request() {
+            return None;
+        }
+        self.stats.requests += 1;
+        let answer = match *req {
+            BlobMsg::GetManifest { id } => BlobMsg::Manifest {
+                id,
+                manifest: partial.manifest().clone(),
+            },
+            BlobMsg::GetChunk { id, idx } => {
+                if !partial.has_chunk(idx) {
+                    return Some(BlobMsg::Busy {
+                        id,
+                        idx,
+                        retry_after_ms: PARTIAL_RETRY_MS,
+                    });
+                }
+                let len = partial.manifest().chunk_len(idx).unwrap_or(0);
+                if let Err(retry_after_ms) = self.limiter.try_take(u64::from(len), now_ms) {
+                    self.stats.busy += 1;
+                    return Some(BlobMsg::Busy {
+                        id,
+                        idx,
+                        retry_after_ms,
+                    });
+                }
+                match partial.read_chunk(idx) {
+                    Ok(bytes) => {
+                        self.stats.chunks_sent += 1;
+                        self.stats.bytes_sent += bytes.len() as u64;
+                        BlobMsg::Chunk { id, idx, bytes }
+                    }
+                    Err(e) => {
+                        self.stats.local_errors += 1;
+                        self.last_error = Some(e);
+                        BlobMsg::Busy {
+                            id,
+                            idx,
+                            retry_after_ms: PARTIAL_RETRY_MS,
+                        }
+                    }
+                }
+            }
+            _ => return None,
+        };
+        Some(answer)
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> &ServerStats {
         &self.stats
@@ -168,6 +231,44 @@ mod tests {
         );
         // Responses are not answered (no ping-pong between two agents).
         assert_eq!(serve(&store, &BlobMsg::NotFound { id }), None);
+    }
+
+    /// A download in progress serves its manifest and the chunks it has; for a chunk
+    /// it lacks it says Busy (ask elsewhere), never NotFound.
+    #[test]
+    fn partial_downloads_serve_what_they_have() {
+        let src = tempfile::tempdir().unwrap();
+        let source = BlobStore::open_with_chunk_size(src.path(), 4).unwrap();
+        let id = source.put_bytes(b"0123456789").unwrap();
+        let manifest = source.manifest(&id).unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let store = BlobStore::open_with_chunk_size(t.path(), 4).unwrap();
+        let mut partial = store.begin(&manifest).unwrap();
+        partial.write_chunk(1, b"4567").unwrap();
+        let mut server = Server::new(store, RateLimiter::unlimited());
+        let Some(BlobMsg::Manifest { manifest: m, .. }) =
+            server.handle_partial(&BlobMsg::GetManifest { id }, &partial, 0)
+        else {
+            panic!("no manifest");
+        };
+        assert_eq!(m.id(), id);
+        assert_eq!(
+            server.handle_partial(&BlobMsg::GetChunk { id, idx: 1 }, &partial, 0),
+            Some(BlobMsg::Chunk {
+                id,
+                idx: 1,
+                bytes: b"4567".to_vec()
+            })
+        );
+        assert!(matches!(
+            server.handle_partial(&BlobMsg::GetChunk { id, idx: 0 }, &partial, 0),
+            Some(BlobMsg::Busy { idx: 0, .. })
+        ));
+        assert_eq!(server.stats().bytes_sent, 4);
+        assert_eq!(
+            server.handle_partial(&BlobMsg::NotFound { id }, &partial, 0),
+            None
+        );
     }
 
     #[test]

@@ -765,6 +765,40 @@ impl Partial {
             .is_some_and(|b| b & (1 << (idx % 8)) != 0)
     }
 
+    /// Chunk `idx` if it is written and verified (checked against its hash again on
+    /// the way out), so a download in progress can serve what it already has.
+    pub fn read_chunk(&self, idx: u32) -> Result<Vec<u8>> {
+        let id = self.id();
+        let len = self
+            .manifest
+            .chunk_len(idx)
+            .ok_or(StoreError::NoSuchChunk {
+                id,
+                idx,
+                chunks: self.manifest.num_chunks(),
+            })?;
+        if !self.has_chunk(idx) {
+            return Err(StoreError::NoSuchChunk {
+                id,
+                idx,
+                chunks: self.manifest.num_chunks(),
+            });
+        }
+        let path = self.dir.join(DATA);
+        let mut f = File::open(&path).map_err(io_err("open", &path))?;
+        f.seek(SeekFrom::Start(self.manifest.chunk_offset(idx)))
+            .map_err(io_err("seek", &path))?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact(&mut buf).map_err(io_err("read", &path))?;
+        if self.manifest.verify_chunk(idx, &buf).is_err() {
+            return Err(StoreError::Corrupt {
+                id,
+                chunks: vec![idx],
+            });
+        }
+        Ok(buf)
+    }
+
     /// Indices of the chunks still missing, ascending.
     pub fn missing(&self) -> Vec<u32> {
         (0..self.manifest.num_chunks())

@@ -275,6 +275,8 @@ pub enum AllocState {
     /// Known but not started (e.g. the image is being fetched).
     #[default]
     Pending,
+    /// Its image is being fetched from peers (bytes in [`AllocReport::pull_bytes`]).
+    Pulling,
     /// Started, not yet running.
     Starting,
     /// Running.
@@ -322,6 +324,9 @@ pub struct AllocReport {
     /// services that name them), by metric name.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
+    /// While pulling: bytes of its image fetched so far and in all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pull_bytes: Option<[u64; 2]>,
     /// Start time (ms since the epoch).
     pub started_ms: u64,
     /// The driver's handle: container id (docker) or pid (process).

@@ -221,6 +221,19 @@ pub fn healthy_replicas(slots: &SlotMap, reports: &Reports, members: &Members) -
         .count() as u32
 }
 
+/// Whether two image references name the same tag (`app` is `app:latest`).
+fn same_image(a: &str, b: &str) -> bool {
+    fn tagged(r: &str) -> std::borrow::Cow<'_, str> {
+        let last = r.rsplit('/').next().unwrap_or(r);
+        if last.contains(':') {
+            r.into()
+        } else {
+            format!("{r}:latest").into()
+        }
+    }
+    tagged(a) == tagged(b)
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
@@ -620,11 +633,26 @@ impl<'a, 'i> Round<'a, 'i> {
                 }
             }
         }
+        // No registry is used: an image no live node holds (in its engine, or as
+        // pushed blobs) cannot start anywhere; say so rather than crash-loop.
+        let unavailable = spec.image().filter(|image| {
+            !self.snapshot.nodes.iter().any(|n| {
+                n.status == NodeStatus::Alive && n.images.iter().any(|i| same_image(i, image))
+            })
+        });
         let request = spec.to_request(self.needs.len() as u32);
-        let answer = scheduler(&self.snapshot, std::slice::from_ref(&request))
-            .into_iter()
-            .next()
-            .unwrap_or_default();
+        let answer = match unavailable {
+            Some(image) => Placed {
+                nodes: Vec::new(),
+                unplaced: Some(format!(
+                    "image {image} is on no live node: `shoal image push {image}` from an agent whose Docker Engine has it"
+                )),
+            },
+            None => scheduler(&self.snapshot, std::slice::from_ref(&request))
+                .into_iter()
+                .next()
+                .unwrap_or_default(),
+        };
         let mut fit = Fit::new(&self.snapshot);
         let reserved = Reservation {
             resources: spec.resources,
@@ -1048,6 +1076,58 @@ mod tests {
             // n1 has 4 cores: at most 4 one-core replicas, never five.
             assert!(placed < 5, "{answer:?}");
         }
+    }
+
+    /// A docker image that no live node holds waits with the reason; once one node
+    /// holds it (engine or pushed blobs), replicas are placed.
+    #[test]
+    fn an_image_no_live_node_holds_waits_with_the_reason() {
+        let text = "name = \"web\"\ndriver = \"docker\"\nimage = \"app\"\nreplicas = 2\n";
+        let spec = ServiceSpec::from_toml("web.toml", text).unwrap();
+        let record = live(&spec, 1, 2);
+        let (mut facts, mut members) = nodes(2);
+        // Held only by a node that is down: does not count.
+        facts[1].images = vec!["app:latest".into()];
+        facts[1].status = NodeStatus::Down;
+        members.get_mut("n2").unwrap().status = NodeStatus::Down;
+        let mut asked = 0;
+        let mut sched = |_: &Snapshot, _: &[PlacementRequest]| {
+            asked += 1;
+            vec![Placed {
+                nodes: vec!["n1".into(), "n1".into()],
+                unplaced: None,
+            }]
+        };
+        let out = run(
+            Some(&record),
+            &SlotMap::new(),
+            &Reports::new(),
+            &members,
+            &facts,
+            0,
+            &mut sched,
+        );
+        let slots: Vec<Slot> = out.writes.iter().map(decode_slot).collect();
+        assert_eq!(slots.len(), 2);
+        for s in &slots {
+            assert!(s.current.is_none());
+            let why = s.reason.as_deref().unwrap();
+            assert!(why.contains("image app is on no live node"), "{why}");
+            assert!(why.contains("shoal image push app"), "{why}");
+        }
+        facts[0].images = vec!["app:latest".into()];
+        let out = run(
+            Some(&record),
+            &SlotMap::new(),
+            &Reports::new(),
+            &members,
+            &facts,
+            0,
+            &mut sched,
+        );
+        let slots: Vec<Slot> = out.writes.iter().map(decode_slot).collect();
+        assert!(slots.iter().all(|s| s.current.is_some()), "{slots:?}");
+        assert_eq!(asked, 1);
     }
 
     #[test]

@@ -268,6 +268,38 @@ impl DockerDriver {
         Ok(out)
     }
 
+    /// The id (`sha256:…`) of `image` on this node, or `None` if it is not here.
+    pub async fn image_id(&self, image: &str) -> Result<Option<String>, DriverError> {
+        match self.docker.inspect_image(image).await {
+            Ok(i) => Ok(i.id),
+            Err(e) if status_code(&e) == Some(404) => Ok(None),
+            Err(e) => Err(docker_err(format!("inspect image {image}"))(e)),
+        }
+    }
+
+    /// The layer diff ids (bottom first) of every image on this node: a layer is
+    /// in the engine when some image's list starts with it and everything below it.
+    pub async fn layer_stacks(&self) -> Result<Vec<Vec<String>>, DriverError> {
+        let list = self
+            .docker
+            .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+            .await
+            .map_err(docker_err("list images"))?;
+        let mut out = Vec::new();
+        for i in list {
+            match self.docker.inspect_image(&i.id).await {
+                Ok(info) => {
+                    if let Some(layers) = info.root_fs.and_then(|r| r.layers) {
+                        out.push(layers);
+                    }
+                }
+                Err(e) if status_code(&e) == Some(404) => {}
+                Err(e) => return Err(docker_err(format!("inspect image {}", i.id))(e)),
+            }
+        }
+        Ok(out)
+    }
+
     /// True if `image` is present on this node.
     pub async fn has_image(&self, image: &str) -> Result<bool, DriverError> {
         match self.docker.inspect_image(image).await {

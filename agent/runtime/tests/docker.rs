@@ -76,9 +76,12 @@ fn spec(alloc: &str, image: &str) -> WorkloadSpec {
         slot: 3,
         version: 7,
         alloc_id: alloc.into(),
+        // Host networking: these tests must not depend on the host's `docker0`
+        // bridge, which some machines lack; bridge networking is tested on an
+        // engine with a bridge of its own (`a_fixed_host_port_is_published_as_asked`).
         kind: WorkloadKind::Docker {
             image: image.into(),
-            host_network: false,
+            host_network: true,
         },
         env: BTreeMap::new(),
         ports: vec![PortSpec {
@@ -140,9 +143,10 @@ async fn a_container_serves_http_with_its_limits_labels_and_logs() {
         http_get(port, "/env/SHOAL_ALLOC_ID").await,
         Some((200, "main-a1".to_string()))
     );
+    // Host networking: the workload is told the host port it must listen on.
     assert_eq!(
         http_get(port, "/env/PORT_HTTP").await,
-        Some((200, "8080".to_string()))
+        Some((200, port.to_string()))
     );
 
     // What the engine actually applied.
@@ -231,7 +235,10 @@ async fn a_container_serves_http_with_its_limits_labels_and_logs() {
             .bytes,
     )
     .expect("utf8");
-    assert!(logs.contains("listening on port 8080"), "stdout: {logs}");
+    assert!(
+        logs.contains(&format!("listening on port {port}")),
+        "stdout: {logs}"
+    );
     assert!(logs.contains("GET /healthz -> 200 OK"), "stderr: {logs}");
     let last = adopted
         .logs("main-a1", LogQuery::tail(1))
@@ -312,19 +319,47 @@ async fn an_exit_is_reported_with_its_code_and_a_restart_replaces_it() {
         .expect("stop");
 }
 
-#[tokio::test]
-async fn a_fixed_host_port_is_published_as_asked() {
-    let n = node("fixed");
-    let (d, _cleanup) = setup(&n).await;
-    let mut s = spec("fixed-a1", TEST_IMAGE);
-    let port = free_port();
-    s.ports[0].host_port = Some(port);
-    let st = d.start(&s).await.expect("start");
-    assert_eq!(st.ports, vec![("http".to_string(), port)]);
-    wait_healthy(port).await;
-    d.stop("fixed-a1", Duration::from_secs(5))
-        .await
-        .expect("stop");
+/// Bridge networking with the engine's port mapping, on an engine whose bridge is
+/// made for the test: a fixed host port is published as asked and reaches the
+/// container's port, and a dynamic one is picked by the engine.
+#[test]
+fn a_fixed_host_port_is_published_as_asked() {
+    let engine = shoal_runtime::testutil::Engine::start_with_bridge();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut opts = engine.options(&node("fixed"));
+        opts.publish_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let d = DockerDriver::connect_with(opts)
+            .await
+            .expect("the extra engine");
+        ensure_test_image(&d)
+            .await
+            .expect("building the test image there");
+        let mut s = spec("fixed-a1", TEST_IMAGE);
+        s.kind = WorkloadKind::Docker {
+            image: TEST_IMAGE.into(),
+            host_network: false,
+        };
+        let port = free_port();
+        s.ports[0].host_port = Some(port);
+        let st = d.start(&s).await.expect("start");
+        assert_eq!(st.ports, vec![("http".to_string(), port)]);
+        wait_healthy(port).await;
+        let mut dynamic = s.clone();
+        dynamic.alloc_id = "fixed-a2".into();
+        dynamic.ports[0].host_port = None;
+        let st2 = d.start(&dynamic).await.expect("start");
+        let [(_, picked)] = st2.ports.as_slice() else {
+            panic!("one port expected: {:?}", st2.ports)
+        };
+        wait_healthy(*picked).await;
+        for id in ["fixed-a1", "fixed-a2"] {
+            d.stop(id, Duration::from_secs(5)).await.expect("stop");
+        }
+    });
 }
 
 /// With host networking there is no mapping: the driver picks a host port, tells

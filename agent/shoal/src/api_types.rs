@@ -214,4 +214,70 @@ pub struct BlobView {
     pub chunks_done: u32,
     /// Chunks in all, once the manifest is known.
     pub chunks_total: Option<u32>,
+    /// Bytes held (its size when held; verified chunk bytes while fetching).
+    #[serde(default)]
+    pub bytes: u64,
+}
+
+/// `1.5 GiB`, `12.0 MiB`, `512 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// One pushed image, as `shoal image ls` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageView {
+    /// `name:tag`.
+    pub reference: String,
+    /// Image id (`sha256:…` of its config).
+    pub id: String,
+    /// Bytes of its layers.
+    pub size: u64,
+    /// Number of layers.
+    pub layers: usize,
+    /// Node that pushed it.
+    pub pushed_by: String,
+    /// When (ms since the epoch).
+    pub pushed_ms: u64,
+    /// `--to` of the push, if any.
+    pub preheat: Option<String>,
+    /// Live nodes holding every blob of it (they serve it to others).
+    pub holders: Vec<String>,
+    /// Live nodes holding some of its blobs (fetching, or collected in part).
+    pub partial: Vec<String>,
+    /// Live nodes whose Docker Engine has it loaded.
+    pub engines: Vec<String>,
+    /// Nodes with a replica waiting for it, and their progress.
+    pub pulling: Vec<PullView>,
+}
+
+/// A pull under way on one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullView {
+    /// The node.
+    pub node: String,
+    /// Bytes fetched.
+    pub done: u64,
+    /// Bytes to fetch.
+    pub total: u64,
+}
+
+/// The answer to `DELETE /v1/images/<reference>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRemoved {
+    /// The reference removed.
+    pub removed: String,
+    /// What the operator should know (services still using it).
+    pub warnings: Vec<String>,
 }

@@ -86,13 +86,7 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
-        let resp = req.send().await.map_err(|e| {
-            anyhow!(
-                "cannot reach the shoal agent at {}: {} (is `shoal agent` running there? set --api or SHOAL_API)",
-                self.base,
-                root_cause(&e)
-            )
-        })?;
+        let resp = req.send().await.map_err(|e| self.unreachable(&e))?;
         let status = resp.status();
         let body = resp.bytes().await.context("reading the agent's answer")?;
         if status != StatusCode::OK {
@@ -106,6 +100,72 @@ impl Client {
             .into());
         }
         serde_json::from_slice(&body).context("the agent's answer is not the expected JSON")
+    }
+
+    /// `POST /v1/images`: starts a push; the answer streams progress lines.
+    pub async fn image_push(
+        &self,
+        reference: &str,
+        to: Option<&str>,
+        replace: bool,
+    ) -> anyhow::Result<reqwest::Response> {
+        let req = self
+            .http
+            .post(format!("{}/v1/images", self.base))
+            // A push of several GB takes as long as it takes; progress lines keep coming.
+            .timeout(std::time::Duration::from_secs(24 * 3600))
+            .json(&serde_json::json!({ "reference": reference, "to": to, "replace": replace }));
+        let resp = req.send().await.map_err(|e| self.unreachable(&e))?;
+        let status = resp.status();
+        if status != StatusCode::OK {
+            let body = resp.bytes().await.context("reading the agent's answer")?;
+            let message = serde_json::from_slice::<ErrorView>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(AgentError {
+                status: status.as_u16(),
+                message,
+            }
+            .into());
+        }
+        Ok(resp)
+    }
+
+    /// `GET /v1/images`.
+    pub async fn images(&self) -> anyhow::Result<Vec<crate::api_types::ImageView>> {
+        self.send(self.http.get(format!("{}/v1/images", self.base)))
+            .await
+    }
+
+    /// `DELETE /v1/images/<reference>`.
+    pub async fn image_rm(
+        &self,
+        reference: &str,
+    ) -> anyhow::Result<crate::api_types::ImageRemoved> {
+        self.send(
+            self.http
+                .delete(format!("{}/v1/images/{reference}", self.base)),
+        )
+        .await
+    }
+
+    /// `POST /v1/pulls`: the agent's engine gets the image from peers.
+    pub async fn image_pull(&self, reference: &str) -> anyhow::Result<serde_json::Value> {
+        self.send(
+            self.http
+                .post(format!("{}/v1/pulls", self.base))
+                .timeout(std::time::Duration::from_secs(24 * 3600))
+                .json(&serde_json::json!({ "reference": reference })),
+        )
+        .await
+    }
+
+    fn unreachable(&self, e: &reqwest::Error) -> anyhow::Error {
+        anyhow!(
+            "cannot reach the shoal agent at {}: {} (is `shoal agent` running there? set --api or SHOAL_API)",
+            self.base,
+            root_cause(e)
+        )
     }
 
     /// `GET /v1/nodes`.

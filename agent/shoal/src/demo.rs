@@ -155,6 +155,8 @@ async fn start_and_show(
             )
             .expect("the default domain is valid"),
             perf: crate::agent::config::Perf::default(),
+            blob_cap: None,
+            blob_gc_grace: crate::agent::config::DEFAULT_BLOB_GC_GRACE,
             tuning: Tuning {
                 cluster_size: Some(args.nodes as u32),
                 ..Tuning::default()

@@ -11,6 +11,7 @@ mod bench;
 mod client;
 mod demo;
 mod discover_cli;
+mod image_cli;
 mod kv_cli;
 mod plugin_cli;
 mod service_cli;
@@ -74,6 +75,13 @@ enum Cmd {
     Plugin {
         #[command(subcommand)]
         cmd: plugin_cli::PluginCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Container images carried by the mesh: push, ls, pull, rm.
+    Image {
+        #[command(subcommand)]
+        cmd: image_cli::ImageCmd,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -146,6 +154,8 @@ enum BenchCmd {
     Freshness(bench::discovery::FreshnessBenchArgs),
     /// From a load step to the autoscaler's decision and new replicas healthy; flaps under steady noisy load.
     Scale(bench::scale::ScaleBenchArgs),
+    /// A layer to N agents with capped uploads: swarm vs one server; push + pull vs docker save | load.
+    Images(bench::images::ImagesBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -239,6 +249,12 @@ struct AgentArgs {
     /// TTL of DNS answers in seconds [default: 1].
     #[arg(long, value_name = "SECS")]
     dns_ttl: Option<u32>,
+    /// Disk cap of the blob store (e.g. 20Gi): unreferenced blobs are evicted first, pushes that cannot fit are refused [default: none].
+    #[arg(long, value_name = "SIZE")]
+    blob_cap: Option<String>,
+    /// Keep blobs no image or plugin names this long before removing them [default: 10m].
+    #[arg(long, value_name = "DURATION")]
+    blob_gc_grace: Option<String>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -274,7 +290,9 @@ impl AgentArgs {
             log_max_files,
             dns,
             dns_domain,
-            dns_ttl
+            dns_ttl,
+            blob_cap,
+            blob_gc_grace
         );
         f.api_hosts.extend(self.api_host);
         if self.drain_on_exit {
@@ -333,6 +351,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             demo::run(args).await
         }
         Cmd::Plugin { cmd, client } => plugin_cli::run(cmd, &client.api, client.output).await,
+        Cmd::Image { cmd, client } => image_cli::run(cmd, &client.api, client.output).await,
         Cmd::Service(cmd) => service_cli::run(cmd).await,
         Cmd::Nodes {
             snapshot: true,
@@ -398,6 +417,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCmd::Scale(args) => {
                 init_logging("warn");
                 bench::scale::run_scale(args).await
+            }
+            BenchCmd::Images(args) => {
+                init_logging("warn");
+                bench::images::run_images(args).await
             }
         },
         Cmd::Ca { cmd } => match cmd {

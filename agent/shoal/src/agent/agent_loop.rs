@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use super::blobs::{BlobCmd, BlobEvent};
 use super::channels::Channels;
-use super::commands::{Command, KvCommand, PluginCommand, ServiceCommand};
+use super::commands::{Command, ImageCommand, KvCommand, PluginCommand, ServiceCommand};
 use super::config::AgentConfig;
 use super::executor::ExecEvent;
 use super::host_probe::Resources;
@@ -535,6 +535,25 @@ impl AgentLoop {
                 self.put_durable(&key, None, reply, |_| ());
             }
             Command::Service(cmd) => self.on_service(cmd),
+            Command::Image(ImageCommand::Put { record, reply }) => {
+                let key = shoal_image::ImageRecord::key(&record.reference);
+                match serde_json::to_vec(&record) {
+                    Ok(v) => self.put_durable(&key, Some(v), reply, move |_| *record),
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::Storage(e.to_string())));
+                    }
+                }
+            }
+            Command::Image(ImageCommand::Remove { reference, reply }) => {
+                let key = shoal_image::ImageRecord::key(&reference);
+                if self.node.state().value(&key).is_none() {
+                    let _ = reply.send(Err(ApiError::NotFound(format!(
+                        "no image {reference} was pushed (`shoal image ls` lists them)"
+                    ))));
+                    return;
+                }
+                self.put_durable(&key, None, reply, |_| ());
+            }
         }
     }
 
@@ -636,18 +655,31 @@ impl AgentLoop {
         }
     }
 
+    /// Writes (or deletes) a node-owned marker key, unless it already is so.
+    fn mark(&mut self, key: &str, on: bool) {
+        if self.node.state().value(key).is_some() == on {
+            return;
+        }
+        let now = self.now();
+        if let Err(e) = self.node.put(key, on.then(Vec::new), now) {
+            tracing::warn!(key, "writing a blob advertisement failed: {e}");
+        }
+    }
+
     fn on_blob(&mut self, ev: BlobEvent) {
         match ev {
             BlobEvent::Holds(id) => {
-                let key = keys::blob_advert_key(&self.cfg.name, &id);
-                if self.node.state().value(&key).is_none() {
-                    let now = self.now();
-                    if let Err(e) = self.node.put(&key, Some(Vec::new()), now) {
-                        tracing::warn!("advertising blob {id} failed: {e}");
-                    }
-                }
+                self.mark(&keys::blob_advert_key(&self.cfg.name, &id), true);
+                self.mark(&keys::blob_part_key(&self.cfg.name, &id), false);
+            }
+            BlobEvent::Fetching(id) => {
+                self.mark(&keys::blob_part_key(&self.cfg.name, &id), true);
+            }
+            BlobEvent::Dropped(id) => {
+                self.mark(&keys::blob_advert_key(&self.cfg.name, &id), false);
             }
             BlobEvent::Fetched { id, result } => {
+                self.mark(&keys::blob_part_key(&self.cfg.name, &id), false);
                 let effects = self.plugins.on_fetched(&id, &result);
                 self.run_effects(effects);
                 self.refresh_plugin_rows();
@@ -734,6 +766,16 @@ impl AgentLoop {
             };
             self.run_effects(effects);
             self.refresh_plugin_rows();
+        }
+        if let Some((owner, id)) = touched.blob_partial {
+            if owner != self.cfg.name {
+                if let Ok(id) = id.parse::<BlobId>() {
+                    let _ = self
+                        .out
+                        .blobs
+                        .try_send(BlobCmd::AddPeer { id, peer: owner });
+                }
+            }
         }
         if let Some((owner, id)) = touched.blob_advert {
             if owner != self.cfg.name {

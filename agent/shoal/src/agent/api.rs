@@ -41,6 +41,8 @@ pub struct AppState {
     pub blobs: mpsc::Sender<BlobCmd>,
     /// What the blob worker holds and fetches.
     pub blob_status: watch::Receiver<Arc<BlobStatus>>,
+    /// The image task (pushes and pulls).
+    pub images: mpsc::Sender<super::images::ImageCmd>,
     /// The policy host (validation and `plugin eval` run here, off the loop).
     pub host: Arc<PolicyHost>,
     /// The runtime drivers (logs of local allocations).
@@ -257,6 +259,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
         &resolver,
         app.dns_stats.as_deref(),
     ));
+    text.push_str(&super::metrics::render_blobs(&app.blob_status.borrow()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -556,6 +559,7 @@ pub fn router(state: AppState, guard: HttpGuard) -> Router {
         .route("/v1/services/{name}/logs", get(service_logs))
         .route("/v1/allocs/{id}/logs", get(alloc_logs))
         .merge(super::discovery::routes())
+        .merge(super::image_api::routes())
         .route("/v1/blobs", get(blob_list))
         .route("/v1/blobs/{id}/fetch", post(blob_fetch))
         .with_state(state)

@@ -20,6 +20,26 @@ pub enum Command {
     Plugin(PluginCommand),
     /// Services.
     Service(ServiceCommand),
+    /// Image records.
+    Image(ImageCommand),
+}
+
+/// `shoal image push` (once the blobs are stored) and `shoal image rm`.
+pub enum ImageCommand {
+    /// Write an image record.
+    Put {
+        /// The record.
+        record: Box<shoal_image::ImageRecord>,
+        /// Answer.
+        reply: oneshot::Sender<Result<shoal_image::ImageRecord, ApiError>>,
+    },
+    /// Delete an image record (its blobs are collected after the grace).
+    Remove {
+        /// `name:tag`.
+        reference: String,
+        /// Answer.
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
 }
 
 /// `shoal kv put` and `rm`.

@@ -75,6 +75,8 @@ pub struct Perf {
     pub blob_inbox: usize,
     /// Blob worker events waiting for the loop.
     pub blob_events: usize,
+    /// Pushes and pulls waiting for the image task.
+    pub image_requests: usize,
     /// Batches waiting to be persisted.
     pub persist_queue: usize,
     /// Finished plugin compiles waiting for the loop.
@@ -101,6 +103,7 @@ impl Default for Perf {
             exec_events: 1024,
             blob_inbox: 1024,
             blob_events: 256,
+            image_requests: 256,
             persist_queue: 1024,
             compile_results: 16,
             pass_results: 4,
@@ -121,6 +124,7 @@ impl Perf {
             ("perf.exec_events", self.exec_events),
             ("perf.blob_inbox", self.blob_inbox),
             ("perf.blob_events", self.blob_events),
+            ("perf.image_requests", self.image_requests),
             ("perf.persist_queue", self.persist_queue),
             ("perf.compile_results", self.compile_results),
             ("perf.pass_results", self.pass_results),
@@ -195,6 +199,11 @@ pub struct FileConfig {
     pub dns_domain: Option<String>,
     /// TTL of DNS answers, in seconds [default: 1].
     pub dns_ttl: Option<u32>,
+    /// Disk cap of the blob store (`20Gi`); unset: no cap.
+    pub blob_cap: Option<String>,
+    /// How long a blob no image record or plugin binding names is kept (`10m` by
+    /// default).
+    pub blob_gc_grace: Option<String>,
     /// Timing overrides.
     #[serde(default)]
     pub tuning: Tuning,
@@ -285,11 +294,18 @@ pub struct AgentConfig {
     pub dns: Option<SocketAddr>,
     /// DNS domain and TTL.
     pub dns_config: shoal_discovery::DnsConfig,
+    /// Disk cap of the blob store in bytes (`None`: no cap).
+    pub blob_cap: Option<u64>,
+    /// How long an unreferenced blob is kept.
+    pub blob_gc_grace: Duration,
     /// Timing overrides.
     pub tuning: Tuning,
     /// Queue sizes and loop thresholds.
     pub perf: Perf,
 }
+
+/// How long a blob nothing references is kept before it is removed.
+pub const DEFAULT_BLOB_GC_GRACE: Duration = Duration::from_secs(600);
 
 /// Default DNS port (Consul's, so tooling that knows Consul finds it).
 pub const DEFAULT_DNS_PORT: u16 = 8600;
@@ -505,8 +521,30 @@ impl AgentConfig {
                     field: "dns_domain",
                     reason,
                 })?;
+        let blob_cap = match &f.blob_cap {
+            None => None,
+            Some(text) => Some(
+                shoal_orch::parse_size(text)
+                    .filter(|b| *b >= 1 << 20)
+                    .ok_or_else(|| ConfigError::Invalid {
+                        field: "blob_cap",
+                        reason: format!("{text:?} is not a size of at least 1Mi (e.g. 20Gi)"),
+                    })?,
+            ),
+        };
+        let blob_gc_grace = match &f.blob_gc_grace {
+            None => DEFAULT_BLOB_GC_GRACE,
+            Some(text) => shoal_orch::parse_duration_ms(text)
+                .map(Duration::from_millis)
+                .ok_or_else(|| ConfigError::Invalid {
+                    field: "blob_gc_grace",
+                    reason: format!("{text:?} is not a duration (e.g. 10m, 30s)"),
+                })?,
+        };
         f.perf.check()?;
         Ok(AgentConfig {
+            blob_cap,
+            blob_gc_grace,
             dns,
             dns_config,
             perf: f.perf,

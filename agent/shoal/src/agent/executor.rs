@@ -31,6 +31,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api_types::human_bytes;
+
 /// How often driver state is polled and due work is done.
 const TICK: Duration = Duration::from_millis(250);
 /// How often CPU and memory are sampled.
@@ -43,6 +45,8 @@ const AUTOSCALED_EVERY: Duration = Duration::from_secs(1);
 const SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
 /// At most this much of a metrics page is read.
 const SCRAPE_MAX_BYTES: usize = 1 << 20;
+/// A report whose only change is pull progress is republished at most this often.
+const PULL_EVERY: Duration = Duration::from_secs(1);
 /// A report whose only change is CPU or memory is republished at most this often.
 const METRICS_EVERY: Duration = Duration::from_secs(10);
 /// How long after a start a replica's listening address is looked up every tick,
@@ -110,6 +114,8 @@ pub struct Runtimes {
     pub docker: Result<Arc<dyn Runtime>, String>,
     /// The same docker driver, for what only Docker has (the images it holds).
     pub engine: Option<Arc<shoal_runtime::DockerDriver>>,
+    /// The image task: docker images are pulled from peers before a start.
+    pub images: Option<super::images::ImageHandle>,
 }
 
 impl Runtimes {
@@ -441,8 +447,23 @@ impl Executor {
         a.status = None;
         let tx = self.done_tx.clone();
         let id = id.to_string();
+        // A docker image the engine lacks is pulled from peers first (the report
+        // says `pulling` meanwhile).
+        let images = match &spec.kind {
+            WorkloadKind::Docker { image, .. } => {
+                self.runtimes.images.clone().map(|h| (h, image.clone()))
+            }
+            WorkloadKind::Process { .. } => None,
+        };
         self.tracker.spawn(async move {
-            let r = driver.start(&spec).await.map_err(|e| e.to_string());
+            let pulled = match &images {
+                Some((h, image)) => h.ensure(image).await,
+                None => Ok(()),
+            };
+            let r = match pulled {
+                Ok(()) => driver.start(&spec).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
             let _ = tx.send(Done::Started(id, r)).await;
         });
     }
@@ -978,7 +999,21 @@ impl Executor {
     }
 
     fn report(&self, a: &Alloc) -> AllocReport {
+        let pull = match (&a.phase, &self.runtimes.images) {
+            (Phase::Starting, Some(h)) => a
+                .desired
+                .as_ref()
+                .and_then(|d| d.workload.as_ref().ok())
+                .and_then(|w| match &w.kind {
+                    WorkloadKind::Docker { image, .. } => {
+                        h.progress(image).map(|p| (image.clone(), p))
+                    }
+                    WorkloadKind::Process { .. } => None,
+                }),
+            _ => None,
+        };
         let state = match &a.phase {
+            Phase::Starting if pull.is_some() => AllocState::Pulling,
             Phase::Starting => AllocState::Starting,
             Phase::Running => match a.status.as_ref().map(|s| &s.state) {
                 Some(RunState::Running) => AllocState::Running,
@@ -1012,7 +1047,15 @@ impl Executor {
             ports,
             local_only,
             restarts: a.restarts,
-            reason: a.reason.clone(),
+            reason: match &pull {
+                Some((image, [done, total])) => Some(format!(
+                    "pulling image {image} from peers: {} of {}",
+                    human_bytes(*done),
+                    human_bytes(*total)
+                )),
+                None => a.reason.clone(),
+            },
+            pull_bytes: pull.map(|(_, p)| p),
             cpu_percent: (a.usage.cpu_percent * 10.0).round() / 10.0,
             memory_bytes: a.usage.memory_bytes,
             metrics: a.custom.clone(),
@@ -1039,6 +1082,13 @@ impl Executor {
                     same.cpu_percent = old.cpu_percent;
                     same.memory_bytes = old.memory_bytes;
                     same.metrics = old.metrics.clone();
+                    // Pull progress is republished once a second, not every tick.
+                    let pulling = r.pull_bytes.is_some() && old.pull_bytes.is_some();
+                    if pulling {
+                        same.pull_bytes = old.pull_bytes;
+                        same.reason = old.reason.clone();
+                    }
+                    let every = if pulling { PULL_EVERY } else { every };
                     same != *old || (r != *old && at.elapsed() >= every)
                 }
             };
@@ -1248,6 +1298,7 @@ mod tests {
                 process: mem.clone(),
                 docker: Err("none in tests".into()),
                 engine: None,
+                images: None,
             };
             let (desired, rx) = watch::channel(Desired::default());
             let (tx, events) = mpsc::channel(256);

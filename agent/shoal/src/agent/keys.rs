@@ -11,16 +11,18 @@
 //! | `node/<n>/images` | image names (JSON array) | node n, from its Docker Engine |
 //! | `node/<n>/plugins` | [`PluginRow`]s | node n, when its plugin states change |
 //! | `node/<n>/blob/<id>` | empty: n holds blob `id` | node n |
+//! | `node/<n>/blobpart/<id>` | empty: n is fetching blob `id`, serves what it has | node n |
 //! | `node/<n>/alloc/<alloc id>` | `shoal_orch::AllocReport` | node n's executor |
 //! | `node/<n>/rollout/<service>` | `shoal_orch::PublishedRollout` | n, as steward |
+//! | `image/<name:tag>` | `shoal_image::ImageRecord` | `image push` / `rm` |
 //! | `node/<n>/left` | leave time | node n, on a graceful leave |
 //! | anything else | user kv | `shoal kv` |
 //!
 //! The orchestration records (`service/`, `alloc/`, reports, rollouts) belong to
 //! `shoal-orch`, whose keys and decoders this module re-exports.
 //!
-//! **Namespaces.** Internal records live under the prefixes above (plus `image/`,
-//! `scale/`, `event/` and `shoal/`, reserved for the subsystems that come next), each
+//! **Namespaces.** Internal records live under the prefixes above (plus `scale/`,
+//! `event/` and `shoal/`), each
 //! changed by operators only through its command. User kv is everything else:
 //! `/v1/kv` and `shoal kv` read and write only user keys and refuse internal ones
 //! with the command to use instead; `kv ls --internal` shows internal records
@@ -52,6 +54,8 @@ pub const IMAGES: &str = "images";
 pub const PLUGINS: &str = "plugins";
 /// Infix of blob advertisements: `node/<n>/blob/<id>`.
 const BLOB_INFIX: &str = "/blob/";
+/// Infix of partial-blob advertisements: `node/<n>/blobpart/<id>`.
+const BLOB_PART_INFIX: &str = "/blobpart/";
 
 /// `node/<node>/<suffix>`.
 pub fn node_key(node: &str, suffix: &str) -> String {
@@ -61,6 +65,12 @@ pub fn node_key(node: &str, suffix: &str) -> String {
 /// `node/<node>/blob/<id>`: `node` holds blob `id`.
 pub fn blob_advert_key(node: &str, id: &BlobId) -> String {
     format!("{NODE_PREFIX}{node}{BLOB_INFIX}{id}")
+}
+
+/// `node/<node>/blobpart/<id>`: `node` is downloading blob `id` and serves the
+/// chunks it has.
+pub fn blob_part_key(node: &str, id: &BlobId) -> String {
+    format!("{NODE_PREFIX}{node}{BLOB_PART_INFIX}{id}")
 }
 
 /// The cluster-state key of a plugin binding.
@@ -160,8 +170,20 @@ pub enum Key<'a> {
         /// The blob (still text: a bad id is refused when used).
         id: &'a str,
     },
+    /// `node` is downloading blob `id` (and serves the chunks it has).
+    BlobPart {
+        /// The node.
+        node: &'a str,
+        /// The blob (text).
+        id: &'a str,
+    },
     /// A plugin binding.
     Binding,
+    /// An image record (`image/<reference>`).
+    Image {
+        /// `name:tag`.
+        reference: &'a str,
+    },
     /// User kv.
     User,
     /// An internal key shoal does not (yet) read.
@@ -182,6 +204,11 @@ pub fn classify(key: &str) -> Key<'_> {
                 return Key::BlobAdvert { node, id };
             }
         }
+        if let Some((node, id)) = rest.split_once(BLOB_PART_INFIX) {
+            if !node.is_empty() && !node.contains('/') && !id.contains('/') {
+                return Key::BlobPart { node, id };
+            }
+        }
         if let Some((node, suffix)) = rest.split_once('/') {
             if !node.is_empty() && !suffix.contains('/') {
                 return Key::Node { node, suffix };
@@ -191,6 +218,9 @@ pub fn classify(key: &str) -> Key<'_> {
     }
     if key.starts_with(PLUGIN_PREFIX) {
         return Key::Binding;
+    }
+    if let Some(reference) = key.strip_prefix(shoal_image::IMAGE_PREFIX) {
+        return Key::Image { reference };
     }
     if is_user(key) {
         Key::User
@@ -307,6 +337,6 @@ mod tests {
             Key::Binding
         );
         assert_eq!(classify("app/color"), Key::User);
-        assert_eq!(classify("image/x"), Key::Other);
+        assert_eq!(classify("image/app:1"), Key::Image { reference: "app:1" });
     }
 }

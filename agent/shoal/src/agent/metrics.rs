@@ -332,6 +332,41 @@ fn label(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The blob families: bytes served, fetched and held, blobs collected.
+pub fn render_blobs(b: &super::blobs::BlobStatus) -> String {
+    let mut o = String::new();
+    for (name, kind, help, v) in [
+        (
+            "shoal_blob_served_bytes_total",
+            "counter",
+            "Blob chunk bytes sent to peers.",
+            b.served_bytes,
+        ),
+        (
+            "shoal_blob_fetched_bytes_total",
+            "counter",
+            "Blob chunk bytes received from peers.",
+            b.fetched_bytes,
+        ),
+        (
+            "shoal_blob_held_bytes",
+            "gauge",
+            "Bytes of the blobs this agent holds.",
+            b.held_bytes,
+        ),
+        (
+            "shoal_blob_collected_total",
+            "counter",
+            "Unreferenced blobs removed by garbage collection.",
+            b.collected,
+        ),
+    ] {
+        family(&mut o, name, kind, help);
+        let _ = writeln!(o, "{name} {v}");
+    }
+    o
+}
+
 /// The discovery and DNS families: catalog generation and size, and (when DNS is on)
 /// the server's counters.
 pub fn render_discovery(

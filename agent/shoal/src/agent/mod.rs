@@ -33,6 +33,8 @@ pub mod discovery;
 pub mod executor;
 pub mod host_probe;
 pub mod http_guard;
+pub mod image_api;
+pub mod images;
 pub mod keys;
 pub mod metrics;
 pub mod orchestrate;
@@ -119,7 +121,8 @@ async fn open_runtimes(cfg: &AgentConfig) -> anyhow::Result<executor::Runtimes> 
     let engine: Result<Arc<shoal_runtime::DockerDriver>, String> = match socket {
         Some(socket) => {
             let mut opts = shoal_runtime::DockerOptions::new(cfg.name.clone());
-            opts.timeout = Duration::from_secs(60);
+            // `docker save` and `docker load` of a large image are single requests.
+            opts.timeout = Duration::from_secs(600);
             opts.socket = socket.clone();
             let connected = match tokio::time::timeout(
                 Duration::from_secs(5),
@@ -148,6 +151,7 @@ async fn open_runtimes(cfg: &AgentConfig) -> anyhow::Result<executor::Runtimes> 
         process: Arc::new(process),
         docker: engine.clone().map(|d| d as Arc<dyn shoal_runtime::Driver>),
         engine: engine.ok(),
+        images: None,
     })
 }
 
@@ -311,12 +315,17 @@ pub async fn run(
             stop.clone(),
             cfg.upload_rate(),
         );
+        let gc = blobs::GcConfig {
+            cap: cfg.blob_cap,
+            grace: cfg.blob_gc_grace,
+        };
         threads.push((
             "blob worker",
             thread("shoal-blobs", BULK_NICE, move || {
                 blobs::run(
                     store,
                     rate,
+                    gc,
                     net,
                     seed,
                     blob_rx,
@@ -338,8 +347,14 @@ pub async fn run(
         })?
     };
 
-    // Runtimes, executor, image lister.
-    let runtimes = open_runtimes(&cfg).await?;
+    // Runtimes, executor, image lister, image task.
+    let mut runtimes = open_runtimes(&cfg).await?;
+    let (image_tx, image_rx) = channels.bounded("image_requests", perf.image_requests);
+    let (pull_tx, pull_rx) = watch::channel(images::PullStatus::default());
+    runtimes.images = Some(images::ImageHandle {
+        cmds: image_tx.clone(),
+        status: pull_rx,
+    });
     let mut runtime_names = vec!["process".to_string()];
     if runtimes.docker.is_ok() {
         runtime_names.push("docker".to_string());
@@ -422,6 +437,22 @@ pub async fn run(
 
     // The API.
     let (cmd_tx, cmd_rx) = channels.bounded("commands", perf.command_queue);
+    tracker.spawn(images::run(
+        images::ImageTask {
+            me: cfg.name.clone(),
+            engine: runtimes.engine.clone(),
+            store: blob_store.clone(),
+            blobs: blob_tx.clone(),
+            blob_status: blob_status_rx.clone(),
+            commands: cmd_tx.clone(),
+            views: views_rx.clone(),
+            scratch: cfg.data_dir.join("images"),
+            status: pull_tx,
+        },
+        image_rx,
+        stop.clone(),
+        tracker.clone(),
+    ));
     let (compiled_tx, compiled_rx) = channels.bounded("compile_results", perf.compile_results);
     let guard = http_guard::HttpGuard {
         hosts: cfg.api_hosts.clone(),
@@ -432,6 +463,7 @@ pub async fn run(
         views: views_rx,
         blobs: blob_tx.clone(),
         blob_status: blob_status_rx,
+        images: image_tx,
         host: host.clone(),
         runtimes,
         net: net.clone(),

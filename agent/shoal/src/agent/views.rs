@@ -22,6 +22,7 @@ use shoal_policy::NodeStatus;
 use super::keys::{self, Binding, Key, NodeInfo, PluginRow, Resources};
 use super::ApiError;
 use crate::api_types::{KvView, NodeView, ServiceView, SlotView};
+use shoal_image::ImageRecord;
 
 /// What one node has published about itself, decoded.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +39,8 @@ pub struct NodeRecord {
     pub left: bool,
     /// Blobs it advertises (ids as text).
     pub blobs: BTreeSet<String>,
+    /// Blobs it is downloading and serves in part.
+    pub partial: BTreeSet<String>,
     /// Rollout statuses it published as steward, by service.
     pub rollouts: BTreeMap<String, PublishedRollout>,
 }
@@ -48,6 +51,7 @@ pub struct StateIndex {
     cluster: ClusterView,
     nodes: BTreeMap<String, Arc<NodeRecord>>,
     bindings: Arc<BTreeMap<String, Binding>>,
+    images: Arc<BTreeMap<String, ImageRecord>>,
     tombstoned: Arc<BTreeSet<String>>,
     entries: imbl::OrdMap<String, Arc<Entry>>,
     logged: BTreeSet<String>,
@@ -63,6 +67,8 @@ pub struct Touched {
     pub binding: Option<String>,
     /// A node advertised a blob: (node, blob id).
     pub blob_advert: Option<(String, String)>,
+    /// A node started serving part of a blob it downloads: (node, blob id).
+    pub blob_partial: Option<(String, String)>,
 }
 
 impl StateIndex {
@@ -126,6 +132,16 @@ impl StateIndex {
                     touched.blob_advert = Some((node, id));
                 }
             }
+            Key::BlobPart { node, id } => {
+                let (node, id) = (node.to_string(), id.to_string());
+                let rec = self.node_mut(&node);
+                if e.is_tombstone() {
+                    rec.partial.remove(&id);
+                } else {
+                    rec.partial.insert(id.clone());
+                    touched.blob_partial = Some((node, id));
+                }
+            }
             Key::Binding => {
                 touched.binding = Some(e.key.clone());
                 let bindings = Arc::make_mut(&mut self.bindings);
@@ -139,6 +155,23 @@ impl StateIndex {
                     }
                     None => {
                         bindings.remove(&e.key);
+                    }
+                }
+            }
+            Key::Image { reference } => {
+                // Which nodes hold an image feeds placement (see `facts`).
+                touched.orchestration = true;
+                let images = Arc::make_mut(&mut self.images);
+                match e.value.as_ref().map(|_| keys::decode::<ImageRecord>(e)) {
+                    Some(Ok(r)) => {
+                        images.insert(reference.to_string(), r);
+                    }
+                    Some(Err(err)) => {
+                        images.remove(reference);
+                        self.log_once(err);
+                    }
+                    None => {
+                        images.remove(reference);
                     }
                 }
             }
@@ -218,6 +251,7 @@ impl StateIndex {
         StateParts {
             cluster: self.cluster.clone(),
             nodes: self.nodes.clone(),
+            images: self.images.clone(),
             tombstoned: self.tombstoned.clone(),
             entries: self.entries.clone(),
         }
@@ -231,6 +265,8 @@ pub struct StateParts {
     pub cluster: ClusterView,
     /// What each node published about itself.
     pub nodes: BTreeMap<String, Arc<NodeRecord>>,
+    /// Pushed images by reference.
+    pub images: Arc<BTreeMap<String, ImageRecord>>,
     /// Services whose record is a tombstone.
     pub tombstoned: Arc<BTreeSet<String>>,
     /// Every live entry, for kv reads.
@@ -301,6 +337,7 @@ fn status_str(s: NodeStatus) -> &'static str {
 pub fn state_str(s: AllocState) -> &'static str {
     match s {
         AllocState::Pending => "pending",
+        AllocState::Pulling => "pulling",
         AllocState::Starting => "starting",
         AllocState::Running => "running",
         AllocState::Stopping => "stopping",
@@ -390,12 +427,25 @@ impl Views {
                         status: NodeStatus::Down,
                         labels,
                         capacity,
-                        images: r.images.clone(),
+                        images: self.images_held(r),
                         ports_in_use: Vec::new(),
                     },
                 )
             })
             .collect()
+    }
+
+    /// Images a node holds: those its engine lists, and pushed images whose every
+    /// blob it holds (it can load them without fetching a byte).
+    fn images_held(&self, r: &NodeRecord) -> Vec<String> {
+        let mut v = r.images.clone();
+        for (reference, rec) in self.state.images.iter() {
+            if !v.contains(reference) && rec.blobs().iter().all(|b| r.blobs.contains(b)) {
+                v.push(reference.clone());
+            }
+        }
+        v.sort();
+        v
     }
 
     /// The scheduler's view: every member with labels, capacity and what slots reserve.

@@ -7,6 +7,7 @@
 //! and the steady-state bytes each agent sends per second with no changes.
 
 pub mod discovery;
+pub mod images;
 pub mod scale;
 
 use std::net::SocketAddr;
@@ -101,6 +102,17 @@ impl Mesh {
         base_port: u16,
         prepare: impl FnOnce(&std::path::Path) -> anyhow::Result<T>,
     ) -> anyhow::Result<(Mesh, T)> {
+        Mesh::start_custom(n, base_port, prepare, |_, _| Vec::new()).await
+    }
+
+    /// Like [`Mesh::start_prepared`], with extra flags for agent `i` from
+    /// `args(i, mesh dir)`.
+    async fn start_custom<T>(
+        n: usize,
+        base_port: u16,
+        prepare: impl FnOnce(&std::path::Path) -> anyhow::Result<T>,
+        args: impl Fn(usize, &std::path::Path) -> Vec<String>,
+    ) -> anyhow::Result<(Mesh, T)> {
         let dir = tempfile::Builder::new().prefix("shoal-bench-").tempdir()?;
         let prepared = prepare(dir.path())?;
         let ca = dir.path().join("ca");
@@ -147,13 +159,17 @@ impl Mesh {
                 // measure the mesh rather than N compilations on 2 cores.
                 .arg("--policy-cache")
                 .arg(dir.path().join("policy-cache"))
-                .args(["--docker", "off"])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(log);
             if i > 0 {
                 cmd.args(["--join", &quic(0).to_string()]);
             }
+            let extra = args(i, dir.path());
+            if !extra.iter().any(|a| a == "--docker") {
+                cmd.args(["--docker", "off"]);
+            }
+            cmd.args(extra);
             if with_dns {
                 cmd.args(["--dns", &dns(i).to_string()]);
             }
@@ -1155,9 +1171,9 @@ pub async fn run_loop(args: LoopBenchArgs) -> anyhow::Result<()> {
 }
 
 /// `left` pseudo-random bytes.
-struct RandomReader<'a> {
-    rng: &'a mut rand::rngs::SmallRng,
-    left: u64,
+pub(crate) struct RandomReader<'a> {
+    pub(crate) rng: &'a mut rand::rngs::SmallRng,
+    pub(crate) left: u64,
 }
 
 impl std::io::Read for RandomReader<'_> {
