@@ -19,6 +19,7 @@
 //! between nodes as blobs: [`DockerDriver::save_image`] on a node that has one,
 //! [`DockerDriver::load_image`] where it is needed (ARCHITECTURE §6).
 
+mod cgroup;
 mod docker;
 mod driver;
 mod error;

@@ -87,6 +87,9 @@ struct Inner {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Notified when a watched child ends.
     exits: Arc<tokio::sync::Notify>,
+    /// Cgroups that contain each workload and everything it forks (`None`: the
+    /// host offers none to use; the process group alone contains them).
+    cgroups: Option<crate::cgroup::Cgroups>,
     /// Starts forking at once. A thousand parallel forks on a thousand blocking
     /// threads starve every other thread of the agent (API, loop) for seconds; a few
     /// at a time start them as fast and leave the CPU to answer.
@@ -246,8 +249,21 @@ impl ProcessDriver {
                 }
             }
         }
+        // One scope per state directory: agents sharing a host keep apart.
+        let scope = format!(
+            "shoal-{}",
+            &blake3::hash(state_dir.as_os_str().as_encoded_bytes()).to_hex()[..12]
+        );
+        let cgroups = crate::cgroup::Cgroups::detect(&scope);
+        match &cgroups {
+            Some(_) => tracing::info!(scope, "process workloads are contained in cgroups"),
+            None => tracing::info!(
+                "no writable cgroup v1 hierarchy: process workloads are contained by their process group only"
+            ),
+        }
         Ok(ProcessDriver {
             inner: Arc::new(Inner {
+                cgroups,
                 allocs_dir,
                 logs_dir,
                 boot_id: procfs::boot_id(),
@@ -505,8 +521,40 @@ impl Inner {
         }
     }
 
-    /// SIGTERM, wait up to `grace`, SIGKILL, wait; Ok once no live process is left.
+    /// SIGTERM, wait up to `grace`, SIGKILL, wait; Ok once no live process is left:
+    /// neither in the workload's group nor in its cgroup (descendants that left the
+    /// group with `setsid` are still in the cgroup).
     async fn kill_group(&self, rec: &AllocRecord, grace: Duration) -> Result<(), DriverError> {
+        let group = self.kill_leader_group(rec, grace).await;
+        let Some(cg) = &self.cgroups else {
+            return group;
+        };
+        let alloc = rec.alloc_id.as_str();
+        if !cg.members(alloc).is_empty() {
+            if !grace.is_zero() && group.is_ok() {
+                cg.signal(alloc, libc::SIGTERM);
+                wait_until(grace, || cg.members(alloc).is_empty()).await;
+            }
+            cg.signal(alloc, libc::SIGKILL);
+            wait_until(KILL_WAIT, || cg.members(alloc).is_empty()).await;
+        }
+        let left = cg.members(alloc);
+        if !left.is_empty() {
+            return Err(DriverError::StillRunning {
+                alloc_id: rec.alloc_id.clone(),
+                pids: left,
+            });
+        }
+        cg.remove(alloc);
+        group
+    }
+
+    /// [`Inner::kill_group`] for the process group led by the recorded pid.
+    async fn kill_leader_group(
+        &self,
+        rec: &AllocRecord,
+        grace: Duration,
+    ) -> Result<(), DriverError> {
         if !self.may_signal_group(rec) {
             return Ok(());
         }
@@ -604,6 +652,23 @@ fn group_exists(pgid: i32) -> bool {
     r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
+/// Polls `done` (5 ms, doubling to 100 ms) until it holds or `within` passes.
+async fn wait_until(within: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut step = Duration::from_millis(5);
+    loop {
+        if done() {
+            return true;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep(step.min(deadline - now)).await;
+        step = (step * 2).min(Duration::from_millis(100));
+    }
+}
+
 /// Polls until group `pgid` has no live member; false if `within` passes first.
 async fn wait_group_gone(pgid: i32, within: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + within;
@@ -693,6 +758,22 @@ fn launch(
         cmd.env(port_env_name(name), host.to_string());
         if i == 0 {
             cmd.env("PORT", host.to_string());
+        }
+    }
+    if let Some(cg) = &inner.cgroups {
+        match cg.prepare(alloc_id, spec.memory_bytes, spec.cpu_millis) {
+            Ok(joined) => {
+                // SAFETY: `join_self` only makes open/write/close syscalls on paths
+                // prepared before the fork.
+                unsafe {
+                    cmd.pre_exec(move || joined.join_self());
+                }
+            }
+            Err(e) => tracing::warn!(
+                alloc_id,
+                error = %e,
+                "cannot create the workload's cgroup: it is contained by its process group only"
+            ),
         }
     }
 

@@ -124,6 +124,65 @@ async fn stop_kills_everything_the_workload_forked() {
     assert!(!pid_is_running(child), "the forked child is gone too");
 }
 
+/// A grandchild that leaves the workload's process group with `setsid` (and so is
+/// reparented away when its parent exits) still dies with `stop`: the workload's
+/// cgroup holds it. Also after the leader itself has exited.
+#[tokio::test]
+async fn stop_kills_a_grandchild_that_escaped_with_setsid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = ProcessDriver::new(dir.path()).expect("driver");
+    for (alloc, script) in [
+        // The leader keeps running.
+        ("esc1", "setsid sleep 300 & echo \"escaped=$!\"; sleep 300"),
+        // The leader exits at once, leaving only the escaped grandchild.
+        ("esc2", "setsid sleep 300 & echo \"escaped=$!\""),
+    ] {
+        d.start(&sh(alloc, script)).await.expect("start");
+        let text = wait_log(&d, alloc, "escaped=").await;
+        let escaped: i32 = text
+            .trim()
+            .strip_prefix("escaped=")
+            .and_then(|p| p.parse().ok())
+            .expect("pid in log");
+        wait_for("the escaped process running", WAIT, || async {
+            pid_is_running(escaped).then_some(())
+        })
+        .await;
+        d.stop(alloc, Duration::from_secs(2)).await.expect("stop");
+        assert!(
+            !pid_is_running(escaped),
+            "{alloc}: the process that called setsid is gone too"
+        );
+    }
+}
+
+/// The memory reservation is the workload's memory limit.
+#[tokio::test]
+async fn the_memory_reservation_is_enforced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = ProcessDriver::new(dir.path()).expect("driver");
+    let mut s = sh(
+        "mem",
+        "echo \"limit=$(cat /proc/self/cgroup | grep memory)\"; sleep 300",
+    );
+    s.memory_bytes = Some(64 << 20);
+    d.start(&s).await.expect("start");
+    let text = wait_log(&d, "mem", "limit=").await;
+    let path = text
+        .trim()
+        .strip_prefix("limit=")
+        .and_then(|l| l.splitn(3, ':').nth(2))
+        .expect("a memory cgroup");
+    assert!(path.ends_with("/mem"), "its own memory cgroup: {path}");
+    let limit = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory{}/memory.limit_in_bytes",
+        path
+    ))
+    .expect("the limit file");
+    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+    d.stop("mem", Duration::from_secs(2)).await.expect("stop");
+}
+
 #[tokio::test]
 async fn stop_escalates_to_sigkill_after_the_grace_period() {
     let dir = tempfile::tempdir().expect("tempdir");
