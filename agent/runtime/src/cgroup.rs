@@ -5,8 +5,9 @@
 //! alloc id in every hierarchy found among `pids`, `memory` and `cpu`. The child joins
 //! them between fork and exec, so every descendant is inside, including one that
 //! calls `setsid` to leave the workload's process group: stopping the workload kills
-//! whatever is in its cgroup. `memory` and `cpu` reservations become the memory limit
-//! and a CFS quota. Without a writable v1 hierarchy (a cgroup v2-only host, no root)
+//! whatever is in its cgroup. `memory` becomes the memory limit and the `cpu`
+//! reservation a CPU weight (`cpu.shares`: a guaranteed share under contention, not
+//! a cap). Without a writable v1 hierarchy (a cgroup v2-only host, no root)
 //! workloads are contained by their process group alone, as before.
 
 use std::ffi::CString;
@@ -126,11 +127,10 @@ impl Cgroups {
                     std::fs::write(dir.join("memory.limit_in_bytes"), limit)?;
                 }
                 "cpu" => {
-                    std::fs::write(dir.join("cpu.cfs_period_us"), "100000")?;
-                    // A quota of `cpu_millis` per 1000: 100 µs of each 100 ms period per milli-core.
-                    let quota =
-                        cpu_millis.map_or("-1".to_string(), |m| (m.max(1) * 100).to_string());
-                    std::fs::write(dir.join("cpu.cfs_quota_us"), quota)?;
+                    // The reservation as a weight (1024 per core, as Kubernetes maps
+                    // requests): guaranteed under contention, never a cap.
+                    let shares = cpu_millis.map_or(1024, |m| (m * 1024 / 1000).max(2));
+                    std::fs::write(dir.join("cpu.shares"), shares.to_string())?;
                 }
                 _ => {}
             }
