@@ -2,13 +2,14 @@
 //! legacy or hybrid cgroup layout), where the host allows it.
 //!
 //! Each workload gets a cgroup named after the driver's state directory and its
-//! alloc id in every hierarchy found among `pids`, `memory` and `cpu`. The child joins
+//! alloc id in the `pids` and `memory` hierarchies. The child joins
 //! them between fork and exec, so every descendant is inside, including one that
 //! calls `setsid` to leave the workload's process group: stopping the workload kills
-//! whatever is in its cgroup. `memory` becomes the memory limit and the `cpu`
-//! reservation a CPU weight (`cpu.shares`: a guaranteed share under contention, not
-//! a cap). Without a writable v1 hierarchy (a cgroup v2-only host, no root)
-//! workloads are contained by their process group alone, as before.
+//! whatever is in its cgroup. `memory` becomes the memory limit. The `cpu`
+//! reservation is not enforced: a hard quota throttled replicas below what their
+//! scaler measures, and `cpu.shares` starved them under load. Without a writable
+//! v1 hierarchy (a cgroup v2-only host, no root) workloads are contained by their
+//! process group alone, as before.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -68,7 +69,7 @@ impl Cgroups {
     /// (so agents sharing a host keep apart). `None` when there is none to use.
     pub fn detect(scope: &str) -> Option<Cgroups> {
         let mut roots = Vec::new();
-        for controller in ["pids", "memory", "cpu"] {
+        for controller in ["pids", "memory"] {
             let Some((mount, _)) = mounts()
                 .into_iter()
                 .find(|(_, opts)| opts.iter().any(|o| o == controller))
@@ -111,28 +112,14 @@ impl Cgroups {
 
     /// Creates the workload's cgroups with its limits and returns what its child
     /// needs to join them.
-    pub fn prepare(
-        &self,
-        alloc_id: &str,
-        memory_bytes: Option<u64>,
-        cpu_millis: Option<u64>,
-    ) -> std::io::Result<Joined> {
+    pub fn prepare(&self, alloc_id: &str, memory_bytes: Option<u64>) -> std::io::Result<Joined> {
         let mut procs = Vec::new();
         for (controller, dir) in self.dirs(alloc_id) {
             // create_dir_all: this driver's directory may have gone with its last workload.
             std::fs::create_dir_all(&dir)?;
-            match controller {
-                "memory" => {
-                    let limit = memory_bytes.map_or("-1".to_string(), |b| b.to_string());
-                    std::fs::write(dir.join("memory.limit_in_bytes"), limit)?;
-                }
-                "cpu" => {
-                    // The reservation as a weight (1024 per core, as Kubernetes maps
-                    // requests): guaranteed under contention, never a cap.
-                    let shares = cpu_millis.map_or(1024, |m| (m * 1024 / 1000).max(2));
-                    std::fs::write(dir.join("cpu.shares"), shares.to_string())?;
-                }
-                _ => {}
+            if controller == "memory" {
+                let limit = memory_bytes.map_or("-1".to_string(), |b| b.to_string());
+                std::fs::write(dir.join("memory.limit_in_bytes"), limit)?;
             }
             let p = dir.join("cgroup.procs");
             procs.push(

@@ -761,7 +761,7 @@ fn launch(
         }
     }
     if let Some(cg) = &inner.cgroups {
-        match cg.prepare(alloc_id, spec.memory_bytes, spec.cpu_millis) {
+        match cg.prepare(alloc_id, spec.memory_bytes) {
             Ok(joined) => {
                 // SAFETY: `join_self` only makes open/write/close syscalls on paths
                 // prepared before the fork.
