@@ -129,7 +129,9 @@ fn all_healthy_on(c: &Cluster, image_version: u64) -> bool {
 /// removed image named; bad input gets one clear line.
 #[test]
 fn images_travel_peer_to_peer_between_engines() {
-    let engines: Vec<Engine> = (0..4).map(|_| Engine::start()).collect();
+    let engines: Vec<Engine> = (0..4)
+        .map(|_| Engine::start().expect("an extra dockerd"))
+        .collect();
     build_images(&engines[0]);
     let prefix = format!("im{}-", std::process::id());
     let mut c = Cluster::with(0, &prefix, false);

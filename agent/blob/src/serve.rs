@@ -1,5 +1,6 @@
 //! The serving side: answers blob requests from the local store.
 
+use crate::id::BlobId;
 use crate::rate::RateLimiter;
 use crate::store::{BlobStore, Partial, StoreError};
 
@@ -96,13 +97,8 @@ impl Server {
                     .ok()
                     .and_then(|m| m.chunk_len(idx));
                 if let Some(len) = len {
-                    if let Err(retry_after_ms) = self.limiter.try_take(u64::from(len), now_ms) {
-                        self.stats.busy += 1;
-                        return Some(BlobMsg::Busy {
-                            id,
-                            idx,
-                            retry_after_ms,
-                        });
+                    if let Some(busy) = self.charge(id, idx, len, now_ms) {
+                        return Some(busy);
                     }
                 }
             }
@@ -155,13 +151,8 @@ impl Server {
                     });
                 }
                 let len = partial.manifest().chunk_len(idx).unwrap_or(0);
-                if let Err(retry_after_ms) = self.limiter.try_take(u64::from(len), now_ms) {
-                    self.stats.busy += 1;
-                    return Some(BlobMsg::Busy {
-                        id,
-                        idx,
-                        retry_after_ms,
-                    });
+                if let Some(busy) = self.charge(id, idx, len, now_ms) {
+                    return Some(busy);
                 }
                 match partial.read_chunk(idx) {
                     Ok(bytes) => {
@@ -183,6 +174,17 @@ impl Server {
             _ => return None,
         };
         Some(answer)
+    }
+
+    /// Takes `len` bytes from the upload cap, or the `Busy` answer if it is spent.
+    fn charge(&mut self, id: BlobId, idx: u32, len: u32, now_ms: u64) -> Option<BlobMsg> {
+        let retry_after_ms = self.limiter.try_take(u64::from(len), now_ms).err()?;
+        self.stats.busy += 1;
+        Some(BlobMsg::Busy {
+            id,
+            idx,
+            retry_after_ms,
+        })
     }
 
     /// Counters so far.

@@ -17,7 +17,9 @@
 //! restart crashed workloads (the agent does, after reading [`RunState::Exited`]),
 //! health-check endpoints, or pull images — no registry is ever contacted. Images travel
 //! between nodes as blobs: [`DockerDriver::save_image`] on a node that has one,
-//! [`DockerDriver::load_image`] where it is needed (ARCHITECTURE §6).
+//! [`DockerDriver::load_image`] where it is needed (ARCHITECTURE §6). Process
+//! workloads are contained in cgroups where the host allows it. [`scratch`] starts
+//! throwaway extra Docker Engines for tests and benchmarks; the agent never uses it.
 
 mod cgroup;
 mod docker;
@@ -28,6 +30,7 @@ mod logfile;
 mod mem;
 mod process;
 mod procfs;
+pub mod scratch;
 mod spec;
 #[cfg(feature = "testutil")]
 pub mod testutil;

@@ -671,19 +671,7 @@ async fn wait_until(within: Duration, done: impl Fn() -> bool) -> bool {
 
 /// Polls until group `pgid` has no live member; false if `within` passes first.
 async fn wait_group_gone(pgid: i32, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut step = Duration::from_millis(5);
-    loop {
-        if !group_exists(pgid) {
-            return true;
-        }
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        tokio::time::sleep(step.min(deadline - now)).await;
-        step = (step * 2).min(Duration::from_millis(100));
-    }
+    wait_until(within, || !group_exists(pgid)).await
 }
 
 /// A free host port for `proto` (bound on every address, then released).

@@ -324,7 +324,8 @@ async fn an_exit_is_reported_with_its_code_and_a_restart_replaces_it() {
 /// container's port, and a dynamic one is picked by the engine.
 #[test]
 fn a_fixed_host_port_is_published_as_asked() {
-    let engine = shoal_runtime::testutil::Engine::start_with_bridge();
+    let engine = shoal_runtime::testutil::Engine::start_with_bridge()
+        .expect("an engine with its own bridge");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -90,14 +90,7 @@ impl Client {
         let status = resp.status();
         let body = resp.bytes().await.context("reading the agent's answer")?;
         if status != StatusCode::OK {
-            let message = serde_json::from_slice::<ErrorView>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(AgentError {
-                status: status.as_u16(),
-                message,
-            }
-            .into());
+            return Err(agent_error(status, &body));
         }
         serde_json::from_slice(&body).context("the agent's answer is not the expected JSON")
     }
@@ -119,14 +112,7 @@ impl Client {
         let status = resp.status();
         if status != StatusCode::OK {
             let body = resp.bytes().await.context("reading the agent's answer")?;
-            let message = serde_json::from_slice::<ErrorView>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(AgentError {
-                status: status.as_u16(),
-                message,
-            }
-            .into());
+            return Err(agent_error(status, &body));
         }
         Ok(resp)
     }
@@ -360,6 +346,18 @@ impl Client {
         self.send(self.http.delete(format!("{}/v1/kv/{}", self.base, key)))
             .await
     }
+}
+
+/// The agent's error answer (`{"error": …}`, or the body as text) as an error.
+fn agent_error(status: StatusCode, body: &[u8]) -> anyhow::Error {
+    let message = serde_json::from_slice::<ErrorView>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
+    AgentError {
+        status: status.as_u16(),
+        message,
+    }
+    .into()
 }
 
 /// The innermost error's message (what actually went wrong).

@@ -130,6 +130,8 @@ struct Shared {
 const RETAIN_EVERY: Duration = Duration::from_secs(2);
 /// A failed preheat is retried after this long.
 const PREHEAT_RETRY: Duration = Duration::from_secs(30);
+/// How long a pull waits for the advertisement of a blob its record names.
+const ADVERT_WAIT: Duration = Duration::from_secs(5);
 /// Pull progress is republished this often.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
@@ -424,6 +426,31 @@ impl Shared {
         Ok(record)
     }
 
+    /// Live nodes to fetch blob `id` from: those holding it and those still fetching
+    /// it (they serve what they have: a swarm). `None` unless someone holds all of it.
+    fn holders(&self, views: &Views, id: &BlobId) -> Option<Vec<String>> {
+        let text = id.to_string();
+        let alive: BTreeSet<&str> = views
+            .members
+            .iter()
+            .filter(|(_, st)| matches!(st, Status::Alive | Status::Suspect))
+            .map(|(n, _)| n.name.as_str())
+            .collect();
+        let (mut peers, mut complete) = (Vec::new(), false);
+        for (n, r) in &views.state.nodes {
+            if n.as_str() == self.t.me || !alive.contains(n.as_str()) {
+                continue;
+            }
+            if r.blobs.contains(&text) {
+                complete = true;
+                peers.push(n.clone());
+            } else if r.partial.contains(&text) {
+                peers.push(n.clone());
+            }
+        }
+        complete.then_some(peers)
+    }
+
     /// Makes `image` present in the engine, pulling it from peers if needed.
     async fn ensure(&self, image: &str) -> Result<(), String> {
         let engine = self.engine()?.clone();
@@ -489,13 +516,26 @@ impl Shared {
         need.retain(|(id, _, _)| !self.t.store.has(id));
         let total: u64 = need.iter().map(|(_, s, _)| *s).sum();
         if !need.is_empty() {
-            let views = self.t.views.borrow().clone();
-            let alive: BTreeSet<&str> = views
-                .members
-                .iter()
-                .filter(|(_, st)| matches!(st, Status::Alive | Status::Suspect))
-                .map(|(id, _)| id.name.as_str())
-                .collect();
+            // The record and the blobs' advertisements spread separately: right
+            // after a push the record may arrive first.
+            let deadline = tokio::time::Instant::now() + ADVERT_WAIT;
+            let peers = loop {
+                let views = self.t.views.borrow().clone();
+                let found: Result<Vec<Vec<String>>, &String> = need
+                    .iter()
+                    .map(|(id, _, what)| self.holders(&views, id).ok_or(what))
+                    .collect();
+                match found {
+                    Ok(p) => break p,
+                    Err(what) if tokio::time::Instant::now() >= deadline => {
+                        return Err(format!(
+                            "{what} of {} is held by no live node (pushed by {})",
+                            rec.reference, rec.pushed_by
+                        ));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
             let (tx, rx) = oneshot::channel();
             self.t
                 .blobs
@@ -508,30 +548,7 @@ impl Shared {
             rx.await
                 .map_err(|_| "the agent is shutting down".to_string())??;
             let mut waits = Vec::new();
-            for (id, _, what) in &need {
-                let text = id.to_string();
-                let live = views
-                    .state
-                    .nodes
-                    .iter()
-                    .filter(|(n, _)| n.as_str() != self.t.me && alive.contains(n.as_str()));
-                // Nodes still fetching it serve what they have (swarm), but someone
-                // must hold all of it.
-                let (mut peers, mut complete) = (Vec::new(), false);
-                for (n, r) in live {
-                    if r.blobs.contains(&text) {
-                        complete = true;
-                        peers.push(n.clone());
-                    } else if r.partial.contains(&text) {
-                        peers.push(n.clone());
-                    }
-                }
-                if !complete {
-                    return Err(format!(
-                        "{what} of {} is held by no live node (pushed by {})",
-                        rec.reference, rec.pushed_by
-                    ));
-                }
+            for ((id, _, _), peers) in need.iter().zip(peers) {
                 let (tx, rx) = oneshot::channel();
                 self.t
                     .blobs

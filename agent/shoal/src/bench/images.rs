@@ -13,11 +13,12 @@
 //! (uncapped), against `docker save | docker load` between the same two engines.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+use shoal_runtime::scratch::Engine;
 
 use super::{loop_metrics, Mesh, RandomReader};
 use crate::client::{table, Client};
@@ -235,6 +236,8 @@ async fn transfer(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let took = t0.elapsed();
+    // Byte counters are republished once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut probe_failures = 0;
     let mut rtt_max: f64 = 0.0;
     for (a, b) in mesh.apis.iter().zip(before) {
@@ -253,96 +256,13 @@ async fn transfer(
     })
 }
 
-/// An extra Docker Engine for the benchmark; stopped and wiped on drop.
-struct Engine {
-    dir: PathBuf,
-    child: Child,
-}
-
-impl Engine {
-    fn start(root: &Path, i: usize) -> anyhow::Result<Engine> {
-        let dir = root.join(format!("engine{i}"));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("empty.json"), "{}")?;
-        let child = Command::new("dockerd")
-            .arg("--config-file")
-            .arg(dir.join("empty.json"))
-            .arg("--data-root")
-            .arg(dir.join("data"))
-            .arg("--exec-root")
-            .arg(dir.join("exec"))
-            .arg("--pidfile")
-            .arg(dir.join("pid"))
-            .arg("-H")
-            .arg(format!("unix://{}", dir.join("sock").display()))
-            .args([
-                "--bridge=none",
-                "--iptables=false",
-                "--ip-masq=false",
-                "--storage-driver=vfs",
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("log"))?)
-            .spawn()
-            .context("starting dockerd (needs root)")?;
-        let e = Engine { dir, child };
-        let t0 = Instant::now();
-        while !e.docker(&["version"]).status.success() {
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("dockerd did not answer within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(e)
-    }
-
-    fn url(&self) -> String {
-        format!("unix://{}", self.dir.join("sock").display())
-    }
-
-    fn docker(&self, args: &[&str]) -> std::process::Output {
-        Command::new("docker")
-            .arg("-H")
-            .arg(self.url())
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| std::process::Output {
-                status: std::os::unix::process::ExitStatusExt::from_raw(1),
-                stdout: Vec::new(),
-                stderr: e.to_string().into_bytes(),
-            })
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.child.wait();
-        let root = self.dir.display().to_string();
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        for target in mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|t| t.starts_with(&root))
-        {
-            if let Ok(c) = std::ffi::CString::new(target) {
-                unsafe {
-                    libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-                }
-            }
-        }
-    }
-}
-
 /// Part 2: shoal push + pull against `docker save | docker load`.
 async fn engines(args: &ImagesBenchArgs, size: u64) -> anyhow::Result<()> {
     let root = tempfile::Builder::new()
         .prefix("shoal-bench-engines-")
         .tempdir()?;
-    let e0 = Engine::start(root.path(), 0)?;
-    let e1 = Engine::start(root.path(), 1)?;
+    let e0 = Engine::start().map_err(anyhow::Error::msg)?;
+    let e1 = Engine::start().map_err(anyhow::Error::msg)?;
     // One layer of `size` random bytes.
     let tar = root.path().join("rootfs.tar");
     {
