@@ -359,6 +359,7 @@ fn endpoints_are_addresses_other_machines_can_reach() {
         agents: 2,
         shoal: SHOAL.into(),
         agent_args: Vec::new(),
+        data_tmpfs: None,
     })
     .expect("building the lab (needs root and iproute2)");
     lab.start_all().unwrap();

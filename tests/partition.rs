@@ -10,6 +10,7 @@ fn lab(n: usize) -> Lab {
         agents: n,
         shoal: env!("CARGO_BIN_EXE_shoal").into(),
         agent_args: Vec::new(),
+        data_tmpfs: None,
     })
     .expect("building the lab (needs root and iproute2)");
     lab.start_all().expect("starting agents");

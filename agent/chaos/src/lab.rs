@@ -1,7 +1,9 @@
 //! The lab: namespaces, bridges, veths and agent processes (see the crate docs).
 
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -19,7 +21,7 @@ const NS_PREFIX: &str = "shl";
 static LABS: AtomicU32 = AtomicU32::new(0);
 
 /// How a lab is built.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LabConfig {
     /// Number of agents.
     pub agents: usize,
@@ -27,6 +29,22 @@ pub struct LabConfig {
     pub shoal: PathBuf,
     /// Flags added to every `shoal agent` command line.
     pub agent_args: Vec<String>,
+    /// Give every agent a data dir of its own tmpfs of this many bytes, so a test
+    /// can fill an agent's disk ([`Lab::fill_disk`]).
+    pub data_tmpfs: Option<u64>,
+}
+
+/// A workload process of a lab agent, found on the host (see [`Lab::workloads`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// Its pid.
+    pub pid: i32,
+    /// `SHOAL_SERVICE` of the process.
+    pub service: String,
+    /// `SHOAL_SLOT` of the process.
+    pub slot: u32,
+    /// Index of the agent whose namespace it runs in (`None`: outside the lab).
+    pub agent: Option<usize>,
 }
 
 /// One agent of the lab.
@@ -60,6 +78,18 @@ pub struct Lab {
     bridges: usize,
 }
 
+/// Name of the file [`Lab::fill_disk`] writes.
+const FILLER: &str = "chaos-filler";
+
+/// Runs `cmd`, failing with its stderr.
+fn run_ok(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
 /// Runs `ip ARGS`, failing with its stderr.
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
@@ -81,7 +111,8 @@ fn pid_alive(pid: i32) -> bool {
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }
 
-/// Deletes namespaces of labs whose creating process is gone.
+/// Deletes namespaces of labs whose creating process is gone, killing what still
+/// runs in them.
 fn remove_stale_namespaces() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
@@ -101,6 +132,17 @@ fn remove_stale_namespaces() {
             continue;
         };
         if !pid_alive(pid) {
+            // Agents and workloads of a lab whose runner was killed still run there.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+                for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    if let Ok(p) = p.parse::<i32>() {
+                        // SAFETY: plain syscall on a process inside a stale lab namespace.
+                        unsafe {
+                            libc::kill(p, libc::SIGKILL);
+                        }
+                    }
+                }
+            }
             let _ = ip(&["netns", "del", name]);
         }
     }
@@ -178,8 +220,9 @@ impl Lab {
             ip(&["-n", &hub, "link", "set", &port, "master", "br0"])?;
             ip(&["-n", &hub, "link", "set", &port, "up"])?;
             let name = format!("n{}", i + 1);
+            let data = self.dir.path().join(&name);
             self.agents.push(LabAgent {
-                data: self.dir.path().join(&name),
+                data: data.clone(),
                 log: self.dir.path().join(format!("{name}.log")),
                 addr: SocketAddr::from((addr, AGENT_PORT)),
                 name,
@@ -187,6 +230,16 @@ impl Lab {
                 extra: Vec::new(),
                 child: None,
             });
+            // Mounted once the agent is listed, so a drop after a failure unmounts it.
+            if let Some(bytes) = self.cfg.data_tmpfs {
+                std::fs::create_dir_all(&data).context("creating a data dir")?;
+                run_ok(
+                    Command::new("mount")
+                        .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                        .arg(&data),
+                    "mount a tmpfs data dir",
+                )?;
+            }
         }
         Ok(())
     }
@@ -194,6 +247,142 @@ impl Lab {
     /// The lab's temp dir (data dirs, logs, CA).
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// A name unique to this lab (workloads can carry it to be found later).
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The `shoal` binary the lab runs.
+    pub fn shoal(&self) -> &Path {
+        &self.cfg.shoal
+    }
+
+    /// Makes agent `i` drop `percent` of the packets it receives (0 stops dropping),
+    /// with iptables' `statistic` match inside its namespace.
+    pub fn set_loss(&self, i: usize, percent: u32) -> anyhow::Result<()> {
+        let ns = &self.agents[i].ns;
+        let ipt = |args: &[&str]| {
+            run_ok(
+                Command::new("ip")
+                    .args(["netns", "exec", ns, "iptables", "-w"])
+                    .args(args),
+                "iptables (random loss)",
+            )
+        };
+        ipt(&["-F", "INPUT"])?;
+        if percent > 0 {
+            let p = format!("{:.2}", f64::from(percent.min(100)) / 100.0);
+            ipt(&[
+                "-A",
+                "INPUT",
+                "-i",
+                "eth0",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &p,
+                "-j",
+                "DROP",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Fills agent `i`'s data dir (a tmpfs, see [`LabConfig::data_tmpfs`]) until
+    /// writes fail for lack of space.
+    pub fn fill_disk(&self, i: usize) -> anyhow::Result<()> {
+        if self.cfg.data_tmpfs.is_none() {
+            bail!("fill_disk needs a lab with data_tmpfs");
+        }
+        let mut f =
+            File::create(self.agents[i].data.join(FILLER)).context("creating the filler")?;
+        let chunk = vec![0xa5u8; 1 << 20];
+        loop {
+            match f.write_all(&chunk) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => return Err(e).context("filling the data dir"),
+            }
+        }
+        // Whatever is left below a whole chunk goes too.
+        for _ in 0..4096 {
+            if f.write_all(&chunk[..256]).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what [`Lab::fill_disk`] wrote.
+    pub fn free_disk(&self, i: usize) -> anyhow::Result<()> {
+        match std::fs::remove_file(self.agents[i].data.join(FILLER)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).context("removing the filler")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Every process on the host whose environment carries `SHOAL_LAB=<tag>` (the
+    /// lab's workloads, when their spec sets it), with the agent whose namespace
+    /// it runs in.
+    pub fn workloads(&self) -> Vec<Workload> {
+        let marker = format!("SHOAL_LAB={}", self.tag);
+        let ns_inodes: Vec<Option<u64>> = self
+            .agents
+            .iter()
+            .map(|a| {
+                std::fs::metadata(format!("/run/netns/{}", a.ns))
+                    .ok()
+                    .map(|m| m.ino())
+            })
+            .collect();
+        let Ok(proc) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for e in proc.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                continue;
+            };
+            let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+            if !vars.contains(&marker.as_bytes()) {
+                continue;
+            }
+            let var = |name: &str| {
+                vars.iter().find_map(|v| {
+                    std::str::from_utf8(v)
+                        .ok()?
+                        .strip_prefix(name)?
+                        .strip_prefix('=')
+                        .map(str::to_string)
+                })
+            };
+            let (Some(service), Some(slot)) = (var("SHOAL_SERVICE"), var("SHOAL_SLOT")) else {
+                continue;
+            };
+            let Ok(slot) = slot.parse() else {
+                continue;
+            };
+            let net = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .ok()
+                .map(|m| m.ino());
+            let agent = net.and_then(|n| ns_inodes.iter().position(|i| *i == Some(n)));
+            found.push(Workload {
+                pid,
+                service,
+                slot,
+                agent,
+            });
+        }
+        found
     }
 
     /// Starts (or restarts) agent `i`, joining through agent 0 (agent 0 joins nobody).
@@ -282,6 +471,32 @@ impl Lab {
             .env_remove("SHOAL_API")
             .output()
             .context("running shoal in a lab namespace")
+    }
+
+    /// Like [`Lab::cli`], but kills the command after `limit` (an agent that is
+    /// stopped or cut off must not hang the caller).
+    pub fn cli_within(&self, i: usize, args: &[&str], limit: Duration) -> anyhow::Result<Output> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.agents[i].ns])
+            .arg(&self.cfg.shoal)
+            .args(args)
+            .args(["--api", &format!("http://{AGENT_API}")])
+            .env_remove("SHOAL_API")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running shoal in a lab namespace")?;
+        let start = Instant::now();
+        while child.try_wait().context("waiting for shoal")?.is_none() {
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("shoal {} got no answer within {limit:?}", args.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().context("reading shoal's output")
     }
 
     /// Runs `program ARGS` inside agent `i`'s namespace (a client such as `dig` or
@@ -420,6 +635,17 @@ impl Drop for Lab {
         }
         for a in &self.agents {
             kill_workloads(&a.data);
+        }
+        for w in self.workloads() {
+            // SAFETY: plain syscall on a process that carries this lab's tag.
+            unsafe {
+                libc::kill(w.pid, libc::SIGKILL);
+            }
+        }
+        if self.cfg.data_tmpfs.is_some() {
+            for a in &self.agents {
+                let _ = Command::new("umount").arg("-l").arg(&a.data).output();
+            }
         }
         for a in &self.agents {
             let _ = ip(&["netns", "del", &a.ns]);

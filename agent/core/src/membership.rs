@@ -223,6 +223,15 @@ impl Membership {
             .collect()
     }
 
+    /// Members foca holds in suspicion.
+    pub fn suspects(&self) -> Vec<NodeId> {
+        self.foca
+            .iter_membership_state()
+            .filter(|m| m.state() == foca::State::Suspect)
+            .map(|m| m.id().clone())
+            .collect()
+    }
+
     /// Drains the accumulated effects.
     pub fn drain(&mut self, out: &mut Vec<MemberEffect>) {
         while let Some((to, data)) = self.rt.to_send() {

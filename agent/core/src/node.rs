@@ -6,7 +6,7 @@
 //! socket, so the simulator can run thousands of them in virtual time.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU8, NonZeroUsize};
 use std::sync::Arc;
@@ -222,6 +222,9 @@ pub struct Stats {
     /// SWIM probe cycles that failed, direct and indirect: each makes a member
     /// suspect (a false suspicion when the member was in fact alive).
     pub probe_failures: u64,
+    /// Members declared down after staying suspect for twice the suspicion timeout
+    /// (a suspicion timer foca dropped; see `sweep_suspects`).
+    pub stuck_suspects: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,6 +233,8 @@ enum TimerKind {
     Gossip,
     Sync,
     Gc,
+    /// Look for members stuck in suspicion (see [`Node::sweep_suspects`]).
+    SuspectSweep,
     /// Re-announce to the seeds and every member we knew while we have no live
     /// peer (seeds may start after us; a partition may have cut us off).
     Rejoin(Duration),
@@ -289,6 +294,8 @@ pub struct Node {
     guard: Guard,
     /// The direct probe in flight: (probe number, member, sent at mono ms).
     probe_sent: Option<(u8, SocketAddr, u64)>,
+    /// Members seen in suspicion, with the mono ms they were first seen so.
+    suspects: HashMap<NodeId, u64>,
 }
 
 impl Node {
@@ -328,6 +335,7 @@ impl Node {
             rejoin_armed: false,
             guard: Guard::default(),
             probe_sent: None,
+            suspects: HashMap::new(),
             cfg,
         };
         // Random first ticks keep nodes started together from acting in lockstep.
@@ -340,6 +348,7 @@ impl Node {
             .random_range(0..=node.cfg.sync_interval.as_millis() as u64);
         node.schedule(now, Duration::from_millis(s), TimerKind::Sync);
         node.schedule(now, Duration::from_secs(60), TimerKind::Gc);
+        node.schedule(now, Duration::from_secs(1), TimerKind::SuspectSweep);
         node
     }
 
@@ -930,6 +939,12 @@ impl Node {
                     }));
                 }
             }
+            TimerKind::SuspectSweep => {
+                self.sweep_suspects(now);
+                if !self.left {
+                    self.schedule(now, Duration::from_secs(1), TimerKind::SuspectSweep);
+                }
+            }
             TimerKind::Gc => {
                 let ttl = self.cfg.tombstone_ttl.as_millis() as u64;
                 let cutoff = Hlc::new(now.wall_ms.saturating_sub(ttl), 0);
@@ -939,6 +954,42 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Declares down every member suspect for twice the suspicion timeout.
+    ///
+    /// foca ignores every timer it set before it last lost all its peers (a
+    /// partition into singletons) or learnt it was declared down, suspicion
+    /// timeouts included; a member suspected before that stays suspect on this node
+    /// forever unless it happens to refute, while every other node sees it alive
+    /// (found by the chaos suite). This re-arms what foca dropped: the member is
+    /// declared down, as the lost timer would have done; if it is in fact alive, it
+    /// hears so and rejoins under a renewed identity at once.
+    fn sweep_suspects(&mut self, now: Now) {
+        let limit = 2 * self.cfg.swim.suspect_to_down_after.as_millis() as u64;
+        let suspect = self.swim.suspects();
+        if suspect.is_empty() && self.suspects.is_empty() {
+            return;
+        }
+        self.suspects.retain(|id, _| suspect.contains(id));
+        if self.swim.num_active() == 0 {
+            return;
+        }
+        let mut stuck = Vec::new();
+        for id in suspect {
+            let since = *self.suspects.entry(id.clone()).or_insert(now.mono_ms);
+            if now.mono_ms.saturating_sub(since) > limit {
+                stuck.push(id);
+            }
+        }
+        for id in stuck {
+            self.suspects.remove(&id);
+            self.stats.stuck_suspects += 1;
+            if let Err(e) = self.swim.declare_down(id) {
+                self.drop_reason("swim_error", &e);
+            }
+        }
+        self.drain_swim(now);
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called (monotonic ms).

@@ -187,13 +187,19 @@ pub fn normalize_reference(reference: &str) -> Result<String, ReferenceError> {
     if name.chars().any(|c| c.is_ascii_uppercase()) {
         return Err(err("repository names must be lowercase"));
     }
-    match tag {
-        Some("") => Err(err("the tag after `:` is empty")),
-        Some(t) if t.contains(':') => Err(err("more than one `:` in the tag")),
-        Some(t) if t.len() > 128 => Err(err("the tag is longer than 128 characters")),
-        Some(_) => Ok(r.to_string()),
-        None => Ok(format!("{r}:latest")),
+    let full = match tag {
+        Some("") => return Err(err("the tag after `:` is empty")),
+        Some(t) if t.contains(':') => return Err(err("more than one `:` in the tag")),
+        Some(t) if t.len() > 128 => return Err(err("the tag is longer than 128 characters")),
+        Some(_) => r.to_string(),
+        None => format!("{r}:latest"),
+    };
+    // Checked on the result: a name of 250 characters is too long once `:latest` is
+    // added (found by fuzzing: normalising must accept its own output).
+    if full.len() > 255 {
+        return Err(err("longer than 255 characters with its tag"));
     }
+    Ok(full)
 }
 
 #[cfg(test)]
@@ -208,7 +214,17 @@ mod tests {
             normalize_reference("reg:5000/team/app").unwrap(),
             "reg:5000/team/app:latest"
         );
-        for bad in ["", "a b", "app:", "App:1", "app@sha256:00", "/app", "a//b"] {
+        let long = "a".repeat(250);
+        for bad in [
+            "",
+            "a b",
+            "app:",
+            "App:1",
+            "app@sha256:00",
+            "/app",
+            "a//b",
+            &long,
+        ] {
             let e = normalize_reference(bad).unwrap_err();
             assert!(e.to_string().contains("image reference"), "{bad}: {e}");
         }

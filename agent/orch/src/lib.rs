@@ -51,7 +51,7 @@ pub use model::{
     SLOT_PREFIX,
 };
 pub use pass::{assigned, Assigned, NodeOrch, PassInput, PassOutput, PublishedRollout, Settle};
-pub use snapshot::{build_snapshot, native_scheduler, NodeFacts, Placed};
+pub use snapshot::{build_snapshot, native_scheduler, over_capacity, NodeFacts, Placed};
 pub use spec::{
     HealthCheck, HealthFile, PortFile, Probe, ResourcesFile, RestartMode, RestartPolicy, Scalar,
     ScalerValue, ServiceSpec, SpecError, SpecFile, UpdateFile, UpdatePolicy, WindowFile,

@@ -1,7 +1,7 @@
 //! The scheduler's view of the cluster: node capacities minus what every slot
 //! reserves, and the adapter that runs the built-in scheduler natively.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use shoal_policy_logic::{
@@ -80,6 +80,46 @@ pub fn build_snapshot(nodes: &[NodeFacts], slots: &ClusterSlots) -> Snapshot {
         }
     }
     snapshot
+}
+
+/// Allocations that must move because their node holds more than its capacity,
+/// by id. That happens when placements made on different sides of a partition meet
+/// after the heal (each side placed within what it saw). On each alive node every
+/// placement (current and next, every service) is taken oldest first (`placed_ms`,
+/// then id); those that no longer fit in the node's CPU or memory are listed. Every
+/// steward computes the same set from the same state, so exactly the excess moves.
+/// Nodes with no published capacity are skipped.
+pub fn over_capacity(snapshot: &Snapshot, slots: &ClusterSlots) -> BTreeSet<String> {
+    let mut on_node: BTreeMap<&str, Vec<&Placement>> = BTreeMap::new();
+    for slots in slots.values() {
+        for slot in slots.values() {
+            for p in slot.placements() {
+                on_node.entry(p.node.as_str()).or_default().push(p);
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    for node in &snapshot.nodes {
+        let cap = node.capacity;
+        if node.status != NodeStatus::Alive || cap.cpu_millis == 0 || cap.memory_bytes == 0 {
+            continue;
+        }
+        let Some(list) = on_node.get_mut(node.name.as_str()) else {
+            continue;
+        };
+        list.sort_by(|a, b| (a.placed_ms, &a.alloc_id).cmp(&(b.placed_ms, &b.alloc_id)));
+        let (mut cpu, mut mem) = (0u64, 0u64);
+        for p in list.iter() {
+            let r = &p.reserved.resources;
+            if cpu + r.cpu_millis > cap.cpu_millis || mem + r.memory_bytes > cap.memory_bytes {
+                out.insert(p.alloc_id.clone());
+            } else {
+                cpu += r.cpu_millis;
+                mem += r.memory_bytes;
+            }
+        }
+    }
+    out
 }
 
 /// The node called `name`. A linear scan, so snapshots not built by

@@ -18,7 +18,7 @@ use crate::model::{
     encode, new_alloc_id, service_key, slot_key, AllocState, ClusterSlots, ClusterView, Members,
     Placement, Reports, Reservation, ServiceRecord, Slot, SlotMap,
 };
-use crate::snapshot::{release, Placed};
+use crate::snapshot::{over_capacity, release, Placed};
 use crate::spec::MAX_REPLICAS;
 
 /// The rendezvous score of `node` for `service`: the first 8 bytes (little
@@ -128,6 +128,9 @@ pub struct ReconcileInput<'a> {
     pub members: &'a Members,
     /// The cluster as [`crate::build_snapshot`] builds it from the current state.
     pub snapshot: &'a Snapshot,
+    /// Allocations (of any service) that must leave a node over its capacity
+    /// ([`crate::over_capacity`]).
+    pub evicted: BTreeSet<String>,
     /// Now, in ms, on the clock `members[..].since_ms` uses.
     pub now_ms: u64,
 }
@@ -182,6 +185,7 @@ impl ClusterView {
             dependencies,
             members,
             snapshot,
+            evicted: over_capacity(snapshot, &self.slots),
             now_ms,
         }
     }
@@ -246,6 +250,9 @@ enum Need {
     Lost,
     /// No allocation yet.
     Fresh,
+    /// The allocation's node holds more than its capacity and this one is among
+    /// the newest there: start a replacement elsewhere alongside it.
+    Evict,
     /// Replace the current allocation with the new version (in place).
     Update,
     /// Start the new version alongside the current one.
@@ -328,6 +335,9 @@ impl Fit {
 ///    allocation becomes an orphan its node stops).
 /// 4. [`Round::find_needs`]: a slot whose node has been down or left for
 ///    `reschedule_after` is placed elsewhere (suspect nodes are waited for); a slot
+///    whose allocation is among the excess of a node over its capacity (placements
+///    from both sides of a healed partition, [`crate::over_capacity`]) gets a
+///    replacement elsewhere as its `next`, promoted once healthy; a slot
 ///    with no allocation is placed, unless a `depends_on` service has no healthy
 ///    replica ("waiting for dependency"), or does not exist ("dependency … does not
 ///    exist").
@@ -513,6 +523,9 @@ impl<'a, 'i> Round<'a, 'i> {
                 None if blocked.is_none() => needs.push((Need::Fresh, n)),
                 None => reasons.push(n),
                 Some(c) if self.lost(&c.node) => needs.push((Need::Lost, n)),
+                Some(c) if slot.next.is_none() && self.input.evicted.contains(&c.alloc_id) => {
+                    needs.push((Need::Evict, n))
+                }
                 Some(_) => {}
             }
         }
@@ -702,7 +715,7 @@ impl<'a, 'i> Round<'a, 'i> {
                         placed_ms: now,
                         reserved: reserved.clone(),
                     };
-                    if need == Need::Surge {
+                    if matches!(need, Need::Surge | Need::Evict) {
                         slot.next = Some(placement);
                     } else {
                         slot.current = Some(placement);
@@ -718,6 +731,10 @@ impl<'a, 'i> Round<'a, 'i> {
                             });
                             format!("node {} is {status} and no other node fits: {why}", c.node)
                         }
+                        (Need::Evict, Some(c)) => format!(
+                            "node {} is over its capacity and no other node fits: {why}",
+                            c.node
+                        ),
                         (Need::Update | Need::Surge, _) => {
                             format!("update to version {version} waits: {why}")
                         }
@@ -920,6 +937,7 @@ mod tests {
             dependencies: BTreeMap::new(),
             members,
             snapshot: &snapshot,
+            evicted: crate::over_capacity(&snapshot, &all),
             now_ms,
         };
         reconcile(&input, scheduler)
@@ -947,6 +965,118 @@ mod tests {
             let rest = all.iter().filter(|n| *n != victim).map(String::as_str);
             prop_assert_eq!(steward_for(&service, rest), Some(steward.as_str()));
         }
+    }
+
+    /// After a heal, two services' placements made on different sides share n1 beyond
+    /// its capacity: the newest moves (as a surge elsewhere), the older stays, and a
+    /// node with room is not touched.
+    #[test]
+    fn the_excess_on_a_node_over_capacity_moves_elsewhere() {
+        let spec = spec("");
+        let record = live(&spec, 1, 1);
+        let (facts, members) = nodes(2);
+        // spec(): 1 CPU, 1 GiB each; nodes have 4 CPUs. n1 holds 3 of "db" (older)
+        // and web's slot 0 (newest): 4 CPUs, full but not over.
+        let mut db = SlotMap::new();
+        for i in 0..3 {
+            let mut p = placement("n1", 1, &format!("db-{i}"), &spec);
+            p.placed_ms = 10;
+            db.insert(
+                i,
+                Slot {
+                    current: Some(p),
+                    ..Slot::default()
+                },
+            );
+        }
+        let mut web = SlotMap::new();
+        let mut w = placement("n1", 1, "web-0", &spec);
+        w.placed_ms = 20;
+        web.insert(
+            0,
+            Slot {
+                current: Some(w),
+                ..Slot::default()
+            },
+        );
+        let mut reports = Reports::new();
+        reports.insert("web-0".into(), report("n1", true));
+        let mut sched =
+            |snap: &Snapshot, reqs: &[PlacementRequest]| crate::native_scheduler(snap, reqs);
+        let decide =
+            |db: &SlotMap, sched: &mut dyn FnMut(&Snapshot, &[PlacementRequest]) -> Vec<Placed>| {
+                let all: ClusterSlots = [
+                    ("db".to_string(), std::sync::Arc::new(db.clone())),
+                    ("web".to_string(), std::sync::Arc::new(web.clone())),
+                ]
+                .into();
+                let snapshot = build_snapshot(&facts, &all);
+                let input = ReconcileInput {
+                    service: "web",
+                    record: Some(&record),
+                    desired: 1,
+                    slots: &web,
+                    reports: &reports,
+                    dependencies: BTreeMap::new(),
+                    members: &members,
+                    snapshot: &snapshot,
+                    evicted: crate::over_capacity(&snapshot, &all),
+                    now_ms: 100,
+                };
+                reconcile(&input, sched)
+            };
+        assert!(
+            decide(&db, &mut sched).writes.is_empty(),
+            "full is not over"
+        );
+
+        // A fourth db replica from the other side of a partition, placed before web's.
+        let mut p = placement("n1", 1, "db-3", &spec);
+        p.placed_ms = 15;
+        db.insert(
+            3,
+            Slot {
+                current: Some(p),
+                ..Slot::default()
+            },
+        );
+        let out = decide(&db, &mut sched);
+        let slot = decode_slot(&out.writes[0]);
+        let current = slot.current.as_ref().unwrap();
+        let next = slot.next.as_ref().expect("a replacement alongside");
+        assert_eq!(
+            (current.alloc_id.as_str(), current.node.as_str()),
+            ("web-0", "n1")
+        );
+        assert_eq!(next.node, "n2", "{slot:?}");
+
+        // With no room anywhere else the replica keeps running, and says why.
+        let (mut small, _) = nodes(2);
+        small[1].capacity.cpu_millis = 500;
+        let all: ClusterSlots = [
+            ("db".to_string(), std::sync::Arc::new(db.clone())),
+            ("web".to_string(), std::sync::Arc::new(web.clone())),
+        ]
+        .into();
+        let snapshot = build_snapshot(&small, &all);
+        let input = ReconcileInput {
+            service: "web",
+            record: Some(&record),
+            desired: 1,
+            slots: &web,
+            reports: &reports,
+            dependencies: BTreeMap::new(),
+            members: &members,
+            snapshot: &snapshot,
+            evicted: crate::over_capacity(&snapshot, &all),
+            now_ms: 100,
+        };
+        let out = reconcile(&input, &mut sched);
+        let slot = decode_slot(&out.writes[0]);
+        assert!(slot.next.is_none());
+        assert_eq!(slot.current.as_ref().unwrap().node, "n1");
+        let why = slot.reason.unwrap();
+        assert!(why.contains("node n1 is over its capacity"), "{why}");
     }
 
     #[test]

@@ -156,6 +156,8 @@ enum BenchCmd {
     Scale(bench::scale::ScaleBenchArgs),
     /// A layer to N agents with capped uploads: swarm vs one server; push + pull vs docker save | load.
     Images(bench::images::ImagesBenchArgs),
+    /// Idle agents: CPU (by thread), resident memory and bytes sent, the seed apart.
+    Footprint(bench::footprint::FootprintBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -421,6 +423,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCmd::Images(args) => {
                 init_logging("warn");
                 bench::images::run_images(args).await
+            }
+            BenchCmd::Footprint(args) => {
+                init_logging("warn");
+                bench::footprint::run_footprint(args).await
             }
         },
         Cmd::Ca { cmd } => match cmd {

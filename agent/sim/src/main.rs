@@ -71,6 +71,11 @@ struct BenchArgs {
     /// Virtual seconds of idle cluster over which the background rate is measured.
     #[arg(long, default_value_t = 10)]
     idle_secs: u64,
+    /// Virtual seconds between warm-up and the idle window. SWIM keeps piggybacking
+    /// the N join updates (each up to max_transmissions times per node) for a while
+    /// after everyone knows everyone; a short settle measures that tail, not idle.
+    #[arg(long, default_value_t = 5)]
+    settle_secs: u64,
     /// Per-frame latency range in ms, MIN,MAX (uniform).
     #[arg(long, default_value = "1,5", value_parser = parse_range)]
     latency_ms: (u64, u64),
@@ -85,8 +90,6 @@ const SPREAD_TIMEOUT_MS: u64 = 120_000;
 const SWIM_WARMUP_MS: u64 = 120_000;
 /// After the put, how long push retransmits are counted.
 const RUMOR_LIFE_MS: u64 = 5_000;
-/// Extra settling after warm-up, so join-time rumors are gone before measuring.
-const SETTLE_MS: u64 = 5_000;
 
 #[derive(Debug, Clone)]
 struct RunResult {
@@ -130,7 +133,7 @@ fn one_run(nodes: usize, static_peers: bool, seed: u64, args: &BenchArgs) -> Run
         // A slow warm-up is reported (min_view), not fatal.
         let _ = sim.run_until(|s| s.min_view() >= want, SWIM_WARMUP_MS);
     }
-    sim.run_for(SETTLE_MS);
+    sim.run_for(args.settle_secs * 1000);
     let warmup_ms = sim.now() - warm_start;
     let min_view = sim.min_view();
 

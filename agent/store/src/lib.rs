@@ -50,8 +50,16 @@ pub trait Persist: Send {
 }
 
 /// A redb database file holding one record per key.
+///
+/// After a failed write (a full disk, an I/O error) redb refuses every later
+/// transaction until the file is opened again, so the next call reopens it
+/// first: a disk that has room again takes writes again without a restart.
 pub struct RedbStore {
-    db: Database,
+    path: PathBuf,
+    /// `None` only while a reopen failed; the next call tries again.
+    db: Option<Database>,
+    /// A write failed: reopen before the next transaction.
+    poisoned: bool,
 }
 
 impl RedbStore {
@@ -66,17 +74,33 @@ impl RedbStore {
         let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
         txn.open_table(ENTRIES).map_err(|e| open_err(e.into()))?;
         txn.commit().map_err(|e| open_err(e.into()))?;
-        Ok(RedbStore { db })
+        Ok(RedbStore {
+            path: path.to_path_buf(),
+            db: Some(db),
+            poisoned: false,
+        })
     }
-}
 
-impl Persist for RedbStore {
-    fn save(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
-        let durable: Vec<&Entry> = entries.iter().filter(|e| !e.is_node_owned()).collect();
-        if durable.is_empty() {
-            return Ok(());
+    /// The open database, reopened first if a write failed since.
+    fn db(&mut self) -> Result<&Database, StoreError> {
+        if self.poisoned || self.db.is_none() {
+            // The file lock is released only when the old handle is dropped.
+            self.db = None;
+            let db = Database::create(&self.path).map_err(|e| StoreError::Open {
+                path: self.path.clone(),
+                source: e.into(),
+            })?;
+            self.db = Some(db);
+            self.poisoned = false;
         }
-        let txn = self.db.begin_write().map_err(redb::Error::from)?;
+        self.db.as_ref().ok_or_else(|| StoreError::Open {
+            path: self.path.clone(),
+            source: redb::Error::PreviousIo,
+        })
+    }
+
+    fn write(&mut self, durable: &[&Entry]) -> Result<(), StoreError> {
+        let txn = self.db()?.begin_write().map_err(redb::Error::from)?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(redb::Error::from)?;
             for e in durable {
@@ -93,9 +117,27 @@ impl Persist for RedbStore {
         txn.commit().map_err(redb::Error::from)?;
         Ok(())
     }
+}
+
+impl Persist for RedbStore {
+    fn save(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+        let durable: Vec<&Entry> = entries.iter().filter(|e| !e.is_node_owned()).collect();
+        if durable.is_empty() {
+            return Ok(());
+        }
+        let result = self.write(&durable);
+        if matches!(result, Err(StoreError::Db(_))) {
+            self.poisoned = true;
+        }
+        result
+    }
 
     fn load(&self) -> Result<Vec<Entry>, StoreError> {
-        let txn = self.db.begin_read().map_err(redb::Error::from)?;
+        let db = self.db.as_ref().ok_or_else(|| StoreError::Open {
+            path: self.path.clone(),
+            source: redb::Error::PreviousIo,
+        })?;
+        let txn = db.begin_read().map_err(redb::Error::from)?;
         let table = txn.open_table(ENTRIES).map_err(redb::Error::from)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(redb::Error::from)? {
@@ -202,7 +244,7 @@ mod tests {
         let path = dir.path().join("state.redb");
         {
             let s = RedbStore::open(&path).unwrap();
-            let txn = s.db.begin_write().unwrap();
+            let txn = s.db.as_ref().unwrap().begin_write().unwrap();
             txn.open_table(ENTRIES)
                 .unwrap()
                 .insert("bad", &b"\xff\x00"[..])

@@ -137,6 +137,17 @@ pub fn render(v: &Views, net: &NetStats) -> String {
     );
     family(
         &mut o,
+        "shoal_swim_stuck_suspects_total",
+        "counter",
+        "Members declared down after staying suspect twice the suspicion timeout (a suspicion timer SWIM dropped while this node was cut off).",
+    );
+    let _ = writeln!(
+        o,
+        "shoal_swim_stuck_suspects_total {}",
+        s.core.stuck_suspects
+    );
+    family(
+        &mut o,
         "shoal_members",
         "gauge",
         "Cluster members by status, as seen by this agent.",

@@ -7,6 +7,7 @@
 //! and the steady-state bytes each agent sends per second with no changes.
 
 pub mod discovery;
+pub mod footprint;
 pub mod images;
 pub mod scale;
 

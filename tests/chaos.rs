@@ -1,0 +1,118 @@
+//! The chaos suite, short form: fixed seeds of faults over 5 real agents in network
+//! namespaces (partitions of every shape, loss, kill -9, SIGSTOP, full disks) with
+//! client load, then every invariant after the heal. `SHOAL_CHAOS_SEEDS=4,9` runs
+//! other seeds; long runs are `shoal-chaos --runs 100` (README, BENCHMARKS.md).
+
+use std::process::Command;
+use std::time::Duration;
+
+use shoal_chaos::{run, violations, ChaosConfig, Lab, LabConfig, Ledger};
+
+const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// Seeds CI runs: between them every fault kind and every operation kind.
+const SEEDS: [u64; 2] = [1, 2];
+
+#[test]
+fn fixed_seeds_keep_every_invariant() {
+    let seeds: Vec<u64> = match std::env::var("SHOAL_CHAOS_SEEDS") {
+        Ok(s) => s
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .expect("SHOAL_CHAOS_SEEDS: comma-separated numbers")
+            })
+            .collect(),
+        Err(_) => SEEDS.to_vec(),
+    };
+    for seed in seeds {
+        let cfg = ChaosConfig {
+            shoal: SHOAL.into(),
+            agents: 5,
+            seed,
+            steps: 6,
+            hold: Duration::from_secs(4),
+            settle: Duration::from_secs(120),
+        };
+        match run(&cfg) {
+            Ok(r) => eprintln!(
+                "seed {seed}: {} faults, {} ops ({} refused), {} writes acknowledged, {} lost, converged in {:?}\n  {}",
+                r.faults,
+                r.ops,
+                r.ops_refused,
+                r.writes_acked,
+                r.writes_lost,
+                r.converged,
+                r.timeline.join("\n  ")
+            ),
+            Err(f) => panic!("{f}"),
+        }
+    }
+}
+
+/// The checker itself fails when it should: a write that never reached the
+/// cluster, and a process no slot names, are both reported.
+#[test]
+fn the_checker_reports_lost_writes_and_stray_processes() {
+    let mut lab = Lab::new(LabConfig {
+        agents: 2,
+        shoal: SHOAL.into(),
+        agent_args: Vec::new(),
+        data_tmpfs: Some(64 << 20),
+    })
+    .expect("building the lab (needs root and iproute2)");
+    lab.start_all().unwrap();
+    let mut ledger = Ledger::default();
+    lab.wait("a whole, quiet cluster", Duration::from_secs(60), |l| {
+        violations(l, &ledger).is_empty().then_some(())
+    })
+    .unwrap();
+
+    ledger
+        .acked
+        .insert("chaos/w/never".into(), "written".into());
+    let stray = Command::new("ip")
+        .args(["netns", "exec", &lab.agents[1].ns, "env"])
+        .arg(format!("SHOAL_LAB={}", lab.tag()))
+        .args(["SHOAL_SERVICE=ghost", "SHOAL_SLOT=0", "sleep", "120"])
+        .spawn()
+        .unwrap();
+    let found = lab
+        .wait("both violations", Duration::from_secs(10), |l| {
+            let v = violations(l, &ledger);
+            let lost = v
+                .iter()
+                .any(|m| m.contains("acknowledged write chaos/w/never"));
+            let ghost = v
+                .iter()
+                .any(|m| m.contains("ghost slot 0 runs on n2 although no live slot names it"));
+            (lost && ghost).then_some(v)
+        })
+        .unwrap();
+    assert!(
+        found.len() >= 3,
+        "one line per agent for the write: {found:?}"
+    );
+
+    // A full disk refuses writes by name instead of acknowledging them.
+    lab.fill_disk(0).unwrap();
+    let out = lab.cli(0, &["kv", "put", "chaos/w/full", "x"]).unwrap();
+    lab.free_disk(0).unwrap();
+    assert!(
+        !out.status.success(),
+        "a write on a full disk was acknowledged"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not persisted"), "{err}");
+    // Once there is room again, writes are durable again without a restart.
+    let out = lab.cli(0, &["kv", "put", "chaos/w/room", "x"]).unwrap();
+    assert!(
+        out.status.success(),
+        "a write after the disk was freed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(lab);
+    let mut stray = stray;
+    let _ = stray.wait();
+}
