@@ -202,10 +202,11 @@ pub fn run(cfg: &ChaosConfig) -> Result<RunReport, RunFailure> {
     if !last.is_empty() {
         return Err(fail(
             format!(
-                "after {:?} of settling ({} acknowledged writes lost):\n{}",
+                "after {:?} of settling ({} acknowledged writes lost):\n{}\n{}",
                 cfg.settle,
                 lost_writes(&lab, &ledger),
-                last.join("\n")
+                last.join("\n"),
+                drop_counters(&lab)
             ),
             &timeline,
             Some(&lab),
@@ -589,6 +590,34 @@ fn names(nodes: &[usize]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Every agent's counters of frames and entries it dropped, and of state it could
+/// not persist: what a failure's investigation starts from.
+fn drop_counters(lab: &Lab) -> String {
+    (0..lab.agents.len())
+        .map(|i| {
+            let text = lab
+                .exec(
+                    i,
+                    "curl",
+                    &["-s", &format!("http://{}/metrics", crate::AGENT_API)],
+                )
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    !l.starts_with('#')
+                        && (l.starts_with("shoal_dropped_frames_total")
+                            || l.starts_with("shoal_persist_errors_total")
+                            || l.starts_with("shoal_swim_stuck_suspects_total"))
+                })
+                .collect();
+            format!("n{} counters: {}", i + 1, lines.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Copies every agent's whole log out of the lab (which is deleted) and says where.

@@ -634,13 +634,26 @@ impl Node {
                 reply,
             } => {
                 let mut ok = Vec::with_capacity(delta.entries.len());
+                // An entry refused for its clock may be accepted later: its writer's
+                // range must not be marked as received, or no sync would resend it.
+                let mut too_early: Vec<crate::state::WriterId> = Vec::new();
                 for e in delta.entries {
-                    if !self.written_by_refused(&e) && self.clock_accepts(&e, now) {
+                    if self.written_by_refused(&e) {
+                        continue;
+                    }
+                    if self.clock_accepts(&e, now) {
                         ok.push(e);
+                    } else if !too_early.contains(&e.writer) {
+                        too_early.push(e.writer.clone());
                     }
                 }
+                let ranges = delta
+                    .ranges
+                    .into_iter()
+                    .filter(|(w, _, _)| !too_early.contains(w))
+                    .collect();
                 let (changed, rejected) = self.state.apply_delta(crate::state::Delta {
-                    ranges: delta.ranges,
+                    ranges,
                     entries: ok,
                 });
                 for r in rejected {

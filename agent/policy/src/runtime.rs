@@ -6,7 +6,7 @@ use std::fmt;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -169,6 +169,8 @@ pub(crate) struct State {
     plugin: Arc<str>,
     kv: Option<Arc<dyn KvReader>>,
     logs_left: u32,
+    /// Keeps the epoch ticking while this store lives.
+    _busy: Busy,
 }
 
 impl WasiView for State {
@@ -222,20 +224,56 @@ pub(crate) struct Loaded {
     pub pre: Pre,
 }
 
-/// Increments the engine's epoch every `tick` until dropped.
+/// Increments the engine's epoch every `tick` while some store exists (a call or
+/// a round is under way), until dropped. With no store it sleeps: an idle agent's
+/// policy host costs no wakeups (it used to tick every few ms for nothing, a third
+/// of an idle agent's CPU). Deadlines are counted in ticks from when a call is
+/// armed, so pausing between calls does not change them.
 struct Ticker {
     stop: Arc<AtomicBool>,
+    active: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// One live store: the ticker ticks while any exists.
+struct Busy {
+    active: Arc<AtomicUsize>,
+}
+
+impl Busy {
+    fn enter(ticker: &Ticker) -> Busy {
+        if ticker.active.fetch_add(1, Ordering::SeqCst) == 0 {
+            if let Some(t) = &ticker.thread {
+                t.thread().unpark();
+            }
+        }
+        Busy {
+            active: ticker.active.clone(),
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Ticker {
     fn start(engine: Engine, tick: Duration) -> Result<Ticker, PolicyError> {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let active = Arc::new(AtomicUsize::new(0));
+        let (flag, busy) = (stop.clone(), active.clone());
         let thread = std::thread::Builder::new()
             .name("shoal-policy-epoch".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
+                    if busy.load(Ordering::SeqCst) == 0 {
+                        // Woken by the first store (or by drop); the timeout only
+                        // bounds how long a missed wakeup could last.
+                        std::thread::park_timeout(Duration::from_secs(1));
+                        continue;
+                    }
                     std::thread::sleep(tick);
                     engine.increment_epoch();
                 }
@@ -243,6 +281,7 @@ impl Ticker {
             .map_err(|e| PolicyError::Engine(format!("starting the epoch thread: {e}")))?;
         Ok(Ticker {
             stop,
+            active,
             thread: Some(thread),
         })
     }
@@ -252,6 +291,7 @@ impl Drop for Ticker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
@@ -282,7 +322,7 @@ pub(crate) struct Runtime {
     tick: Duration,
     kv: Option<Arc<dyn KvReader>>,
     pub stats: Stats,
-    _ticker: Ticker,
+    ticker: Ticker,
 }
 
 impl Runtime {
@@ -344,7 +384,7 @@ impl Runtime {
             tick,
             kv: None,
             stats: Stats::default(),
-            _ticker: ticker,
+            ticker,
         })
     }
 
@@ -508,6 +548,7 @@ impl Runtime {
             plugin,
             kv: self.kv.clone(),
             logs_left: MAX_LOG_LINES,
+            _busy: Busy::enter(&self.ticker),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);

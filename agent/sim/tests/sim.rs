@@ -533,3 +533,54 @@ fn a_restart_at_a_new_address_is_accepted_within_seconds() {
         eprintln!("seed {seed}: n1 restarted at a new address was accepted after {took} ms");
     }
 }
+
+/// A write from a node whose clock is over the drift limit ahead is refused by the
+/// nodes behind it, and reaches them once their clocks catch up: anti-entropy must
+/// not mark what it refused as received (it did, and the write never arrived).
+#[test]
+fn a_write_refused_for_clock_drift_arrives_once_clocks_catch_up() {
+    const N: usize = 6;
+    let mut found = None;
+    for seed in 1..200 {
+        let cfg = SimConfig {
+            clock_skew_ms: 100_000,
+            ..SimConfig::new(N, seed)
+        };
+        let sim = Sim::new(cfg);
+        let walls: Vec<u64> = (0..N).map(|i| sim.now_of(i).wall_ms).collect();
+        let ahead = (0..N).max_by_key(|&i| walls[i]).unwrap();
+        let behind = (0..N).min_by_key(|&i| walls[i]).unwrap();
+        let gap = walls[ahead] - walls[behind];
+        // Refused at first (over 60 s), accepted after a minute at most.
+        if (70_000..120_000).contains(&gap) {
+            found = Some((seed, ahead, behind, gap));
+            break;
+        }
+    }
+    let (seed, ahead, behind, gap) = found.expect("a seed with a clock gap of 70-120 s");
+    let cfg = SimConfig {
+        clock_skew_ms: 100_000,
+        ..SimConfig::new(N, seed)
+    };
+    let mut sim = joined(cfg, 300_000);
+    sim.put(ahead, "app/from-the-future", b"v").expect("put");
+    sim.run_for(5_000);
+    let refused = sim
+        .node(behind)
+        .stats()
+        .dropped
+        .get("clock_drift")
+        .copied()
+        .unwrap_or(0);
+    assert!(refused > 0, "seed {seed}: a {gap} ms gap was not refused");
+    sim.run_until(
+        |s| {
+            s.node(behind)
+                .state()
+                .value("app/from-the-future")
+                .is_some()
+        },
+        gap + 30_000,
+    )
+    .unwrap_or_else(|e| panic!("seed {seed}: the refused write never arrived: {e}"));
+}
