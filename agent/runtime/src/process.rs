@@ -116,7 +116,16 @@ struct CpuSample {
     pid: i32,
     ticks: u64,
     at: Instant,
+    /// What the window ending at `at` gave.
+    percent: f64,
 }
+
+/// Shortest window a CPU percentage is computed over. Readings come every second
+/// for autoscaled replicas and every few seconds for all, so two can land a few ms
+/// apart; over such a window the kernel's 10 ms ticks make 0% or 100%+ out of a
+/// steady 40%, and the autoscaler saw flaps. A reading sooner than this repeats the
+/// last percentage and keeps the window growing.
+const MIN_CPU_WINDOW: Duration = Duration::from_millis(500);
 
 /// The per-alloc file. Changing it needs a migration: live agents' files outlive them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -596,6 +605,12 @@ impl Inner {
         let mut live = self.live();
         let entry = live.entry(rec.alloc_id.clone()).or_default();
         let cpu_percent = match entry.cpu.filter(|c| c.pid == rec.pid) {
+            Some(prev) if now.duration_since(prev.at) < MIN_CPU_WINDOW => {
+                return Usage {
+                    cpu_percent: prev.percent,
+                    memory_bytes,
+                };
+            }
             Some(prev) => {
                 let secs = now.duration_since(prev.at).as_secs_f64();
                 // Members that exit take their ticks with them: never report negative.
@@ -621,6 +636,7 @@ impl Inner {
             pid: rec.pid,
             ticks,
             at: now,
+            percent: cpu_percent,
         });
         Usage {
             cpu_percent,
@@ -1097,6 +1113,29 @@ impl Driver for ProcessDriver {
 mod tests {
     use super::*;
     use crate::spec::tests::spec;
+
+    /// Two readings a few ms apart (the autoscaler's and the regular one) give the
+    /// same percentage instead of a 0% or 100%+ from a window of a tick or two.
+    #[tokio::test]
+    async fn cpu_is_never_computed_over_a_window_of_a_few_ticks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = ProcessDriver::new(dir.path()).expect("driver");
+        driver
+            .start(&spec("busy", &["sh", "-c", "while :; do :; done"]))
+            .await
+            .expect("start");
+        let cpu = |u: Option<Usage>| u.expect("usage").cpu_percent;
+        let _first = cpu(driver.usage("busy").await.expect("usage"));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let a = cpu(driver.usage("busy").await.expect("usage"));
+        let b = cpu(driver.usage("busy").await.expect("usage"));
+        assert_eq!(a, b, "a reading right after another repeats it");
+        assert!(a > 30.0, "a busy loop over 600 ms reads {a}%");
+        driver
+            .stop("busy", Duration::from_secs(1))
+            .await
+            .expect("stop");
+    }
 
     /// Stale records must not be adopted: the pid is gone, or belongs to a stranger.
     #[tokio::test]
