@@ -1004,13 +1004,15 @@ mod tests {
         let mut sched =
             |snap: &Snapshot, reqs: &[PlacementRequest]| crate::native_scheduler(snap, reqs);
         let decide =
-            |db: &SlotMap, sched: &mut dyn FnMut(&Snapshot, &[PlacementRequest]) -> Vec<Placed>| {
+            |facts: &[NodeFacts],
+             db: &SlotMap,
+             sched: &mut dyn FnMut(&Snapshot, &[PlacementRequest]) -> Vec<Placed>| {
                 let all: ClusterSlots = [
                     ("db".to_string(), std::sync::Arc::new(db.clone())),
                     ("web".to_string(), std::sync::Arc::new(web.clone())),
                 ]
                 .into();
-                let snapshot = build_snapshot(&facts, &all);
+                let snapshot = build_snapshot(facts, &all);
                 let input = ReconcileInput {
                     service: "web",
                     record: Some(&record),
@@ -1026,7 +1028,7 @@ mod tests {
                 reconcile(&input, sched)
             };
         assert!(
-            decide(&db, &mut sched).writes.is_empty(),
+            decide(&facts, &db, &mut sched).writes.is_empty(),
             "full is not over"
         );
 
@@ -1040,7 +1042,7 @@ mod tests {
                 ..Slot::default()
             },
         );
-        let out = decide(&db, &mut sched);
+        let out = decide(&facts, &db, &mut sched);
         let slot = decode_slot(&out.writes[0]);
         let current = slot.current.as_ref().unwrap();
         let next = slot.next.as_ref().expect("a replacement alongside");
@@ -1053,25 +1055,7 @@ mod tests {
         // With no room anywhere else the replica keeps running, and says why.
         let (mut small, _) = nodes(2);
         small[1].capacity.cpu_millis = 500;
-        let all: ClusterSlots = [
-            ("db".to_string(), std::sync::Arc::new(db.clone())),
-            ("web".to_string(), std::sync::Arc::new(web.clone())),
-        ]
-        .into();
-        let snapshot = build_snapshot(&small, &all);
-        let input = ReconcileInput {
-            service: "web",
-            record: Some(&record),
-            desired: 1,
-            slots: &web,
-            reports: &reports,
-            dependencies: BTreeMap::new(),
-            members: &members,
-            snapshot: &snapshot,
-            evicted: crate::over_capacity(&snapshot, &all),
-            now_ms: 100,
-        };
-        let out = reconcile(&input, &mut sched);
+        let out = decide(&small, &db, &mut sched);
         let slot = decode_slot(&out.writes[0]);
         assert!(slot.next.is_none());
         assert_eq!(slot.current.as_ref().unwrap().node, "n1");
