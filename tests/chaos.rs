@@ -116,3 +116,93 @@ fn the_checker_reports_lost_writes_and_stray_processes() {
     let mut stray = stray;
     let _ = stray.wait();
 }
+
+/// Sums one counter of agent `i`'s metrics page (0 if it cannot be read).
+fn metric(lab: &Lab, i: usize, name: &str) -> u64 {
+    let page = lab
+        .exec(
+            i,
+            "curl",
+            &["-s", &format!("http://{}/metrics", shoal_chaos::AGENT_API)],
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    page.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Failure detection that does not cry wolf (Lifeguard): 10% of packets lost on
+/// every agent, and one agent starved of CPU (pinned to a core with two busy
+/// loops) and stopped for a second now and then. No live agent is ever declared
+/// down; the starved one is suspected and refutes. A real `kill -9` afterwards
+/// is still seen down by every other agent.
+#[test]
+fn no_live_agent_is_declared_down_under_loss_and_starvation() {
+    let mut lab = Lab::new(LabConfig {
+        agents: 5,
+        shoal: SHOAL.into(),
+        agent_args: Vec::new(),
+        data_tmpfs: None,
+    })
+    .expect("building the lab (needs root and iproute2)");
+    lab.start_all().unwrap();
+    let ledger = Ledger::default();
+    lab.wait("a whole cluster", Duration::from_secs(60), |l| {
+        violations(l, &ledger).is_empty().then_some(())
+    })
+    .unwrap();
+    for i in 0..5 {
+        lab.set_loss(i, 10).unwrap();
+    }
+    let starved = 3;
+    let hogs = lab.starve(starved, 2).unwrap();
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_secs(8));
+        lab.signal(starved, libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(1000));
+        lab.signal(starved, libc::SIGCONT);
+    }
+    std::thread::sleep(Duration::from_secs(8));
+    drop(hogs);
+    for i in 0..5 {
+        lab.set_loss(i, 0).unwrap();
+    }
+    let declared: Vec<u64> = (0..5)
+        .map(|i| metric(&lab, i, "shoal_swim_declared_down_total"))
+        .collect();
+    let downs: Vec<String> = (0..5)
+        .flat_map(|i| {
+            lab.log(i)
+                .lines()
+                .filter(|l| l.contains("member down"))
+                .map(|l| format!("n{}: {l}", i + 1))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        declared.iter().all(|&d| d == 0) && downs.is_empty(),
+        "live agents declared down (per agent {declared:?}):\n{}",
+        downs.join("\n")
+    );
+    assert!(
+        metric(&lab, starved, "shoal_swim_refutations_total") > 0,
+        "the starved agent was never suspected, so this proves nothing"
+    );
+
+    lab.signal(0, libc::SIGKILL);
+    lab.wait(
+        "n1 seen down by every other agent",
+        Duration::from_secs(30),
+        |l| {
+            (1..5)
+                .all(|i| {
+                    l.view(i)
+                        .is_some_and(|v| v.iter().any(|(m, st)| m == "n1" && st == "down"))
+                })
+                .then_some(())
+        },
+    )
+    .unwrap();
+}

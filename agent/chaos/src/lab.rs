@@ -78,6 +78,20 @@ pub struct Lab {
     bridges: usize,
 }
 
+/// Busy loops competing with an agent for its core ([`Lab::starve`]); killed on drop.
+pub struct Starver {
+    hogs: Vec<Child>,
+}
+
+impl Drop for Starver {
+    fn drop(&mut self) {
+        for h in &mut self.hogs {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+    }
+}
+
 /// Name of the file [`Lab::fill_disk`] writes.
 const FILLER: &str = "chaos-filler";
 
@@ -290,6 +304,33 @@ impl Lab {
             ])?;
         }
         Ok(())
+    }
+
+    /// Starves agent `i` of CPU: pins every thread of it to CPU 0 and starts
+    /// `loops` busy loops pinned there too, until the returned guard is dropped
+    /// (the agent then stays pinned; it is only ever restarted unpinned).
+    pub fn starve(&self, i: usize, loops: usize) -> anyhow::Result<Starver> {
+        let pid = self.agents[i]
+            .child
+            .as_ref()
+            .map(|c| c.id())
+            .with_context(|| format!("agent {} is not running", self.agents[i].name))?;
+        run_ok(
+            Command::new("taskset").args(["-a", "-p", "-c", "0", &pid.to_string()]),
+            "taskset (pinning the agent)",
+        )?;
+        let mut hogs = Vec::new();
+        for _ in 0..loops {
+            let hog = Command::new("taskset")
+                .args(["-c", "0", "sh", "-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting a busy loop (taskset, util-linux)")?;
+            hogs.push(hog);
+        }
+        Ok(Starver { hogs })
     }
 
     /// Fills agent `i`'s data dir (a tmpfs, see [`LabConfig::data_tmpfs`]) until

@@ -36,6 +36,6 @@ mod lab;
 mod run;
 mod schedule;
 
-pub use lab::{Lab, LabAgent, LabConfig, Workload, AGENT_API, AGENT_PORT};
+pub use lab::{Lab, LabAgent, LabConfig, Starver, Workload, AGENT_API, AGENT_PORT};
 pub use run::{run, violations, ChaosConfig, Ledger, RunFailure, RunReport};
 pub use schedule::{Fault, Op, OpKind, Rng, Schedule, Step};

@@ -202,11 +202,18 @@ pub fn run(cfg: &ChaosConfig) -> Result<RunReport, RunFailure> {
     if !last.is_empty() {
         return Err(fail(
             format!(
-                "after {:?} of settling ({} acknowledged writes lost):\n{}\n{}",
+                "after {:?} of settling ({} acknowledged writes lost):\n{}\n{}\n3 s later:\n{}\n{}",
                 cfg.settle,
                 lost_writes(&lab, &ledger),
                 last.join("\n"),
-                drop_counters(&lab)
+                drop_counters(&lab),
+                {
+                    // Twice, a few seconds apart: a counter that does not move
+                    // points at a task that is stuck.
+                    std::thread::sleep(Duration::from_secs(3));
+                    drop_counters(&lab)
+                },
+                state_diff(&lab)
             ),
             &timeline,
             Some(&lab),
@@ -592,8 +599,9 @@ fn names(nodes: &[usize]) -> String {
         .join(", ")
 }
 
-/// Every agent's counters of frames and entries it dropped, and of state it could
-/// not persist: what a failure's investigation starts from.
+/// Every agent's counters of frames and entries it dropped, of state it could
+/// not persist, of orchestration passes and of queued work: what a failure's
+/// investigation starts from.
 fn drop_counters(lab: &Lab) -> String {
     (0..lab.agents.len())
         .map(|i| {
@@ -611,13 +619,70 @@ fn drop_counters(lab: &Lab) -> String {
                     !l.starts_with('#')
                         && (l.starts_with("shoal_dropped_frames_total")
                             || l.starts_with("shoal_persist_errors_total")
-                            || l.starts_with("shoal_swim_stuck_suspects_total"))
+                            || l.starts_with("shoal_swim_stuck_suspects_total")
+                            || l.starts_with("shoal_steward_passes_total")
+                            || l.starts_with("shoal_orchestration_pass_seconds_count")
+                            || l.starts_with("shoal_allocations")
+                            || (l.starts_with("shoal_channel_depth") && !l.ends_with(" 0")))
                 })
                 .collect();
             format!("n{} counters: {}", i + 1, lines.join(", "))
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The records (user and internal) on which the agents disagree: a key missing on
+/// some agent, or held at different stamps. It tells an entry that did not
+/// replicate from one that replicated but was not acted on.
+fn state_diff(lab: &Lab) -> String {
+    let n = lab.agents.len();
+    let mut by_key: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
+    for i in 0..n {
+        for internal in ["false", "true"] {
+            let args: Vec<&str> = if internal == "true" {
+                vec!["kv", "ls", "--internal"]
+            } else {
+                vec!["kv", "ls"]
+            };
+            let Some(v) = lab.cli_json(i, &args) else {
+                return format!("state diff: n{} did not answer kv ls", i + 1);
+            };
+            for e in v.as_array().cloned().unwrap_or_default() {
+                let (Some(k), Some(w), Some(h)) =
+                    (e["key"].as_str(), e["writer"].as_str(), e["hlc"].as_u64())
+                else {
+                    continue;
+                };
+                by_key.entry(k.to_string()).or_insert_with(|| vec![None; n])[i] =
+                    Some(format!("{w}@{h}"));
+            }
+        }
+    }
+    let differ: Vec<String> = by_key
+        .iter()
+        .filter(|(_, v)| v.iter().any(|x| x != &v[0]))
+        .map(|(k, v)| {
+            let each: Vec<String> = v
+                .iter()
+                .enumerate()
+                .map(|(i, x)| format!("n{}={}", i + 1, x.as_deref().unwrap_or("missing")))
+                .collect();
+            format!("  {k}: {}", each.join(" "))
+        })
+        .collect();
+    let shown = differ.len().min(40);
+    format!(
+        "state diff: {} of {} records differ between agents{}\n{}",
+        differ.len(),
+        by_key.len(),
+        if differ.len() > shown {
+            " (first 40)"
+        } else {
+            ""
+        },
+        differ[..shown].join("\n")
+    )
 }
 
 /// Copies every agent's whole log out of the lab (which is deleted) and says where.

@@ -1,7 +1,8 @@
 //! The sans-IO core of shoal.
 //!
 //! This crate holds everything an agent decides, and nothing it does: SWIM
-//! membership (through `foca`), the hybrid logical clock, the replicated
+//! membership (through `foca`, with Lifeguard's local health, confirmed
+//! suspicions and buddy refutation around it), the hybrid logical clock, the replicated
 //! last-writer-wins map with node-owned and cluster-wide keys, epidemic push
 //! and anti-entropy sync, and the versioned CBOR wire format. A [`Node`] is
 //! given the time, received frames and local writes, and returns frames to
@@ -24,6 +25,7 @@
 mod histogram;
 mod hlc;
 mod identity;
+pub mod lifeguard;
 mod membership;
 mod node;
 mod state;
@@ -31,6 +33,7 @@ pub mod wire;
 
 pub use histogram::{Histogram, BUCKETS_SECS};
 pub use hlc::{Clock, ClockError, Hlc};
+pub use lifeguard::LifeguardConfig;
 pub use membership::{NodeId, Status};
 pub use node::{Config, Event, Node, Now, Output, Profile, Stats, LEFT_SUFFIX, SWIM_PACKET_SIZE};
 pub use state::{

@@ -193,6 +193,33 @@ impl Membership {
             .apply_many(std::iter::once(Member::down(id)), true, &mut self.rt)
     }
 
+    /// The incarnation foca holds `id` at, if it knows it.
+    pub fn incarnation_of(&self, id: &NodeId) -> Option<u16> {
+        self.foca
+            .iter_membership_state()
+            .find(|m| m.id() == id)
+            .map(|m| m.incarnation())
+    }
+
+    /// Whether foca holds `id` suspect at exactly `incarnation`.
+    pub fn is_suspect_at(&self, id: &NodeId, incarnation: u16) -> bool {
+        self.foca.iter_membership_state().any(|m| {
+            m.id() == id && m.incarnation() == incarnation && m.state() == foca::State::Suspect
+        })
+    }
+
+    /// Refutes a suspicion of ourselves at `incarnation` (foca raises our
+    /// incarnation past it and spreads that we are alive).
+    pub fn refute(&mut self, incarnation: u16) -> Result<(), foca::Error> {
+        let me = Member::new(
+            self.foca.identity().clone(),
+            incarnation,
+            foca::State::Suspect,
+        );
+        self.foca
+            .apply_many(std::iter::once(me), true, &mut self.rt)
+    }
+
     /// Announces our departure; peers mark us down.
     pub fn leave(&mut self) -> Result<(), foca::Error> {
         self.foca.leave_cluster(&mut self.rt)

@@ -18,6 +18,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::hlc::{Clock, Hlc};
 use crate::identity::{Guard, Verdict};
+use crate::lifeguard::{Due, Lifeguard, LifeguardConfig};
 use crate::membership::{packet_sender, MemberEffect, Membership, NodeId, Status, SwimTimer};
 use crate::state::{Entry, Reject, State, WriterId, NODE_PREFIX};
 use crate::wire::{self, Msg};
@@ -69,6 +70,9 @@ pub struct Config {
     /// How long the holder of a name has to answer before a process claiming the
     /// same name from another address replaces it ([`crate::identity`]).
     pub verify_timeout: Duration,
+    /// Failure detection on top of SWIM: local health, suspicions that shrink with
+    /// confirmations, buddy refutation ([`crate::lifeguard`]).
+    pub lifeguard: LifeguardConfig,
 }
 
 /// Largest SWIM packet; stays under QUIC's datagram size on a 1200-byte path.
@@ -91,6 +95,24 @@ impl Config {
             Profile::Wan => foca::Config::new_wan(size),
         };
         swim.max_packet_size = NonZeroUsize::new(SWIM_PACKET_SIZE).unwrap_or(NonZeroUsize::MIN);
+        // Lifeguard keeps fast timers from raising false alarms (a lossy link or a
+        // starved observer cannot declare a member down alone), so probes run
+        // twice as often as foca's memberlist-derived LAN preset and a suspicion
+        // lasts from `f` periods (confirmed by 3 other observers) to `4 f` (alone),
+        // where f = max(1, log10 N). WAN keeps foca's timing.
+        if profile == Profile::Lan {
+            swim.probe_period = Duration::from_millis(500);
+            swim.probe_rtt = Duration::from_millis(200);
+        }
+        let f = f64::from(cluster_size.max(1)).log10().max(1.0);
+        let lifeguard = LifeguardConfig {
+            min_suspicion: swim.probe_period.mul_f64(f),
+            max_suspicion: swim.probe_period.mul_f64(3.0 * f),
+            confirmations: 3,
+            max_health: 8,
+            late_timer: swim.probe_rtt,
+        };
+        swim.suspect_to_down_after = lifeguard.max_suspicion;
         // foca's memberlist-derived defaults leave a few (observer, member) pairs
         // to be repaired by round-robin probes, and re-announce to members held
         // down only every 65 s, so a healed partition took minutes to merge in
@@ -126,6 +148,7 @@ impl Config {
             static_peers: None,
             rejoin_max,
             verify_timeout,
+            lifeguard,
         }
     }
 }
@@ -225,6 +248,16 @@ pub struct Stats {
     /// Members declared down after staying suspect for twice the suspicion timeout
     /// (a suspicion timer foca dropped; see `sweep_suspects`).
     pub stuck_suspects: u64,
+    /// Reports of another node's failed probe that were new to us (Lifeguard
+    /// confirmations, forwarded once).
+    pub suspicion_reports: u64,
+    /// Suspicions of ourselves we refuted.
+    pub refutations: u64,
+    /// Members we declared down ourselves (our probe failed and the suspicion
+    /// timeout passed).
+    pub declared_down: u64,
+    /// Local-health score now (0 healthy; see [`crate::lifeguard`]).
+    pub local_health: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,6 +268,8 @@ enum TimerKind {
     Gc,
     /// Look for members stuck in suspicion (see [`Node::sweep_suspects`]).
     SuspectSweep,
+    /// See whether a suspicion we hold foca's down timer for has timed out.
+    Suspicion(NodeId),
     /// Re-announce to the seeds and every member we knew while we have no live
     /// peer (seeds may start after us; a partition may have cut us off).
     Rejoin(Duration),
@@ -296,6 +331,7 @@ pub struct Node {
     probe_sent: Option<(u8, SocketAddr, u64)>,
     /// Members seen in suspicion, with the mono ms they were first seen so.
     suspects: HashMap<NodeId, u64>,
+    lifeguard: Lifeguard,
 }
 
 impl Node {
@@ -336,6 +372,7 @@ impl Node {
             guard: Guard::default(),
             probe_sent: None,
             suspects: HashMap::new(),
+            lifeguard: Lifeguard::new(cfg.lifeguard.clone()),
             cfg,
         };
         // Random first ticks keep nodes started together from acting in lockstep.
@@ -572,6 +609,11 @@ impl Node {
                 }
                 self.drain_swim(now);
             }
+            Msg::Suspect {
+                member,
+                incarnation,
+                by,
+            } => self.on_suspect(from, member, incarnation, by, now),
             Msg::Probe { nonce } => {
                 let gen = self.id().gen;
                 self.transmit(from, true, &Msg::ProbeAck { nonce, gen });
@@ -878,6 +920,7 @@ impl Node {
 
     /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Now) {
+        let mut late = 0;
         while let Some(Reverse(p)) = self.timers.peek() {
             if p.at > now.mono_ms {
                 break;
@@ -885,8 +928,13 @@ impl Node {
             let Some(Reverse(p)) = self.timers.pop() else {
                 break;
             };
+            late = late.max(now.mono_ms - p.at);
             self.fire(p.kind, now);
         }
+        // Timers far behind mean this process was starved or stopped: its view of
+        // who answers in time is not to be trusted for a while.
+        self.lifeguard.timer_fired_late(late);
+        self.stats.local_health = self.lifeguard.health();
     }
 
     fn fire(&mut self, kind: TimerKind, now: Now) {
@@ -952,6 +1000,31 @@ impl Node {
                     }));
                 }
             }
+            TimerKind::Suspicion(member) => match self.lifeguard.due(&member, now.mono_ms) {
+                Due::Fire(t) => {
+                    // Refuted meanwhile (foca holds a newer incarnation): nothing to do.
+                    let still = match &t {
+                        SwimTimer::ChangeSuspectToDown {
+                            member_id,
+                            incarnation,
+                            ..
+                        } => self.swim.is_suspect_at(member_id, *incarnation),
+                        _ => false,
+                    };
+                    if still {
+                        self.stats.declared_down += 1;
+                        if let Err(e) = self.swim.handle_timer(t) {
+                            self.drop_reason("swim_error", &e);
+                        }
+                        self.drain_swim(now);
+                    }
+                }
+                Due::Later(at) => {
+                    let after = Duration::from_millis(at.saturating_sub(now.mono_ms));
+                    self.schedule(now, after, TimerKind::Suspicion(member));
+                }
+                Due::Nothing => {}
+            },
             TimerKind::SuspectSweep => {
                 self.sweep_suspects(now);
                 if !self.left {
@@ -979,8 +1052,9 @@ impl Node {
     /// declared down, as the lost timer would have done; if it is in fact alive, it
     /// hears so and rejoins under a renewed identity at once.
     fn sweep_suspects(&mut self, now: Now) {
-        let limit = 2 * self.cfg.swim.suspect_to_down_after.as_millis() as u64;
+        let limit = 2 * self.lifeguard.timeout(0).as_millis() as u64;
         let suspect = self.swim.suspects();
+        self.lifeguard.retain(&suspect, now.mono_ms);
         if suspect.is_empty() && self.suspects.is_empty() {
             return;
         }
@@ -1052,16 +1126,32 @@ impl Node {
                     self.transmit(to.addr, false, &Msg::Swim(data));
                 }
                 MemberEffect::Timer(t, after) => {
-                    if !self.left {
-                        self.schedule(now, after, TimerKind::Swim(t));
+                    if self.left {
+                        continue;
+                    }
+                    match t {
+                        SwimTimer::ChangeSuspectToDown { ref member_id, .. } => {
+                            let member = member_id.clone();
+                            if let Some(at) = self.lifeguard.hold(t, now.mono_ms) {
+                                let after = Duration::from_millis(at.saturating_sub(now.mono_ms));
+                                self.schedule(now, after, TimerKind::Suspicion(member));
+                            }
+                        }
+                        SwimTimer::ProbeRandomMember(_) | SwimTimer::SendIndirectProbe { .. } => {
+                            let after = self.lifeguard.stretch(after);
+                            self.schedule(now, after, TimerKind::Swim(t));
+                        }
+                        _ => self.schedule(now, after, TimerKind::Swim(t)),
                     }
                 }
                 MemberEffect::Notify(n) => match n {
                     OwnedNotification::MemberUp(id) | OwnedNotification::Rename(_, id) => {
+                        self.lifeguard.clear(&id);
                         self.known.insert(id.name.clone(), id.addr);
                         self.out.push_back(Output::Event(Event::MemberUp(id)));
                     }
                     OwnedNotification::MemberDown(id) => {
+                        self.lifeguard.clear(&id);
                         self.out.push_back(Output::Event(Event::MemberDown(id)));
                     }
                     // No live peer left: SWIM stops probing, so keep announcing
@@ -1074,6 +1164,10 @@ impl Node {
                     OwnedNotification::DataSent(h) => {
                         if let foca::Message::Ping(n) = h.message {
                             self.probe_sent = Some((n, h.dst.addr, now.mono_ms));
+                            // Buddy: a member we hold suspect hears so with the probe.
+                            if let Some(incarnation) = self.lifeguard.suspected_at(&h.dst) {
+                                self.tell_suspect(&h.dst, incarnation);
+                            }
                         }
                     }
                     OwnedNotification::DataReceived(h) => {
@@ -1084,10 +1178,14 @@ impl Node {
                                 let rtt = now.mono_ms.saturating_sub(at) as f64 / 1000.0;
                                 self.stats.probe_rtt.observe(rtt);
                                 self.probe_sent = None;
+                                self.lifeguard.probe_answered();
                             }
                         }
                     }
-                    OwnedNotification::ProbeFailed(..) => self.stats.probe_failures += 1,
+                    OwnedNotification::ProbeFailed(_, member) => {
+                        self.stats.probe_failures += 1;
+                        self.report_failed_probe(&member);
+                    }
                     _ => {}
                 },
             }
@@ -1102,6 +1200,83 @@ impl Node {
             // rejoin or down-member round, which heals a split in round trips.
             self.announce_everywhere(now);
         }
+    }
+
+    /// Our probe of `member` failed: tell it (so it can refute) and spread the
+    /// report, which other suspectors count as a confirmation.
+    fn report_failed_probe(&mut self, member: &NodeId) {
+        let Some(incarnation) = self.swim.incarnation_of(member) else {
+            return;
+        };
+        self.tell_suspect(member, incarnation);
+        let msg = Msg::Suspect {
+            member: member.clone(),
+            incarnation,
+            by: self.cfg.name.clone(),
+        };
+        self.spread(&msg, &[member.addr]);
+    }
+
+    /// Buddy refutation: tells `member` directly that it is suspected.
+    fn tell_suspect(&mut self, member: &NodeId, incarnation: u16) {
+        let msg = Msg::Suspect {
+            member: member.clone(),
+            incarnation,
+            by: self.cfg.name.clone(),
+        };
+        self.transmit(member.addr, false, &msg);
+    }
+
+    /// Sends `msg` as a datagram to `fanout` random active peers not in `except`.
+    fn spread(&mut self, msg: &Msg, except: &[SocketAddr]) {
+        let mut peers = self.random_peers(self.cfg.fanout + except.len(), except.first().copied());
+        peers.retain(|a| !except.contains(a));
+        peers.truncate(self.cfg.fanout);
+        for p in peers {
+            self.transmit(p, false, msg);
+        }
+    }
+
+    /// A node reports that its probe of `member` failed (or tells us we are suspected).
+    fn on_suspect(
+        &mut self,
+        from: SocketAddr,
+        member: NodeId,
+        incarnation: u16,
+        by: String,
+        now: Now,
+    ) {
+        if member.name == self.cfg.name {
+            if &member == self.swim.identity() {
+                self.stats.refutations += 1;
+                self.lifeguard.refuted();
+                if let Err(e) = self.swim.refute(incarnation) {
+                    self.drop_reason("swim_error", &e);
+                }
+                self.drain_swim(now);
+            }
+            return;
+        }
+        if by == self.cfg.name {
+            return;
+        }
+        let (new, check) = self
+            .lifeguard
+            .report(&member, incarnation, &by, now.mono_ms);
+        if !new {
+            return;
+        }
+        self.stats.suspicion_reports += 1;
+        if let Some(at) = check {
+            let after = Duration::from_millis(at.saturating_sub(now.mono_ms));
+            self.schedule(now, after, TimerKind::Suspicion(member.clone()));
+        }
+        let msg = Msg::Suspect {
+            member: member.clone(),
+            incarnation,
+            by,
+        };
+        self.spread(&msg, &[from, member.addr]);
     }
 
     fn schedule(&mut self, now: Now, after: Duration, kind: TimerKind) {

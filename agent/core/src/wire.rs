@@ -60,6 +60,17 @@ pub enum Msg {
         /// The sender's current SWIM generation.
         gen: u64,
     },
+    /// Lifeguard: the `by` node's probe of `member` failed at `incarnation`.
+    /// Sent to the member itself (which refutes) and spread to a few peers (for
+    /// whom it confirms the suspicion; see [`crate::lifeguard`]).
+    Suspect {
+        /// The suspected member.
+        member: crate::NodeId,
+        /// The incarnation its probe failed at.
+        incarnation: u16,
+        /// The node whose probe failed.
+        by: String,
+    },
     /// Our SWIM packets were refused, and why (e.g. our name is held by a live node).
     Refused {
         /// One line for the operator.
@@ -79,6 +90,7 @@ impl Msg {
             Msg::Probe { .. } => "probe",
             Msg::ProbeAck { .. } => "probe_ack",
             Msg::Refused { .. } => "refused",
+            Msg::Suspect { .. } => "suspect",
         }
     }
 }

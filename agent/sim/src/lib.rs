@@ -282,6 +282,9 @@ struct Slot {
     timer_at: Option<u64>,
     /// Reasons peers gave for refusing this node (`JoinRefused` events).
     refused: Vec<String>,
+    /// Until this virtual ms the node is stopped (SIGSTOP): frames to it and its
+    /// timers wait, as in a stopped process's socket buffer and timer wheel.
+    paused_until: u64,
 }
 
 enum Job {
@@ -323,6 +326,18 @@ pub struct Sim {
     net: NetStats,
     events: EventCounts,
     watch: Option<Watch>,
+    downs: Vec<Down>,
+}
+
+/// One node declaring a member down (a `MemberDown` event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Down {
+    /// Virtual ms.
+    pub at: u64,
+    /// The node that declared it (or heard it declared).
+    pub observer: usize,
+    /// The member's name.
+    pub member: String,
 }
 
 impl Sim {
@@ -377,6 +392,7 @@ impl Sim {
                 group: 0,
                 timer_at: None,
                 refused: Vec::new(),
+                paused_until: 0,
             });
         }
         let mut sim = Sim {
@@ -389,6 +405,7 @@ impl Sim {
             net: NetStats::default(),
             events: EventCounts::default(),
             watch: None,
+            downs: Vec::new(),
         };
         for i in 0..n {
             sim.drain(i);
@@ -575,6 +592,18 @@ impl Sim {
     pub fn crash(&mut self, i: usize) {
         self.slots[i].life = Life::Crashed;
         self.slots[i].timer_at = None;
+    }
+
+    /// Node `i` stops for `ms` of virtual time, as under SIGSTOP or CPU
+    /// starvation: nothing it would send goes out, and frames sent to it and its
+    /// timers are handled when it resumes (late).
+    pub fn pause(&mut self, i: usize, ms: u64) {
+        self.slots[i].paused_until = self.now.saturating_add(ms);
+    }
+
+    /// Every `MemberDown` event so far, in order.
+    pub fn downs(&self) -> &[Down] {
+        &self.downs
     }
 
     /// Node `i` leaves gracefully (its farewell frames go out), then shuts down.
@@ -770,6 +799,12 @@ impl Sim {
                 if s.life != Life::Running || s.timer_at != Some(self.now) {
                     return; // stale: re-armed for another time, or the node is gone
                 }
+                if s.paused_until > self.now {
+                    let at = s.paused_until;
+                    s.timer_at = Some(at);
+                    self.enqueue(at, Job::Timer { node });
+                    return;
+                }
                 s.timer_at = None;
                 let now = wall(self.now, s.skew_ms);
                 s.node.handle_timeout(now);
@@ -783,6 +818,18 @@ impl Sim {
                 }
                 if self.slots[from].group != self.slots[to].group {
                     self.net.partitioned += 1;
+                    return;
+                }
+                if self.slots[to].paused_until > self.now {
+                    let at = self.slots[to].paused_until;
+                    self.enqueue(
+                        at,
+                        Job::Deliver {
+                            from: from as u32,
+                            to: to as u32,
+                            bytes,
+                        },
+                    );
                     return;
                 }
                 self.net.delivered += 1;
@@ -826,7 +873,14 @@ impl Sim {
     fn observe(&mut self, i: usize, ev: &Event) {
         match ev {
             Event::MemberUp(_) => self.events.member_up += 1,
-            Event::MemberDown(_) => self.events.member_down += 1,
+            Event::MemberDown(id) => {
+                self.events.member_down += 1;
+                self.downs.push(Down {
+                    at: self.now,
+                    observer: i,
+                    member: id.name.clone(),
+                });
+            }
             Event::Changed(_) => self.events.changed += 1,
             Event::IdentityRefused { .. } => self.events.identity_refused += 1,
             Event::IdentityReplaced { .. } => self.events.identity_replaced += 1,

@@ -11,6 +11,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+
+mod detect;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
@@ -27,6 +29,9 @@ struct Cli {
 enum Cmd {
     /// Measure convergence time and bandwidth of one change.
     Bench(BenchArgs),
+    /// Measure failure detection: crash nodes one by one and time until every
+    /// live node sees each down; count live nodes declared down by mistake.
+    Detect(detect::DetectArgs),
     /// Measure kill-to-healthy-elsewhere: crash a node running replicas and time
     /// until every replica is healthy on other nodes.
     Reschedule(RescheduleArgs),
@@ -255,6 +260,7 @@ fn main() -> ExitCode {
     let args = match Cli::parse().cmd {
         Cmd::Bench(args) => args,
         Cmd::Reschedule(args) => return reschedule(&args),
+        Cmd::Detect(args) => return detect::run(&args),
     };
     let total = Instant::now();
     let mut rows = Vec::new();

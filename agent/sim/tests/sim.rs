@@ -584,3 +584,45 @@ fn a_write_refused_for_clock_drift_arrives_once_clocks_catch_up() {
     )
     .unwrap_or_else(|e| panic!("seed {seed}: the refused write never arrived: {e}"));
 }
+
+/// Lifeguard under the conditions that make fast failure detectors cry wolf: 10%
+/// of datagrams lost and one node stopped twice for a second (SIGSTOP, a CPU
+/// starved by a neighbour). The stopped node is suspected (it refutes) but no
+/// live node is ever declared down; a crash afterwards still is, everywhere.
+#[test]
+fn no_live_node_is_declared_down_under_loss_or_a_short_stop() {
+    const N: usize = 30;
+    for seed in test_seeds(3) {
+        let cfg = SimConfig {
+            datagram_loss: 0.10,
+            ..SimConfig::new(N, seed)
+        };
+        let mut sim = joined(cfg, 300_000);
+        let stopped = 5;
+        for _ in 0..2 {
+            sim.pause(stopped, 1_000);
+            sim.run_for(30_000);
+        }
+        sim.run_for(60_000);
+        let downs: Vec<String> = sim
+            .downs()
+            .iter()
+            .map(|d| format!("n{} declared {} down at {} ms", d.observer, d.member, d.at))
+            .collect();
+        assert!(
+            downs.is_empty(),
+            "seed {seed}: live nodes declared down: {downs:?}"
+        );
+        assert!(
+            sim.node(stopped).stats().refutations > 0,
+            "seed {seed}: the stopped node was never even suspected, so this proves nothing"
+        );
+        // Under loss a member is suspect now and then; never for long.
+        sim.run_until(|s| s.all_see_alive(N), 30_000)
+            .unwrap_or_else(|e| panic!("membership not whole again: {e}"));
+
+        sim.crash(9);
+        sim.run_until(|s| s.all_see_status(9, Status::Down), 60_000)
+            .unwrap_or_else(|e| panic!("crashed node not seen down by all: {e}"));
+    }
+}

@@ -63,7 +63,7 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredAlloc {
     /// What to run, or why it cannot be run here (e.g. its spec version is gone).
-    pub workload: Result<WorkloadSpec, String>,
+    pub workload: Result<WorkloadSpec, Unrunnable>,
     /// Health check of its spec.
     pub health: Option<HealthCheck>,
     /// Restart policy of its spec.
@@ -72,6 +72,20 @@ pub struct DesiredAlloc {
     pub stop_delay: Duration,
     /// Its service is autoscaled: sample it every second and scrape these metrics.
     pub autoscaled: Option<Scrape>,
+}
+
+/// A slot this node cannot run (yet), and why. Its service, slot and version
+/// still go into its report, so `ps` shows the reason on the right service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unrunnable {
+    /// The slot's service.
+    pub service: String,
+    /// The slot.
+    pub slot: u32,
+    /// The spec version the slot names.
+    pub version: u64,
+    /// Why it cannot run.
+    pub reason: String,
 }
 
 /// What the autoscaler needs read from a replica besides CPU and memory.
@@ -363,6 +377,16 @@ impl Executor {
         for (id, want) in &d.allocs {
             match self.allocs.get_mut(id) {
                 Some(a) => {
+                    // It could not start for want of its spec (the slot arrived
+                    // before the service record, e.g. right after a re-deploy):
+                    // now that the spec is known, start it.
+                    let unrunnable = a.desired.as_ref().is_some_and(|d| d.workload.is_err());
+                    if let (true, Ok(w)) = (unrunnable, &want.workload) {
+                        (a.service, a.slot, a.version) = (w.service.clone(), w.slot, w.version);
+                        if matches!(a.phase, Phase::Done { .. }) {
+                            restart.push(id.clone());
+                        }
+                    }
                     if a.desired.is_none() {
                         if let Some(st) = &a.status {
                             tracing::info!(alloc = %id, handle = %st.handle, "adopted");
@@ -386,7 +410,7 @@ impl Executor {
                 None => {
                     let (service, slot, version) = match &want.workload {
                         Ok(w) => (w.service.clone(), w.slot, w.version),
-                        Err(_) => (String::new(), 0, 0),
+                        Err(u) => (u.service.clone(), u.slot, u.version),
                     };
                     let mut a = Alloc::new(service, slot, version);
                     a.desired = Some(want.clone());
@@ -422,11 +446,12 @@ impl Executor {
         };
         let spec = match want.workload {
             Ok(s) => s,
-            Err(reason) => {
+            Err(u) => {
+                tracing::warn!(alloc = %id, "cannot start: {}", u.reason);
                 a.phase = Phase::Done {
                     state: AllocState::Failed,
                 };
-                a.reason = Some(reason);
+                a.reason = Some(u.reason);
                 return;
             }
         };
@@ -1406,6 +1431,32 @@ mod tests {
         h.set(&[("b", want("b", RestartMode::OnFailure))], true);
         h.until("a gone", |r| !r.contains_key("a")).await;
         assert!(h.mem.status("a").await.unwrap().is_none());
+        h.shut().await;
+    }
+
+    #[tokio::test]
+    async fn a_slot_whose_spec_arrives_late_starts_once_it_is_known() {
+        let mut h = Harness::start(Arc::new(MemDriver::new()), false);
+        let mut unknown = want("a", RestartMode::Never);
+        unknown.workload = Err(Unrunnable {
+            service: "web".into(),
+            slot: 0,
+            version: 1,
+            reason: "spec version 1 of service web is not known here".into(),
+        });
+        h.set(&[("a", unknown)], true);
+        // Refused, and reported as web's slot 0 (where `ps web` looks for it).
+        h.until("a refused", |r| {
+            r.get("a").is_some_and(|r| {
+                r.state == AllocState::Failed
+                    && (r.service.as_str(), r.slot, r.version) == ("web", 0, 1)
+                    && r.reason.as_deref().is_some_and(|x| x.contains("not known"))
+            })
+        })
+        .await;
+        assert!(h.mem.list().await.unwrap().is_empty());
+        h.set(&[("a", want("a", RestartMode::Never))], true);
+        h.until("a running", |r| running(r, "a")).await;
         h.shut().await;
     }
 

@@ -146,6 +146,35 @@ pub fn render(v: &Views, net: &NetStats) -> String {
         "shoal_swim_stuck_suspects_total {}",
         s.core.stuck_suspects
     );
+    for (name, kind, help, v) in [
+        (
+            "shoal_swim_suspicion_reports_total",
+            "counter",
+            "Other nodes' failed probes heard of (Lifeguard confirmations of a suspicion).",
+            s.core.suspicion_reports,
+        ),
+        (
+            "shoal_swim_refutations_total",
+            "counter",
+            "Suspicions of this node it refuted.",
+            s.core.refutations,
+        ),
+        (
+            "shoal_swim_declared_down_total",
+            "counter",
+            "Members this node declared down itself (its probe failed and the suspicion timed out).",
+            s.core.declared_down,
+        ),
+        (
+            "shoal_swim_local_health",
+            "gauge",
+            "Lifeguard local-health score (0 healthy; timers stretch by score + 1).",
+            u64::from(s.core.local_health),
+        ),
+    ] {
+        family(&mut o, name, kind, help);
+        let _ = writeln!(o, "{name} {v}");
+    }
     family(
         &mut o,
         "shoal_members",

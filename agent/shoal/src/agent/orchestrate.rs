@@ -25,7 +25,7 @@ use shoal_orch::{
 use shoal_policy::PolicyHost;
 use tokio::sync::{mpsc, watch};
 
-use super::executor::{Desired, DesiredAlloc, Scrape};
+use super::executor::{Desired, DesiredAlloc, Scrape, Unrunnable};
 use super::views::Views;
 
 /// A pass to run.
@@ -213,10 +213,15 @@ impl OrchWorker {
                     }),
                 },
                 None => DesiredAlloc {
-                    workload: Err(format!(
-                        "spec version {} of service {} is not known here",
-                        p.version, a.service
-                    )),
+                    workload: Err(Unrunnable {
+                        service: a.service.clone(),
+                        slot: a.slot,
+                        version: p.version,
+                        reason: format!(
+                            "spec version {} of service {} is not known here",
+                            p.version, a.service
+                        ),
+                    }),
                     health: None,
                     restart: RestartPolicy {
                         mode: RestartMode::Never,
