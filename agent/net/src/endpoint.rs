@@ -53,7 +53,8 @@ pub struct NetConfig {
     pub connect_timeout: Duration,
     /// A connection without any traffic for this long is closed (default 30 s).
     pub idle_timeout: Duration,
-    /// Interval of keep-alive packets on open connections (default 5 s).
+    /// Interval of keep-alive packets on open connections (default 15 s, half the idle
+    /// timeout: each open connection sends them, so with 49 peers 5 s meant ~10 a second).
     pub keep_alive: Duration,
     /// Capacity of the channel of received messages handed to the caller (default
     /// 4096); datagrams beyond it are dropped, stream messages wait.
@@ -66,7 +67,7 @@ impl Default for NetConfig {
             max_frame: 16 << 20,
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(30),
-            keep_alive: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(15),
             incoming_capacity: 4096,
         }
     }
