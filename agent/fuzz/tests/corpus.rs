@@ -198,6 +198,19 @@ fn write_seeds() {
         "blob",
         &wire::encode(&Msg::Blob(vec![1, 2, 3])),
     );
+    write(
+        "wire_frame",
+        "suspect",
+        &wire::encode(&Msg::Suspect {
+            member: shoal_core::NodeId {
+                name: "n2".into(),
+                addr: "127.0.0.1:7002".parse().unwrap(),
+                gen: 3,
+            },
+            incarnation: 1,
+            by: "n1".into(),
+        }),
+    );
 
     // Blob messages about a real stored blob.
     let dir = std::env::temp_dir().join(format!("shoal-fuzz-seed-{}", std::process::id()));
