@@ -98,7 +98,7 @@ impl Config {
         // Lifeguard keeps fast timers from raising false alarms (a lossy link or a
         // starved observer cannot declare a member down alone), so probes run
         // twice as often as foca's memberlist-derived LAN preset and a suspicion
-        // lasts from `f` periods (confirmed by 3 other observers) to `4 f` (alone),
+        // lasts from `f` periods (confirmed by 3 other observers) to `3 f` (alone),
         // where f = max(1, log10 N). WAN keeps foca's timing.
         if profile == Profile::Lan {
             swim.probe_period = Duration::from_millis(500);
@@ -332,6 +332,8 @@ pub struct Node {
     /// Members seen in suspicion, with the mono ms they were first seen so.
     suspects: HashMap<NodeId, u64>,
     lifeguard: Lifeguard,
+    /// Suspicions of ourselves at incarnations below this were refuted already.
+    refuted_below: Option<u16>,
 }
 
 impl Node {
@@ -373,6 +375,7 @@ impl Node {
             probe_sent: None,
             suspects: HashMap::new(),
             lifeguard: Lifeguard::new(cfg.lifeguard.clone()),
+            refuted_below: None,
             cfg,
         };
         // Random first ticks keep nodes started together from acting in lockstep.
@@ -1159,6 +1162,8 @@ impl Node {
                     OwnedNotification::Idle => idle = true,
                     OwnedNotification::Rejoin(id) => {
                         renewed = true;
+                        // A renewed identity starts again at incarnation 0.
+                        self.refuted_below = None;
                         self.out.push_back(Output::Event(Event::Rejoined(id)));
                     }
                     OwnedNotification::DataSent(h) => {
@@ -1247,7 +1252,11 @@ impl Node {
         now: Now,
     ) {
         if member.name == self.cfg.name {
-            if &member == self.swim.identity() {
+            // Every suspector tells us on each probe until it hears our refutation:
+            // count (and refute) each incarnation once.
+            let fresh = self.refuted_below.is_none_or(|below| incarnation >= below);
+            if &member == self.swim.identity() && fresh {
+                self.refuted_below = Some(incarnation.saturating_add(1));
                 self.stats.refutations += 1;
                 self.lifeguard.refuted();
                 if let Err(e) = self.swim.refute(incarnation) {
