@@ -119,15 +119,8 @@ fn the_checker_reports_lost_writes_and_stray_processes() {
 
 /// Sums one counter of agent `i`'s metrics page (0 if it cannot be read).
 fn metric(lab: &Lab, i: usize, name: &str) -> u64 {
-    let page = lab
-        .exec(
-            i,
-            "curl",
-            &["-s", &format!("http://{}/metrics", shoal_chaos::AGENT_API)],
-        )
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    page.lines()
+    lab.metrics(i)
+        .lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()

@@ -561,6 +561,13 @@ impl Lab {
         serde_json::from_slice(&out.stdout).ok()
     }
 
+    /// Agent `i`'s Prometheus metrics page (empty if it does not answer).
+    pub fn metrics(&self, i: usize) -> String {
+        self.exec(i, "curl", &["-s", &format!("http://{AGENT_API}/metrics")])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
     /// How agent `i` sees every member: (name, status).
     pub fn view(&self, i: usize) -> Option<Vec<(String, String)>> {
         let v = self.cli_json(i, &["nodes"])?;

@@ -605,14 +605,7 @@ fn names(nodes: &[usize]) -> String {
 fn drop_counters(lab: &Lab) -> String {
     (0..lab.agents.len())
         .map(|i| {
-            let text = lab
-                .exec(
-                    i,
-                    "curl",
-                    &["-s", &format!("http://{}/metrics", crate::AGENT_API)],
-                )
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
+            let text = lab.metrics(i);
             let lines: Vec<&str> = text
                 .lines()
                 .filter(|l| {
@@ -639,13 +632,8 @@ fn state_diff(lab: &Lab) -> String {
     let n = lab.agents.len();
     let mut by_key: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
     for i in 0..n {
-        for internal in ["false", "true"] {
-            let args: Vec<&str> = if internal == "true" {
-                vec!["kv", "ls", "--internal"]
-            } else {
-                vec!["kv", "ls"]
-            };
-            let Some(v) = lab.cli_json(i, &args) else {
+        for args in [&["kv", "ls"][..], &["kv", "ls", "--internal"]] {
+            let Some(v) = lab.cli_json(i, args) else {
                 return format!("state diff: n{} did not answer kv ls", i + 1);
             };
             for e in v.as_array().cloned().unwrap_or_default() {
