@@ -19,6 +19,13 @@
 //!   the same member at the same incarnation, log-scaled up to
 //!   [`LifeguardConfig::confirmations`]: one lossy link cannot declare a member
 //!   down fast, many independent observers can.
+//! - **Confirmation checks** (our addition; foca probes members round-robin,
+//!   so in a small cluster the other observers would reach a dead member only
+//!   seconds later). A node that hears a first-hand report and does not suspect
+//!   the member itself checks it at once with one direct, reliable probe; if
+//!   that goes unanswered for a probe timeout, its own report confirms the
+//!   suspicion. Reports that come from a check start no further checks, so one
+//!   suspicion costs at most `fanout` checks.
 //! - **Buddy refutation.** The suspected member is told directly (by the node
 //!   that suspects it, and on every later probe), so a live member refutes in
 //!   one round trip instead of waiting for gossip to reach it.
@@ -36,10 +43,18 @@ use crate::membership::{NodeId, SwimTimer};
 /// Lifeguard's knobs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LifeguardConfig {
-    /// Suspicion timeout once [`confirmations`](Self::confirmations) other nodes agree.
+    /// Suspicion timeout once [`confirmations`](Self::confirmations) other nodes
+    /// agree, in a cluster of up to 10 members; like the maximum it scales with
+    /// `f = max(1, log10 N)`, N the members this node knows now
+    /// ([`Lifeguard::set_members`]).
     pub min_suspicion: Duration,
-    /// Suspicion timeout with no confirmation.
+    /// Suspicion timeout with no confirmation (up to 10 members; scales with `f`).
     pub max_suspicion: Duration,
+    /// The least suspicion timeout whatever the size and confirmations: in a
+    /// small cluster confirmation checks bring every suspicion to the minimum
+    /// within a probe timeout, so this is how long a stopped member may stay
+    /// silent.
+    pub min_suspicion_floor: Duration,
     /// Independent confirmations that bring a suspicion down to the minimum.
     pub confirmations: u32,
     /// Highest local-health score; timers stretch up to `max_health + 1` times.
@@ -68,6 +83,9 @@ struct Suspicion {
     /// foca's down timer, held until the (shrinking) timeout passes. Only the
     /// nodes whose own probe failed hold one.
     down_timer: Option<SwimTimer>,
+    /// Our confirmation check of the member at this incarnation, once started:
+    /// its nonce while unanswered, `None` once settled.
+    check: Option<Option<u64>>,
 }
 
 /// Local health and the suspicions this node knows of (see the module docs).
@@ -75,6 +93,9 @@ struct Suspicion {
 pub struct Lifeguard {
     cfg: LifeguardConfig,
     health: u32,
+    /// `max(1, log10 N)`: suspicion timeouts grow with the cluster, as it takes
+    /// more rounds for a refutation to spread.
+    scale: f64,
     suspicions: HashMap<NodeId, Suspicion>,
 }
 
@@ -84,6 +105,7 @@ impl Lifeguard {
         Lifeguard {
             cfg,
             health: 0,
+            scale: 1.0,
             suspicions: HashMap::new(),
         }
     }
@@ -91,6 +113,12 @@ impl Lifeguard {
     /// The configuration.
     pub fn config(&self) -> &LifeguardConfig {
         &self.cfg
+    }
+
+    /// The cluster now counts `n` members (this node included): suspicion
+    /// timeouts are `max(1, log10 n)` times the configured ones.
+    pub fn set_members(&mut self, n: usize) {
+        self.scale = (n.max(1) as f64).log10().max(1.0);
     }
 
     /// The local-health score: 0 is healthy.
@@ -140,6 +168,7 @@ impl Lifeguard {
                 since_ms: now_ms,
                 by: BTreeSet::new(),
                 down_timer: None,
+                check: None,
             });
         if incarnation > s.incarnation {
             *s = Suspicion {
@@ -147,6 +176,7 @@ impl Lifeguard {
                 since_ms: now_ms,
                 by: BTreeSet::new(),
                 down_timer: None,
+                check: None,
             };
         }
         (s.incarnation == incarnation).then_some(s)
@@ -190,6 +220,49 @@ impl Lifeguard {
         (true, check)
     }
 
+    /// Starts our confirmation check of `member` at `incarnation` under `nonce`,
+    /// unless we suspect it from our own probe or have checked it already at
+    /// this incarnation. Returns whether to send the check.
+    pub fn start_check(
+        &mut self,
+        member: &NodeId,
+        incarnation: u16,
+        nonce: u64,
+        now_ms: u64,
+    ) -> bool {
+        let Some(s) = self.entry(member, incarnation, now_ms) else {
+            return false;
+        };
+        if s.down_timer.is_some() || s.check.is_some() {
+            return false;
+        }
+        s.check = Some(Some(nonce));
+        true
+    }
+
+    /// An answer to a check arrived: returns whether `nonce` was a check of ours
+    /// still waiting (the member is alive; nothing to report).
+    pub fn check_answered(&mut self, nonce: u64) -> bool {
+        for s in self.suspicions.values_mut() {
+            if s.check == Some(Some(nonce)) {
+                s.check = Some(None);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The check of `member` under `nonce` timed out: returns the incarnation to
+    /// report as failing, or `None` if it was answered or the suspicion moved on.
+    pub fn check_failed(&mut self, member: &NodeId, nonce: u64) -> Option<u16> {
+        let s = self.suspicions.get_mut(member)?;
+        if s.check != Some(Some(nonce)) {
+            return None;
+        }
+        s.check = Some(None);
+        Some(s.incarnation)
+    }
+
     /// The suspicion of `member` is over (it refuted, went down or was renamed).
     pub fn clear(&mut self, member: &NodeId) {
         self.suspicions.remove(member);
@@ -198,14 +271,16 @@ impl Lifeguard {
     /// Keeps only suspicions of members in `suspects`, and reports younger than
     /// the longest timeout (they may arrive before foca's own suspect update).
     pub fn retain(&mut self, suspects: &[NodeId], now_ms: u64) {
-        let keep = self.stretch(self.cfg.max_suspicion).as_millis() as u64;
+        let keep = self
+            .stretch(self.cfg.max_suspicion.mul_f64(self.scale))
+            .as_millis() as u64;
         self.suspicions
             .retain(|id, s| suspects.contains(id) || now_ms.saturating_sub(s.since_ms) < keep);
     }
 
     /// The suspicion timeout with `confirmations` independent confirmations:
-    /// `max - (max - min) * ln(c + 1) / ln(k + 1)`, at least `min`, stretched by
-    /// local health.
+    /// `max - (max - min) * ln(c + 1) / ln(k + 1)`, at least `min`, times
+    /// `max(1, log10 N)`, at least the floor, stretched by local health.
     pub fn timeout(&self, confirmations: usize) -> Duration {
         let (min, max) = (
             self.cfg.min_suspicion.as_secs_f64(),
@@ -217,7 +292,8 @@ impl Lifeguard {
         let k = f64::from(self.cfg.confirmations.max(1));
         let c = (confirmations as f64).min(k);
         let t = max - (max - min) * (c + 1.0).ln() / (k + 1.0).ln();
-        self.stretch(Duration::from_secs_f64(t.max(min)))
+        let t = (t.max(min) * self.scale).max(self.cfg.min_suspicion_floor.as_secs_f64());
+        self.stretch(Duration::from_secs_f64(t))
     }
 
     fn deadline(&self, member: &NodeId) -> u64 {
@@ -257,6 +333,7 @@ mod tests {
             confirmations: 3,
             max_health: 8,
             late_timer: Duration::from_millis(200),
+            min_suspicion_floor: Duration::ZERO,
         }
     }
 
@@ -284,6 +361,25 @@ mod tests {
         assert!(t[0] > t[1] && t[1] > t[2] && t[2] > t[3], "{t:?}");
         assert_eq!(t[3], 1000);
         assert_eq!(t[4], 1000, "more confirmations than needed change nothing");
+    }
+
+    #[test]
+    fn a_member_is_checked_once_per_incarnation_and_only_by_non_suspectors() {
+        let mut lg = Lifeguard::new(cfg());
+        let m = member("m");
+        assert!(lg.start_check(&m, 1, 11, 0));
+        assert!(!lg.start_check(&m, 1, 12, 10), "one check per incarnation");
+        assert!(lg.check_answered(11));
+        assert!(!lg.check_answered(11), "an answer settles the check once");
+        assert_eq!(lg.check_failed(&m, 11), None, "answered: nothing to report");
+        // A refutation (higher incarnation) may be checked again; a timeout reports it.
+        assert!(lg.start_check(&m, 2, 13, 20));
+        assert_eq!(lg.check_failed(&m, 13), Some(2));
+        assert_eq!(lg.check_failed(&m, 13), None, "reported once");
+        // A node whose own probe failed does not check: it already suspects.
+        let n = member("n");
+        assert!(lg.hold(down_timer(&n, 0), 0).is_some());
+        assert!(!lg.start_check(&n, 0, 14, 0));
     }
 
     #[test]

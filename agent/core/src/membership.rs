@@ -201,6 +201,20 @@ impl Membership {
             .map(|m| m.incarnation())
     }
 
+    /// Whether foca holds `id` active (alive or suspect) at exactly `incarnation`.
+    pub fn is_active_at(&self, id: &NodeId, incarnation: u16) -> bool {
+        self.foca.iter_membership_state().any(|m| {
+            m.id() == id && m.incarnation() == incarnation && m.state() != foca::State::Down
+        })
+    }
+
+    /// Sends pending membership updates to a few random members now, rather than
+    /// at the next periodic gossip (for news that should not wait: a refutation,
+    /// a member declared down).
+    pub fn gossip(&mut self) -> Result<(), foca::Error> {
+        self.foca.gossip(&mut self.rt)
+    }
+
     /// Whether foca holds `id` suspect at exactly `incarnation`.
     pub fn is_suspect_at(&self, id: &NodeId, incarnation: u16) -> bool {
         self.foca.iter_membership_state().any(|m| {

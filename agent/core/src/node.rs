@@ -98,21 +98,26 @@ impl Config {
         // Lifeguard keeps fast timers from raising false alarms (a lossy link or a
         // starved observer cannot declare a member down alone), so probes run
         // twice as often as foca's memberlist-derived LAN preset and a suspicion
-        // lasts from `f` periods (confirmed by 3 other observers) to `3 f` (alone),
-        // where f = max(1, log10 N). WAN keeps foca's timing.
+        // lasts from `f` periods, and never under 1.5 (confirmed by 3 other
+        // observers, which their confirmation checks make take one probe
+        // timeout), to `3 f` (alone), where f = max(1, log10 N) for the N members
+        // known now. WAN keeps foca's timing.
         if profile == Profile::Lan {
             swim.probe_period = Duration::from_millis(500);
             swim.probe_rtt = Duration::from_millis(200);
         }
-        let f = f64::from(cluster_size.max(1)).log10().max(1.0);
         let lifeguard = LifeguardConfig {
-            min_suspicion: swim.probe_period.mul_f64(f),
-            max_suspicion: swim.probe_period.mul_f64(3.0 * f),
+            min_suspicion: swim.probe_period,
+            max_suspicion: swim.probe_period.mul_f64(3.0),
+            min_suspicion_floor: swim.probe_period.mul_f64(1.5),
             confirmations: 3,
             max_health: 8,
             late_timer: swim.probe_rtt,
         };
-        swim.suspect_to_down_after = lifeguard.max_suspicion;
+        // We hold foca's down timer and fire it ourselves (`Lifeguard::hold`);
+        // foca only needs a value, the longest for the hinted size.
+        let f = f64::from(cluster_size.max(1)).log10().max(1.0);
+        swim.suspect_to_down_after = lifeguard.max_suspicion.mul_f64(f);
         // foca's memberlist-derived defaults leave a few (observer, member) pairs
         // to be repaired by round-robin probes, and re-announce to members held
         // down only every 65 s, so a healed partition took minutes to merge in
@@ -251,6 +256,11 @@ pub struct Stats {
     /// Reports of another node's failed probe that were new to us (Lifeguard
     /// confirmations, forwarded once).
     pub suspicion_reports: u64,
+    /// Confirmation checks we sent after another node's report (Lifeguard).
+    pub checks_sent: u64,
+    /// Of those, checks left unanswered for a probe timeout: each confirmed the
+    /// suspicion.
+    pub checks_failed: u64,
     /// Suspicions of ourselves we refuted.
     pub refutations: u64,
     /// Members we declared down ourselves (our probe failed and the suspicion
@@ -270,6 +280,13 @@ enum TimerKind {
     SuspectSweep,
     /// See whether a suspicion we hold foca's down timer for has timed out.
     Suspicion(NodeId),
+    /// Our confirmation check of a suspect times out unless answered; a failure
+    /// is reported to `reporter` (whose report started it) and spread.
+    Check {
+        member: NodeId,
+        nonce: u64,
+        reporter: SocketAddr,
+    },
     /// Re-announce to the seeds and every member we knew while we have no live
     /// peer (seeds may start after us; a partition may have cut us off).
     Rejoin(Duration),
@@ -278,6 +295,14 @@ enum TimerKind {
         name: String,
         nonce: u64,
     },
+}
+
+/// The fields of a [`Msg::Suspect`].
+struct Report {
+    member: NodeId,
+    incarnation: u16,
+    by: String,
+    checked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -616,12 +641,25 @@ impl Node {
                 member,
                 incarnation,
                 by,
-            } => self.on_suspect(from, member, incarnation, by, now),
+                checked,
+            } => self.on_suspect(
+                (from_name, from),
+                Report {
+                    member,
+                    incarnation,
+                    by,
+                    checked,
+                },
+                now,
+            ),
             Msg::Probe { nonce } => {
                 let gen = self.id().gen;
                 self.transmit(from, true, &Msg::ProbeAck { nonce, gen });
             }
             Msg::ProbeAck { nonce, .. } => {
+                if self.lifeguard.check_answered(nonce) {
+                    return;
+                }
                 if let Some((claimant, holder, reason)) =
                     self.guard.on_ack(from_name, from, nonce, now.mono_ms)
                 {
@@ -1016,7 +1054,8 @@ impl Node {
                     };
                     if still {
                         self.stats.declared_down += 1;
-                        if let Err(e) = self.swim.handle_timer(t) {
+                        if let Err(e) = self.swim.handle_timer(t).and_then(|()| self.swim.gossip())
+                        {
                             self.drop_reason("swim_error", &e);
                         }
                         self.drain_swim(now);
@@ -1028,6 +1067,28 @@ impl Node {
                 }
                 Due::Nothing => {}
             },
+            TimerKind::Check {
+                member,
+                nonce,
+                reporter,
+            } => {
+                let Some(incarnation) = self.lifeguard.check_failed(&member, nonce) else {
+                    return;
+                };
+                // Refuted or gone meanwhile: nothing to confirm.
+                if !self.swim.is_active_at(&member, incarnation) {
+                    return;
+                }
+                self.stats.checks_failed += 1;
+                let msg = Msg::Suspect {
+                    member: member.clone(),
+                    incarnation,
+                    by: self.cfg.name.clone(),
+                    checked: true,
+                };
+                self.transmit(reporter, false, &msg);
+                self.spread(&msg, &[member.addr, reporter]);
+            }
             TimerKind::SuspectSweep => {
                 self.sweep_suspects(now);
                 if !self.left {
@@ -1150,11 +1211,13 @@ impl Node {
                 MemberEffect::Notify(n) => match n {
                     OwnedNotification::MemberUp(id) | OwnedNotification::Rename(_, id) => {
                         self.lifeguard.clear(&id);
+                        self.lifeguard.set_members(self.swim.num_active() + 1);
                         self.known.insert(id.name.clone(), id.addr);
                         self.out.push_back(Output::Event(Event::MemberUp(id)));
                     }
                     OwnedNotification::MemberDown(id) => {
                         self.lifeguard.clear(&id);
+                        self.lifeguard.set_members(self.swim.num_active() + 1);
                         self.out.push_back(Output::Event(Event::MemberDown(id)));
                     }
                     // No live peer left: SWIM stops probing, so keep announcing
@@ -1218,6 +1281,7 @@ impl Node {
             member: member.clone(),
             incarnation,
             by: self.cfg.name.clone(),
+            checked: false,
         };
         self.spread(&msg, &[member.addr]);
     }
@@ -1228,6 +1292,7 @@ impl Node {
             member: member.clone(),
             incarnation,
             by: self.cfg.name.clone(),
+            checked: false,
         };
         self.transmit(member.addr, false, &msg);
     }
@@ -1243,14 +1308,13 @@ impl Node {
     }
 
     /// A node reports that its probe of `member` failed (or tells us we are suspected).
-    fn on_suspect(
-        &mut self,
-        from: SocketAddr,
-        member: NodeId,
-        incarnation: u16,
-        by: String,
-        now: Now,
-    ) {
+    fn on_suspect(&mut self, (from_name, from): (&str, SocketAddr), r: Report, now: Now) {
+        let Report {
+            member,
+            incarnation,
+            by,
+            checked,
+        } = r;
         if member.name == self.cfg.name {
             // Every suspector tells us on each probe until it hears our refutation:
             // count (and refute) each incarnation once.
@@ -1259,7 +1323,13 @@ impl Node {
                 self.refuted_below = Some(incarnation.saturating_add(1));
                 self.stats.refutations += 1;
                 self.lifeguard.refuted();
-                if let Err(e) = self.swim.refute(incarnation) {
+                // Spread the refutation now: the suspicion may time out within
+                // a few hundred ms.
+                if let Err(e) = self
+                    .swim
+                    .refute(incarnation)
+                    .and_then(|()| self.swim.gossip())
+                {
                     self.drop_reason("swim_error", &e);
                 }
                 self.drain_swim(now);
@@ -1280,12 +1350,45 @@ impl Node {
             let after = Duration::from_millis(at.saturating_sub(now.mono_ms));
             self.schedule(now, after, TimerKind::Suspicion(member.clone()));
         }
+        // A first-hand report (from the node whose own probe failed) of a member
+        // we hold alive at that incarnation: check it ourselves now rather than
+        // wait for our round-robin probe to reach it.
+        let first_hand = !checked && by == from_name;
+        if first_hand && self.swim.is_active_at(&member, incarnation) {
+            self.start_check(&member, incarnation, from, now);
+        }
         let msg = Msg::Suspect {
             member: member.clone(),
             incarnation,
             by,
+            checked,
         };
         self.spread(&msg, &[from, member.addr]);
+    }
+
+    /// A confirmation check: one reliable probe of `member`, plus the buddy
+    /// notice (so a live member refutes even if the reporter's was lost).
+    fn start_check(&mut self, member: &NodeId, incarnation: u16, reporter: SocketAddr, now: Now) {
+        let nonce = self.rng.random::<u64>();
+        if !self
+            .lifeguard
+            .start_check(member, incarnation, nonce, now.mono_ms)
+        {
+            return;
+        }
+        self.stats.checks_sent += 1;
+        self.transmit(member.addr, true, &Msg::Probe { nonce });
+        self.tell_suspect(member, incarnation);
+        let timeout = self.lifeguard.stretch(self.cfg.swim.probe_rtt);
+        self.schedule(
+            now,
+            timeout,
+            TimerKind::Check {
+                member: member.clone(),
+                nonce,
+                reporter,
+            },
+        );
     }
 
     fn schedule(&mut self, now: Now, after: Duration, kind: TimerKind) {

@@ -70,6 +70,10 @@ pub enum Msg {
         incarnation: u16,
         /// The node whose probe failed.
         by: String,
+        /// `by` found the member failing with a confirmation check, started by
+        /// another node's report; such reports start no further checks.
+        #[serde(default)]
+        checked: bool,
     },
     /// Our SWIM packets were refused, and why (e.g. our name is held by a live node).
     Refused {

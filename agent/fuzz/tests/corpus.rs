@@ -209,6 +209,7 @@ fn write_seeds() {
             },
             incarnation: 1,
             by: "n1".into(),
+            checked: false,
         }),
     );
 

@@ -117,10 +117,17 @@ fn datagram_loss_still_converges() {
         sim.put(N - 1, "app/lossy", b"made it").expect("put");
         sim.run_until(|s| s.converged_on("app/lossy", b"made it") == 1.0, 30_000)
             .unwrap_or_else(|e| panic!("put did not reach every node: {e}"));
-        assert!(
-            sim.all_see_alive(N),
-            "seed {seed}: a live member was lost to datagram loss"
+        // A lost probe may make a member suspect for a moment (it refutes); none
+        // may be declared down.
+        let declared: u64 = (0..N)
+            .map(|i| sim.node(i).stats().declared_down + sim.node(i).stats().stuck_suspects)
+            .sum();
+        assert_eq!(
+            declared, 0,
+            "seed {seed}: a live member was declared down under datagram loss"
         );
+        sim.run_until(|s| s.all_see_alive(N), 10_000)
+            .unwrap_or_else(|e| panic!("seed {seed}: a suspicion was never refuted: {e}"));
     }
 }
 

@@ -154,6 +154,18 @@ pub fn render(v: &Views, net: &NetStats) -> String {
             s.core.suspicion_reports,
         ),
         (
+            "shoal_swim_checks_total",
+            "counter",
+            "Confirmation checks this node sent to a member another node reported failing.",
+            s.core.checks_sent,
+        ),
+        (
+            "shoal_swim_checks_failed_total",
+            "counter",
+            "Confirmation checks left unanswered for a probe timeout (each confirmed the suspicion).",
+            s.core.checks_failed,
+        ),
+        (
             "shoal_swim_refutations_total",
             "counter",
             "Suspicions of this node it refuted.",

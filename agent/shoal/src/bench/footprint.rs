@@ -55,6 +55,22 @@ fn thread_ticks(pid: u32) -> BTreeMap<String, u64> {
     out
 }
 
+/// Resident memory of `pid` split in two, in bytes: anonymous (heap, stacks: this
+/// agent's own) and file-backed (the binary's and libraries' pages, which every
+/// agent on a machine maps from the same page cache).
+fn rss_split(pid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    let rss = field("Rss:")?;
+    let anon = field("Anonymous:")?;
+    Some((anon, rss.saturating_sub(anon)))
+}
+
 /// Runs the benchmark and prints its table.
 pub async fn run_footprint(args: FootprintBenchArgs) -> anyhow::Result<()> {
     if args.agents < 2 {
@@ -93,6 +109,10 @@ pub async fn run_footprint(args: FootprintBenchArgs) -> anyhow::Result<()> {
     let threads1: Vec<BTreeMap<String, u64>> = pids.iter().map(|p| thread_ticks(*p)).collect();
     let bytes1 = sent(http).await;
     let rss: Vec<u64> = pids.iter().map(|p| rss_bytes(*p).unwrap_or(0)).collect();
+    let split: Vec<(u64, u64)> = pids
+        .iter()
+        .map(|p| rss_split(*p).unwrap_or((0, 0)))
+        .collect();
 
     let cpu: Vec<f64> = ticks0
         .iter()
@@ -123,6 +143,22 @@ pub async fn run_footprint(args: FootprintBenchArgs) -> anyhow::Result<()> {
         rss_others.iter().cloned().fold(0.0, f64::max),
         mib(rss[0])
     );
+    for (label, part) in [
+        ("of it anonymous (heap, stacks)", 0),
+        ("of it file-backed (binary, libraries)", 1),
+    ] {
+        let v: Vec<f64> = split[1..]
+            .iter()
+            .map(|s| mib(if part == 0 { s.0 } else { s.1 }))
+            .collect();
+        let seed = if part == 0 { split[0].0 } else { split[0].1 };
+        println!(
+            "| {label}, MiB | {:.1} | {:.1} | {:.1} |",
+            v.iter().sum::<f64>() / (n - 1.0),
+            v.iter().cloned().fold(0.0, f64::max),
+            mib(seed)
+        );
+    }
     println!(
         "| sent, kbit/s | {:.1} | {:.1} | {:.1} |",
         mean(&kbps),
