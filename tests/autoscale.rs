@@ -157,8 +157,9 @@ fn cpu_load_scales_up_once_and_down_only_after_the_window_even_across_a_steward_
     // 160 ms of CPU a second (8 requests of 20 ms, each ±20%) against a 50 ms (50% of
     // 100m) target: 4 replicas, which then run at 40%. That is well inside the +10%
     // before another scale-up even when a busy machine (the whole suite runs beside
-    // this test) makes the measured CPU read high, and one replica fewer would be
-    // over target, so the window holds 4.
+    // this test) makes the measured CPU read high. If the first step lands on 3
+    // (its sample covered part of a second of load), 3 run at ~53%, inside the ±10%
+    // tolerance, so the count rightly stays at 3 (seen in a full test run).
     let stop = Arc::new(AtomicBool::new(false));
     let load = cpu_load(
         c.agents[0].url(),
@@ -210,7 +211,7 @@ fn cpu_load_scales_up_once_and_down_only_after_the_window_even_across_a_steward_
         settled <= 3 && ramp.iter().all(|e| e["to"].as_u64() > e["from"].as_u64()),
         "a load step is followed in at most three steps up: {ramp:?}"
     );
-    assert!((4..=7).contains(&last.0), "settled at {}", last.0);
+    assert!((3..=7).contains(&last.0), "settled at {}", last.0);
 
     // Steady noisy load: at most one more change.
     std::thread::sleep(Duration::from_secs(25));

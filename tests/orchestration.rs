@@ -774,3 +774,91 @@ fn deploy_reads_stdin_and_completions_print_scripts() {
     let out = shoal(&["completions", "tcsh"]);
     assert_ne!(out.status.code(), Some(0));
 }
+
+/// `shoal ps` with no service lists every allocation of the cluster with its
+/// service, `--node` keeps those on one node (an unknown node is an error, not an
+/// empty list); `scale --wait` returns once the new count is healthy and `rm
+/// --wait` once every replica has stopped and the service is gone.
+#[test]
+fn ps_lists_the_cluster_and_scale_and_rm_wait() {
+    let c = Cluster::start(3);
+    let api = c.agents[0].url();
+    for (name, n) in [("web", 2), ("api", 1)] {
+        let out = c.deploy_wait(0, &format!("{name}.toml"), &web_spec(name, n, ""));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = shoal(&[
+        "scale",
+        "web",
+        "4",
+        "--wait",
+        "--timeout",
+        "60",
+        "--api",
+        &api,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // --wait means healthy now, not eventually.
+    assert_eq!(healthy(&c.ps(0, "web")).len(), 4);
+
+    let all = |extra: &[&str]| -> Vec<Value> {
+        let mut args = vec!["ps", "-o", "json", "--api", &api];
+        args.extend_from_slice(extra);
+        let out = shoal(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let rows = all(&[]);
+    let count = |svc: &str| rows.iter().filter(|r| r["service"] == svc).count();
+    assert_eq!(
+        (count("web"), count("api"), rows.len()),
+        (4, 1, 5),
+        "{rows:?}"
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r["healthy"] == true && r["slot"].is_u64()));
+    let mut per_node = 0;
+    for a in &c.agents {
+        let on = all(&["--node", &a.name]);
+        assert!(on.iter().all(|r| r["node"] == a.name.as_str()), "{on:?}");
+        per_node += on.len();
+    }
+    assert_eq!(per_node, 5, "--node splits the cluster's allocations");
+    let table = String::from_utf8_lossy(&shoal(&["ps", "--api", &api]).stdout).into_owned();
+    assert!(table.starts_with("SERVICE"), "{table}");
+    let out = shoal(&["ps", "--node", "nosuch", "--api", &api]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no node named \"nosuch\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let web = pids(&c.ps(0, "web"));
+    assert_eq!(web.len(), 4);
+    let out = shoal(&["rm", "web", "--wait", "--timeout", "60", "--api", &api]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        web.iter().all(|p| !pid_alive(*p)),
+        "rm --wait returned with replicas running"
+    );
+    assert!(c.services(0).iter().all(|s| s["name"] != "web"));
+    assert_eq!(all(&[]).len(), 1, "only api's replica is left");
+}

@@ -81,6 +81,10 @@ pub const SWIM_PACKET_SIZE: usize = 1024;
 /// Most known members one rejoin round announces to (besides every seed).
 const REJOIN_SAMPLE: usize = 32;
 
+/// Sweeps (1 s apart) in which a member suspect for too long is asked directly
+/// before it is declared down ([`Node::sweep_suspects`]).
+const STUCK_ASKS: u32 = 3;
+
 impl Config {
     /// A config from a timing preset, sized for about `cluster_size` nodes.
     pub fn new(
@@ -354,11 +358,15 @@ pub struct Node {
     guard: Guard,
     /// The direct probe in flight: (probe number, member, sent at mono ms).
     probe_sent: Option<(u8, SocketAddr, u64)>,
-    /// Members seen in suspicion, with the mono ms they were first seen so.
-    suspects: HashMap<NodeId, u64>,
+    /// Members seen in suspicion: the mono ms they were first seen so, and how
+    /// often the sweep has asked them directly since ([`STUCK_ASKS`]).
+    suspects: HashMap<NodeId, (u64, u32)>,
     lifeguard: Lifeguard,
     /// Suspicions of ourselves at incarnations below this were refuted already.
     refuted_below: Option<u16>,
+    /// Nodes that told us we are suspected and were answered directly, with when
+    /// (mono ms; [`Node::answer_suspector`]).
+    answered: HashMap<SocketAddr, u64>,
 }
 
 impl Node {
@@ -401,6 +409,7 @@ impl Node {
             suspects: HashMap::new(),
             lifeguard: Lifeguard::new(cfg.lifeguard.clone()),
             refuted_below: None,
+            answered: HashMap::new(),
             cfg,
         };
         // Random first ticks keep nodes started together from acting in lockstep.
@@ -1106,7 +1115,8 @@ impl Node {
         }
     }
 
-    /// Declares down every member suspect for twice the suspicion timeout.
+    /// Declares down every member suspect for twice the suspicion timeout that
+    /// did not answer when asked directly.
     ///
     /// foca ignores every timer it set before it last lost all its peers (a
     /// partition into singletons) or learnt it was declared down, suspicion
@@ -1115,6 +1125,14 @@ impl Node {
     /// (found by the chaos suite). This re-arms what foca dropped: the member is
     /// declared down, as the lost timer would have done; if it is in fact alive, it
     /// hears so and rejoins under a renewed identity at once.
+    ///
+    /// A member can also stay suspect here only because its refutation, spread by
+    /// gossip, never reached this node under loss (found by the simulator at 10%
+    /// loss: one stale suspicion, swept, took a live node down everywhere). So a
+    /// stuck member is first asked, [`STUCK_ASKS`] sweeps in a row: it is told it
+    /// is suspected (reliably; it refutes if it had not) and sent a SWIM announce,
+    /// whose answer carries its current incarnation and so ends the suspicion
+    /// here. Only a member that stays suspect through all of that is declared down.
     fn sweep_suspects(&mut self, now: Now) {
         let limit = 2 * self.lifeguard.timeout(0).as_millis() as u64;
         let suspect = self.swim.suspects();
@@ -1127,10 +1145,24 @@ impl Node {
             return;
         }
         let mut stuck = Vec::new();
+        let mut ask = Vec::new();
         for id in suspect {
-            let since = *self.suspects.entry(id.clone()).or_insert(now.mono_ms);
-            if now.mono_ms.saturating_sub(since) > limit {
-                stuck.push(id);
+            let (since, asked) = self.suspects.entry(id.clone()).or_insert((now.mono_ms, 0));
+            if now.mono_ms.saturating_sub(*since) > limit {
+                if *asked < STUCK_ASKS {
+                    *asked += 1;
+                    ask.push(id);
+                } else {
+                    stuck.push(id);
+                }
+            }
+        }
+        for id in ask {
+            if let Some(incarnation) = self.swim.incarnation_of(&id) {
+                self.tell_suspect(&id, incarnation, true);
+            }
+            if let Err(e) = self.swim.announce(id) {
+                self.drop_reason("swim_error", &e);
             }
         }
         for id in stuck {
@@ -1234,7 +1266,7 @@ impl Node {
                             self.probe_sent = Some((n, h.dst.addr, now.mono_ms));
                             // Buddy: a member we hold suspect hears so with the probe.
                             if let Some(incarnation) = self.lifeguard.suspected_at(&h.dst) {
-                                self.tell_suspect(&h.dst, incarnation);
+                                self.tell_suspect(&h.dst, incarnation, false);
                             }
                         }
                     }
@@ -1276,7 +1308,7 @@ impl Node {
         let Some(incarnation) = self.swim.incarnation_of(member) else {
             return;
         };
-        self.tell_suspect(member, incarnation);
+        self.tell_suspect(member, incarnation, false);
         let msg = Msg::Suspect {
             member: member.clone(),
             incarnation,
@@ -1286,15 +1318,16 @@ impl Node {
         self.spread(&msg, &[member.addr]);
     }
 
-    /// Buddy refutation: tells `member` directly that it is suspected.
-    fn tell_suspect(&mut self, member: &NodeId, incarnation: u16) {
+    /// Buddy refutation: tells `member` directly that it is suspected (as a
+    /// datagram, or `reliable`ly).
+    fn tell_suspect(&mut self, member: &NodeId, incarnation: u16, reliable: bool) {
         let msg = Msg::Suspect {
             member: member.clone(),
             incarnation,
             by: self.cfg.name.clone(),
             checked: false,
         };
-        self.transmit(member.addr, false, &msg);
+        self.transmit(member.addr, reliable, &msg);
     }
 
     /// Sends `msg` as a datagram to `fanout` random active peers not in `except`.
@@ -1332,8 +1365,11 @@ impl Node {
                 {
                     self.drop_reason("swim_error", &e);
                 }
-                self.drain_swim(now);
             }
+            if &member == self.swim.identity() {
+                self.answer_suspector(from, now);
+            }
+            self.drain_swim(now);
             return;
         }
         if by == self.cfg.name {
@@ -1366,6 +1402,27 @@ impl Node {
         self.spread(&msg, &[from, member.addr]);
     }
 
+    /// Answers the node that told us we are suspected with a SWIM announce,
+    /// whose header carries our current incarnation: the suspicion ends there
+    /// even if every gossip of our refutation to it is lost (the simulator found
+    /// a lone suspector under 10% loss that never heard one within its timeout).
+    /// At most once per probe period per teller, and only to members.
+    fn answer_suspector(&mut self, teller: SocketAddr, now: Now) {
+        let period = self.cfg.swim.probe_period.as_millis() as u64;
+        self.answered
+            .retain(|_, at| now.mono_ms.saturating_sub(*at) < period);
+        if self.answered.contains_key(&teller) {
+            return;
+        }
+        let Some(id) = self.swim.active_peers().find(|p| p.addr == teller).cloned() else {
+            return;
+        };
+        self.answered.insert(teller, now.mono_ms);
+        if let Err(e) = self.swim.announce(id) {
+            self.drop_reason("swim_error", &e);
+        }
+    }
+
     /// A confirmation check: one reliable probe of `member`, plus the buddy
     /// notice (so a live member refutes even if the reporter's was lost).
     fn start_check(&mut self, member: &NodeId, incarnation: u16, reporter: SocketAddr, now: Now) {
@@ -1378,7 +1435,7 @@ impl Node {
         }
         self.stats.checks_sent += 1;
         self.transmit(member.addr, true, &Msg::Probe { nonce });
-        self.tell_suspect(member, incarnation);
+        self.tell_suspect(member, incarnation, false);
         let timeout = self.lifeguard.stretch(self.cfg.swim.probe_rtt);
         self.schedule(
             now,

@@ -160,6 +160,16 @@ pub struct SlotView {
     pub memory_bytes: u64,
 }
 
+/// One allocation of the whole cluster, as `shoal ps` with no service shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AllocView {
+    /// The service it belongs to.
+    pub service: String,
+    /// The slot, as `shoal ps <service>` shows it.
+    #[serde(flatten)]
+    pub slot: SlotView,
+}
+
 /// `shoal ps` answer: the service and its slots.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PsView {

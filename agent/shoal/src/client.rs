@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
 use crate::api_types::{
-    DeployView, ErrorView, EventView, KvView, LogsView, NodeView, PsView, ServiceView,
+    AllocView, DeployView, ErrorView, EventView, KvView, LogsView, NodeView, PsView, ServiceView,
 };
 
 /// Output format of client commands.
@@ -181,6 +181,15 @@ impl Client {
         let mut req = self.http.get(format!("{}/v1/events", self.base));
         if let Some(s) = service {
             req = req.query(&[("service", s)]);
+        }
+        self.send(req).await
+    }
+
+    /// `GET /v1/allocs[?node=N]`: every allocation of the cluster.
+    pub async fn allocs(&self, node: Option<&str>) -> anyhow::Result<Vec<AllocView>> {
+        let mut req = self.http.get(format!("{}/v1/allocs", self.base));
+        if let Some(n) = node {
+            req = req.query(&[("node", n)]);
         }
         self.send(req).await
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use shoal_orch::RolloutStatus;
 
-use crate::api_types::{EventView, PsView, ServiceView, SlotView};
+use crate::api_types::{AllocView, EventView, PsView, ServiceView, SlotView};
 use crate::client::{table, Client, Format};
 
 /// A service command.
@@ -32,10 +32,13 @@ pub enum ServiceCmd {
         #[command(flatten)]
         client: crate::ClientArgs,
     },
-    /// Show where each replica of a service runs and how it is.
+    /// Show where each replica runs and how it is: of one service, or of the whole cluster.
     Ps {
-        /// Service name.
-        name: String,
+        /// Service name; without it, every allocation of the cluster.
+        name: Option<String>,
+        /// Only allocations placed on this node.
+        #[arg(long)]
+        node: Option<String>,
         #[command(flatten)]
         client: crate::ClientArgs,
     },
@@ -55,6 +58,12 @@ pub enum ServiceCmd {
         name: String,
         /// Desired replicas.
         replicas: u32,
+        /// Wait until exactly that many replicas run and are healthy.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
         #[command(flatten)]
         client: crate::ClientArgs,
     },
@@ -78,6 +87,12 @@ pub enum ServiceCmd {
     Rm {
         /// Service name.
         name: String,
+        /// Wait until every replica has stopped and the service is gone.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
         #[command(flatten)]
         client: crate::ClientArgs,
     },
@@ -168,28 +183,97 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
             print!("{}", services_table(&v));
             Ok(())
         }
-        ServiceCmd::Ps { name, .. } => {
-            let v = c.ps(&name).await?;
+        ServiceCmd::Ps {
+            name: Some(name),
+            node,
+            ..
+        } => {
+            let mut v = c.ps(&name).await?;
+            if let Some(n) = &node {
+                v.slots.retain(|r| r.node.as_deref() == Some(n.as_str()));
+            }
             if json {
                 return print_json(&v.slots);
             }
             print!("{}", slots_table(&v.slots));
             Ok(())
         }
-        ServiceCmd::Scale { name, replicas, .. } => {
-            let v = c.scale(&name, replicas).await?;
+        ServiceCmd::Ps {
+            name: None, node, ..
+        } => {
+            let v = c.allocs(node.as_deref()).await?;
             if json {
                 return print_json(&v);
             }
-            println!("service {name} scaled to {} replicas", v.replicas);
+            if v.is_empty() {
+                match &node {
+                    Some(n) => println!("no allocations on node {n}"),
+                    None => println!("no allocations: no service is deployed"),
+                }
+                return Ok(());
+            }
+            print!("{}", allocs_table(&v));
             Ok(())
         }
-        ServiceCmd::Rm { name, .. } => {
+        ServiceCmd::Scale {
+            name,
+            replicas,
+            wait,
+            timeout,
+            ..
+        } => {
+            let v = c.scale(&name, replicas).await?;
+            if json && !wait {
+                return print_json(&v);
+            }
+            if !json {
+                println!("service {name} scaled to {} replicas", v.replicas);
+            }
+            if wait {
+                // A scale keeps the spec version, so a view from before the write
+                // would pass for a finished rollout: wait for the new count first.
+                let limit = Duration::from_secs(timeout);
+                let start = Instant::now();
+                while c.ps(&name).await?.service.desired != v.replicas {
+                    if start.elapsed() >= limit {
+                        bail!(
+                            "timed out after {timeout}s: the agent never showed {} desired replicas of {name}",
+                            v.replicas
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let left = limit.saturating_sub(start.elapsed());
+                let ps = wait_rollout(&c, &name, v.version, left, !json).await?;
+                if json {
+                    return print_json(&ps);
+                }
+                print!("{}", slots_table(&ps.slots));
+            }
+            Ok(())
+        }
+        ServiceCmd::Rm {
+            name,
+            wait,
+            timeout,
+            ..
+        } => {
             let v = c.rm(&name).await?;
+            if json && !wait {
+                return print_json(&v);
+            }
+            if !wait {
+                println!("service {name} removed; its replicas are being stopped");
+                return Ok(());
+            }
+            if !json {
+                println!("service {name} removed; waiting for its replicas to stop");
+            }
+            wait_removed(&c, &name, Duration::from_secs(timeout), !json).await?;
             if json {
                 return print_json(&v);
             }
-            println!("service {name} removed; its replicas are being stopped");
+            println!("service {name} is gone: every replica has stopped");
             Ok(())
         }
         ServiceCmd::Logs {
@@ -263,6 +347,59 @@ pub async fn wait_rollout(
                 s.updated,
                 s.desired,
                 why.join("; ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Polls until service `name` is gone from the cluster (its record goes only
+/// after every slot's replica has stopped); fails when `timeout` passes, naming
+/// what still runs.
+async fn wait_removed(
+    c: &Client,
+    name: &str,
+    timeout: Duration,
+    progress: bool,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        let left: Vec<AllocView> = c
+            .allocs(None)
+            .await?
+            .into_iter()
+            .filter(|a| a.service == name)
+            .collect();
+        let exists = c.services().await?.iter().any(|s| s.name == name);
+        if !exists {
+            return Ok(());
+        }
+        let line = format!("{} allocations left", left.len());
+        if progress && line != last {
+            println!("  {line}");
+            last = line;
+        }
+        if start.elapsed() >= timeout {
+            let what: Vec<String> = left
+                .iter()
+                .map(|a| {
+                    format!(
+                        "slot {} {} on {}",
+                        a.slot.slot,
+                        a.slot.state,
+                        a.slot.node.as_deref().unwrap_or("no node")
+                    )
+                })
+                .collect();
+            bail!(
+                "timed out after {}s: service {name} is still being removed; {}",
+                timeout.as_secs(),
+                if what.is_empty() {
+                    "no allocation is left, but its record is".to_string()
+                } else {
+                    what.join("; ")
+                }
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -352,6 +489,21 @@ fn print_lines(name: &str, slot: u32, text: &str, prefix: bool) -> anyhow::Resul
     Ok(())
 }
 
+/// `shoal ps` table of the whole cluster: a SERVICE column before the slot's.
+pub fn allocs_table(v: &[AllocView]) -> String {
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|a| {
+            let mut row = vec![a.service.clone()];
+            row.extend(slot_cells(&a.slot));
+            row
+        })
+        .collect();
+    let mut head = vec!["SERVICE"];
+    head.extend_from_slice(&SLOT_COLUMNS);
+    table(&head, &rows)
+}
+
 /// `shoal services` table.
 pub fn services_table(v: &[ServiceView]) -> String {
     let rows: Vec<Vec<String>> = v
@@ -422,29 +574,29 @@ fn rollout_text(s: &ServiceView) -> String {
 
 /// `shoal ps` table.
 pub fn slots_table(rows: &[SlotView]) -> String {
-    let rows: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                if r.next {
-                    format!("{}+", r.slot)
-                } else {
-                    r.slot.to_string()
-                },
-                r.node.clone().unwrap_or_else(|| "-".into()),
-                r.state.clone(),
-                if r.healthy { "yes" } else { "no" }.into(),
-                r.endpoint.clone().unwrap_or_else(|| "-".into()),
-                r.restarts.to_string(),
-                r.version.map_or_else(|| "-".into(), |v| v.to_string()),
-                r.reason.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "SLOT", "NODE", "STATE", "HEALTHY", "ENDPOINT", "RESTARTS", "VERSION", "REASON",
-        ],
-        &rows,
-    )
+    let rows: Vec<Vec<String>> = rows.iter().map(slot_cells).collect();
+    table(&SLOT_COLUMNS, &rows)
+}
+
+/// The columns of one allocation in the `shoal ps` tables.
+const SLOT_COLUMNS: [&str; 8] = [
+    "SLOT", "NODE", "STATE", "HEALTHY", "ENDPOINT", "RESTARTS", "VERSION", "REASON",
+];
+
+/// One allocation's cells, in [`SLOT_COLUMNS`] order.
+fn slot_cells(r: &SlotView) -> Vec<String> {
+    vec![
+        if r.next {
+            format!("{}+", r.slot)
+        } else {
+            r.slot.to_string()
+        },
+        r.node.clone().unwrap_or_else(|| "-".into()),
+        r.state.clone(),
+        if r.healthy { "yes" } else { "no" }.into(),
+        r.endpoint.clone().unwrap_or_else(|| "-".into()),
+        r.restarts.to_string(),
+        r.version.map_or_else(|| "-".into(), |v| v.to_string()),
+        r.reason.clone().unwrap_or_default(),
+    ]
 }

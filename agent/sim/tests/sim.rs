@@ -593,7 +593,7 @@ fn a_write_refused_for_clock_drift_arrives_once_clocks_catch_up() {
 }
 
 /// Lifeguard under the conditions that make fast failure detectors cry wolf: 10%
-/// of datagrams lost and one node stopped twice for a second (SIGSTOP, a CPU
+/// of datagrams lost and one node stopped three times for a second (SIGSTOP, a CPU
 /// starved by a neighbour). The stopped node is suspected (it refutes) but no
 /// live node is ever declared down; a crash afterwards still is, everywhere.
 #[test]
@@ -606,7 +606,8 @@ fn no_live_node_is_declared_down_under_loss_or_a_short_stop() {
         };
         let mut sim = joined(cfg, 300_000);
         let stopped = 5;
-        for _ in 0..2 {
+        // Three stops: in a 30-node cluster a 1 s stop goes unprobed now and then.
+        for _ in 0..3 {
             sim.pause(stopped, 1_000);
             sim.run_for(30_000);
         }

@@ -306,6 +306,18 @@ async fn events(
     Ok(Json(app.views().events(q.service.as_deref())?).into_response())
 }
 
+#[derive(Deserialize)]
+struct AllocsQuery {
+    node: Option<String>,
+}
+
+async fn alloc_list(
+    State(app): State<AppState>,
+    Query(q): Query<AllocsQuery>,
+) -> Result<Response, ApiError> {
+    Ok(Json(app.views().allocs(q.node.as_deref())?).into_response())
+}
+
 async fn service_list(State(app): State<AppState>) -> Response {
     Json(app.views().services()).into_response()
 }
@@ -557,6 +569,7 @@ pub fn router(state: AppState, guard: HttpGuard) -> Router {
         .route("/v1/services/{name}/scale", post(service_scale))
         .route("/v1/events", get(events))
         .route("/v1/services/{name}/logs", get(service_logs))
+        .route("/v1/allocs", get(alloc_list))
         .route("/v1/allocs/{id}/logs", get(alloc_logs))
         .merge(super::discovery::routes())
         .merge(super::image_api::routes())

@@ -21,7 +21,7 @@ use shoal_policy::NodeStatus;
 
 use super::keys::{self, Binding, Key, NodeInfo, PluginRow, Resources};
 use super::ApiError;
-use crate::api_types::{KvView, NodeView, ServiceView, SlotView};
+use crate::api_types::{AllocView, KvView, NodeView, ServiceView, SlotView};
 use shoal_image::ImageRecord;
 
 /// What one node has published about itself, decoded.
@@ -697,6 +697,30 @@ impl Views {
             }
         }
         Ok((summary, rows))
+    }
+
+    /// `shoal ps [--node N]`: every allocation of every service, by service
+    /// and slot; only those placed on `node` if given (a node no member or
+    /// record knows is an error, not an empty list).
+    pub fn allocs(&self, node: Option<&str>) -> Result<Vec<AllocView>, ApiError> {
+        if let Some(n) = node {
+            if !self.state.nodes.contains_key(n) && !self.members_table().contains_key(n) {
+                return Err(ApiError::NotFound(format!("no node named {n:?}")));
+            }
+        }
+        let mut out = Vec::new();
+        for name in self.state.cluster.services.keys() {
+            let (_, rows) = self.ps(name)?;
+            out.extend(
+                rows.into_iter()
+                    .filter(|r| node.is_none_or(|n| r.node.as_deref() == Some(n)))
+                    .map(|slot| AllocView {
+                        service: name.clone(),
+                        slot,
+                    }),
+            );
+        }
+        Ok(out)
     }
 
     /// Where the logs of `name`'s allocations are (slot `slot` only, if given).
