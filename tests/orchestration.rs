@@ -839,12 +839,28 @@ fn ps_lists_the_cluster_and_scale_and_rm_wait() {
     assert_eq!(per_node, 5, "--node splits the cluster's allocations");
     let table = String::from_utf8_lossy(&shoal(&["ps", "--api", &api]).stdout).into_owned();
     assert!(table.starts_with("SERVICE"), "{table}");
-    let out = shoal(&["ps", "--node", "nosuch", "--api", &api]);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no node named \"nosuch\""),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    for args in [
+        &["ps", "--node", "nosuch"][..],
+        &["ps", "web", "--node", "nosuch"],
+    ] {
+        let out = shoal(&[args, &["--api", &api]].concat());
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no node named \"nosuch\""),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let on = &c.agents[1].name;
+    let web_on: Vec<Value> = serde_json::from_slice(
+        &shoal(&["ps", "web", "--node", on, "-o", "json", "--api", &api]).stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        web_on.len(),
+        rows.iter()
+            .filter(|r| r["service"] == "web" && r["node"] == on.as_str())
+            .count()
     );
 
     let web = pids(&c.ps(0, "web"));

@@ -190,7 +190,15 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
         } => {
             let mut v = c.ps(&name).await?;
             if let Some(n) = &node {
-                v.slots.retain(|r| r.node.as_deref() == Some(n.as_str()));
+                // Through the agent's node filter, so a node nobody knows is an
+                // error naming it rather than an empty table.
+                v.slots = c
+                    .allocs(Some(n))
+                    .await?
+                    .into_iter()
+                    .filter(|a| a.service == name)
+                    .map(|a| a.slot)
+                    .collect();
             }
             if json {
                 return print_json(&v.slots);
