@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{http_get, pid_alive, shoal, wait_for, Cluster};
+use common::{http_get, pid_alive, shoal, shoal_ok, wait_for, Cluster};
 use serde_json::Value;
 
 /// A web service of `replicas` `shoal workload http` processes.
@@ -791,7 +791,7 @@ fn ps_lists_the_cluster_and_scale_and_rm_wait() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = shoal(&[
+    shoal_ok(&[
         "scale",
         "web",
         "4",
@@ -801,24 +801,12 @@ fn ps_lists_the_cluster_and_scale_and_rm_wait() {
         "--api",
         &api,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     // --wait means healthy now, not eventually.
     assert_eq!(healthy(&c.ps(0, "web")).len(), 4);
 
     let all = |extra: &[&str]| -> Vec<Value> {
-        let mut args = vec!["ps", "-o", "json", "--api", &api];
-        args.extend_from_slice(extra);
-        let out = shoal(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let args = [&["ps", "-o", "json", "--api", &api][..], extra].concat();
+        serde_json::from_str(&shoal_ok(&args)).unwrap()
     };
     let rows = all(&[]);
     let count = |svc: &str| rows.iter().filter(|r| r["service"] == svc).count();
@@ -837,7 +825,7 @@ fn ps_lists_the_cluster_and_scale_and_rm_wait() {
         per_node += on.len();
     }
     assert_eq!(per_node, 5, "--node splits the cluster's allocations");
-    let table = String::from_utf8_lossy(&shoal(&["ps", "--api", &api]).stdout).into_owned();
+    let table = shoal_ok(&["ps", "--api", &api]);
     assert!(table.starts_with("SERVICE"), "{table}");
     for args in [
         &["ps", "--node", "nosuch"][..],
@@ -852,9 +840,9 @@ fn ps_lists_the_cluster_and_scale_and_rm_wait() {
         );
     }
     let on = &c.agents[1].name;
-    let web_on: Vec<Value> = serde_json::from_slice(
-        &shoal(&["ps", "web", "--node", on, "-o", "json", "--api", &api]).stdout,
-    )
+    let web_on: Vec<Value> = serde_json::from_str(&shoal_ok(&[
+        "ps", "web", "--node", on, "-o", "json", "--api", &api,
+    ]))
     .unwrap();
     assert_eq!(
         web_on.len(),
@@ -865,12 +853,7 @@ fn ps_lists_the_cluster_and_scale_and_rm_wait() {
 
     let web = pids(&c.ps(0, "web"));
     assert_eq!(web.len(), 4);
-    let out = shoal(&["rm", "web", "--wait", "--timeout", "60", "--api", &api]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    shoal_ok(&["rm", "web", "--wait", "--timeout", "60", "--api", &api]);
     assert!(
         web.iter().all(|p| !pid_alive(*p)),
         "rm --wait returned with replicas running"
