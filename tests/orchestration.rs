@@ -861,3 +861,287 @@ fn ps_lists_the_cluster_and_scale_and_rm_wait() {
     assert!(c.services(0).iter().all(|s| s["name"] != "web"));
     assert_eq!(all(&[]).len(), 1, "only api's replica is left");
 }
+
+/// A bad deploy is undone two ways: deploying the good spec again keeps the replicas
+/// still running it (same pids), and `rollback --to` goes back further; `history`
+/// lists what each kept version changed, and versions no longer kept are refused by
+/// name.
+#[test]
+fn rollback_and_redeploy_keep_replicas_already_on_the_spec() {
+    let c = Cluster::start(3);
+    let api = c.agents[0].url();
+    let mode = |m: &str| web_spec("web", 3, &format!("env = {{ MODE = \"{m}\" }}"));
+    for (file, text) in [("v1.toml", mode("one")), ("v2.toml", mode("two"))] {
+        let out = c.deploy_wait(0, file, &text);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let by_slot = |rows: &[Value]| -> std::collections::BTreeMap<u64, (u64, i32)> {
+        rows.iter()
+            .filter(|r| r["next"] == false)
+            .map(|r| {
+                (
+                    r["slot"].as_u64().unwrap(),
+                    (
+                        r["version"].as_u64().unwrap_or(0),
+                        r["handle"]
+                            .as_str()
+                            .and_then(|h| h.parse().ok())
+                            .unwrap_or(0),
+                    ),
+                )
+            })
+            .collect()
+    };
+    let good = by_slot(&wait_healthy(&c, 0, "web", 3, Duration::from_secs(30)));
+    assert!(good.values().all(|(v, _)| *v == 2), "{good:?}");
+
+    // Version 3 cannot start (an unknown flag): one slot is replaced and stays broken,
+    // the rollout goes no further (max_unavailable = 1).
+    let bad = mode("three").replace("\"127.0.0.1\"]", "\"127.0.0.1\", \"--no-such-flag\"]");
+    deploy(&c, 0, "v3.toml", &bad);
+    let broken = wait_for(
+        "one slot on the broken version 3",
+        Duration::from_secs(30),
+        || {
+            let rows = c.ps(0, "web");
+            let now = by_slot(&rows);
+            let on_v3: Vec<u64> = now
+                .iter()
+                .filter(|(_, (v, _))| *v == 3)
+                .map(|(s, _)| *s)
+                .collect();
+            (on_v3.len() == 1 && healthy(&rows).len() == 2).then(|| on_v3[0])
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        healthy(&c.ps(0, "web")).len(),
+        2,
+        "the rollout went on past a broken replica"
+    );
+
+    // Deploying v2's spec again: the two replicas still on it keep running as
+    // version 4; only the broken slot gets a new replica.
+    let out = c.deploy_wait(0, "v2.toml", &mode("two"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = by_slot(&c.ps(0, "web"));
+    for (slot, (version, pid)) in &after {
+        assert_eq!(*version, 4, "slot {slot}: {after:?}");
+        if *slot != broken {
+            assert_eq!(
+                *pid, good[slot].1,
+                "slot {slot} was restarted: {good:?} -> {after:?}"
+            );
+        }
+    }
+    assert!(after.values().all(|(_, p)| pid_alive(*p)));
+
+    // history: newest first, with what each version changed.
+    let history: Vec<Value> =
+        serde_json::from_str(&shoal_ok(&["history", "web", "-o", "json", "--api", &api])).unwrap();
+    let versions: Vec<u64> = history
+        .iter()
+        .map(|h| h["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [4, 3, 2, 1]);
+    assert_eq!(history[0]["current"], true);
+    assert_eq!(history[0]["changed"], serde_json::json!(["command", "env"]));
+    assert_eq!(history[2]["changed"], serde_json::json!(["env"]));
+    assert!(shoal_ok(&["history", "web", "--api", &api]).starts_with("VERSION"));
+
+    // rollback --to 1: a changed workload, so every replica is replaced.
+    shoal_ok(&[
+        "rollback",
+        "web",
+        "--to",
+        "1",
+        "--wait",
+        "--timeout",
+        "60",
+        "--api",
+        &api,
+    ]);
+    let v5 = by_slot(&wait_healthy(&c, 0, "web", 3, Duration::from_secs(30)));
+    assert!(v5.values().all(|(v, _)| *v == 5), "{v5:?}");
+    assert!(v5.iter().all(|(s, (_, p))| *p != after[s].1));
+    let history: Vec<Value> =
+        serde_json::from_str(&shoal_ok(&["history", "web", "-o", "json", "--api", &api])).unwrap();
+    assert_eq!(history[0]["spec"]["env"]["MODE"], "one");
+
+    for (to, says) in [
+        (
+            "1",
+            "service web keeps no version 1: it runs version 5, and keeps 5, 4, 3 and 2",
+        ),
+        ("5", "service web already runs the spec of version 5"),
+    ] {
+        let out = shoal(&["rollback", "web", "--to", to, "--api", &api]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "--to {to}: {err}");
+    }
+    let out = shoal(&["rollback", "nosuch", "--api", &api]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no service named \"nosuch\""));
+}
+
+/// `node drain --wait` moves every replica off a node without a slot ever going
+/// unhealthy, the drained node takes no new placements (shown in `nodes`), and
+/// once undrained it takes them again.
+#[test]
+fn drain_moves_replicas_off_without_losing_health_and_undrain_takes_placements() {
+    let c = Cluster::start(3);
+    let api = c.agents[0].url();
+    let out = c.deploy_wait(0, "web.toml", &web_spec("web", 3, ""));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let target = c.agents[1].name.clone();
+    let rows = c.ps(0, "web");
+    let on_target: Vec<i32> = pids(
+        &rows
+            .iter()
+            .filter(|r| r["node"] == target.as_str())
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        on_target.len(),
+        1,
+        "spread puts one replica per node: {rows:?}"
+    );
+
+    let drain = {
+        let api = api.clone();
+        let target = target.clone();
+        std::thread::spawn(move || {
+            shoal(&[
+                "node",
+                "drain",
+                &target,
+                "--wait",
+                "--timeout",
+                "60",
+                "--api",
+                &api,
+            ])
+        })
+    };
+    let mut fewest = usize::MAX;
+    while !drain.is_finished() {
+        let rows = c.ps(0, "web");
+        if !rows.is_empty() {
+            let slots: BTreeSet<u64> = healthy(&rows)
+                .iter()
+                .filter_map(|r| r["slot"].as_u64())
+                .collect();
+            fewest = fewest.min(slots.len());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = drain.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fewest, 3, "a slot went unhealthy during the drain");
+    let rows = c.ps(0, "web");
+    assert_eq!(healthy(&rows).len(), 3, "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r["node"] != target.as_str()),
+        "{rows:?}"
+    );
+    assert!(!pid_alive(on_target[0]), "the replaced replica still runs");
+
+    let nodes: Vec<Value> =
+        serde_json::from_str(&shoal_ok(&["nodes", "-o", "json", "--api", &api])).unwrap();
+    for n in &nodes {
+        assert_eq!(n["draining"], n["name"] == target.as_str(), "{n}");
+    }
+    assert!(shoal_ok(&["nodes", "--api", &api]).contains("alive,draining"));
+    let status: Value = serde_json::from_str(&shoal_ok(&[
+        "node", "status", &target, "-o", "json", "--api", &api,
+    ]))
+    .unwrap();
+    assert_eq!(
+        (status["draining"].clone(), status["left"].clone()),
+        (Value::Bool(true), serde_json::json!([]))
+    );
+
+    // Drained: a scale-up places nothing there.
+    shoal_ok(&[
+        "scale",
+        "web",
+        "5",
+        "--wait",
+        "--timeout",
+        "60",
+        "--api",
+        &api,
+    ]);
+    assert!(c.ps(0, "web").iter().all(|r| r["node"] != target.as_str()));
+
+    // Undrained: it is the emptiest node, so spread fills it first.
+    let out = shoal_ok(&["node", "undrain", &target, "--api", &api]);
+    assert!(out.contains("undrained"), "{out}");
+    let out = shoal_ok(&["node", "undrain", &target, "--api", &api]);
+    assert!(out.contains("was not drained"), "{out}");
+    shoal_ok(&[
+        "scale",
+        "web",
+        "7",
+        "--wait",
+        "--timeout",
+        "60",
+        "--api",
+        &api,
+    ]);
+    assert!(c.ps(0, "web").iter().any(|r| r["node"] == target.as_str()));
+
+    let out = shoal(&["node", "drain", "nosuch", "--api", &api]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no node named \"nosuch\""));
+}
+
+/// `deploy --wait` gives up with the reason, long before `healthy_deadline` or
+/// `--timeout`, when the driver refuses every start or nothing can be placed.
+#[test]
+fn deploy_wait_fails_fast_with_the_reason() {
+    let c = Cluster::start(2);
+    let missing = web_spec("ghost", 2, "[update]\nhealthy_deadline = \"10m\"").replace(
+        "[\"shoal\", \"workload\"",
+        "[\"/nonexistent/shoal-ghost\", \"workload\"",
+    );
+    let out = c.deploy_wait(0, "ghost.toml", &missing);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stalled")
+            && err.contains("cannot start")
+            && err.contains("/nonexistent/shoal-ghost"),
+        "{err}"
+    );
+    let huge = web_spec("huge", 2, "").replace("memory = \"32Mi\"", "memory = \"900Ti\"");
+    let out = c.deploy_wait(0, "huge.toml", &huge);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no replica of huge version 1 can be placed")
+            && err.contains("insufficient memory"),
+        "{err}"
+    );
+    // Progress lines while waiting.
+    let out = c.deploy_wait(0, "web.toml", &web_spec("web", 2, ""));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replicas of version 1 healthy"));
+}

@@ -43,12 +43,12 @@ pub use autoscale::{
     SCALE_PREFIX,
 };
 pub use model::{
-    decode, encode, is_orchestration_key, new_alloc_id, parse_report_key, parse_rollout_key,
-    parse_service_key, parse_slot_key, published_rollouts, report_key, report_prefix, rollout_key,
-    rollout_prefix, service_key, slot_key, slot_prefix, tombstoned_services, AllocReport,
-    AllocState, ClusterSlots, ClusterView, Member, Members, ModelError, PastSpec, Placement,
-    Reported, Reports, Reservation, ServiceRecord, Slot, SlotMap, KEPT_VERSIONS, SERVICE_PREFIX,
-    SLOT_PREFIX,
+    decode, drain_key, encode, is_orchestration_key, new_alloc_id, parse_drain_key,
+    parse_report_key, parse_rollout_key, parse_service_key, parse_slot_key, published_rollouts,
+    report_key, report_prefix, rollout_key, rollout_prefix, service_key, slot_key, slot_prefix,
+    tombstoned_services, AllocReport, AllocState, ClusterSlots, ClusterView, Drain, Member,
+    Members, ModelError, PastSpec, Placement, Reported, Reports, Reservation, ServiceRecord, Slot,
+    SlotMap, DRAIN_PREFIX, KEPT_VERSIONS, SERVICE_PREFIX, SLOT_PREFIX, START_FAILURES_STALL,
 };
 pub use pass::{assigned, Assigned, NodeOrch, PassInput, PassOutput, PublishedRollout, Settle};
 pub use snapshot::{build_snapshot, native_scheduler, over_capacity, NodeFacts, Placed};

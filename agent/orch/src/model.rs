@@ -6,6 +6,7 @@
 //! | `alloc/<service>/<slot>` | [`Slot`] | the service's steward only |
 //! | `node/<node>/alloc/<alloc_id>` | [`AllocReport`] | the node running the allocation |
 //! | `scale/<name>` | [`ScaleState`](crate::ScaleState) | the service's steward, if autoscaled |
+//! | `drain/<node>` | [`Drain`] | `shoal node drain` (any node); `undrain` deletes it |
 //!
 //! Removing a service is a flag, not a tombstone: `shoal rm` writes the record with
 //! `deleted = true`. Its steward then deletes every slot (which tells each agent to stop
@@ -24,6 +25,8 @@ use crate::spec::{ServiceSpec, MAX_REPLICAS};
 
 /// Prefix of service records.
 pub const SERVICE_PREFIX: &str = "service/";
+/// Prefix of drain marks (`shoal node drain`).
+pub const DRAIN_PREFIX: &str = "drain/";
 /// Prefix of allocation slots.
 pub const SLOT_PREFIX: &str = "alloc/";
 /// Infix of allocation reports in a node's key space (`node/<n>/alloc/<id>`).
@@ -46,11 +49,66 @@ pub enum ModelError {
     /// A request asked for more replicas than allowed.
     #[error("{0} replicas is more than the limit of {MAX_REPLICAS}")]
     TooManyReplicas(u32),
+    /// A rollback was asked for, but the record keeps no earlier spec.
+    #[error(
+        "service {service} has no earlier version to roll back to (it runs version {current})"
+    )]
+    NoEarlierVersion {
+        /// The service.
+        service: String,
+        /// Its version.
+        current: u64,
+    },
+    /// A rollback named a version the record does not keep.
+    #[error(
+        "service {service} keeps no version {version}: it runs version {current}, and keeps {kept}"
+    )]
+    VersionNotKept {
+        /// The service.
+        service: String,
+        /// The version asked for.
+        version: u64,
+        /// Its version.
+        current: u64,
+        /// The versions it keeps, e.g. `3, 2 and 1`.
+        kept: String,
+    },
+    /// A rollback to what already runs.
+    #[error("service {service} already runs the spec of version {version} (as version {current})")]
+    AlreadyRunning {
+        /// The service.
+        service: String,
+        /// The version asked for.
+        version: u64,
+        /// Its version.
+        current: u64,
+    },
 }
 
 /// `service/<name>`.
 pub fn service_key(name: &str) -> String {
     format!("{SERVICE_PREFIX}{name}")
+}
+
+/// `drain/<node>`.
+pub fn drain_key(node: &str) -> String {
+    format!("{DRAIN_PREFIX}{node}")
+}
+
+/// The node name of a `drain/<node>` key.
+pub fn parse_drain_key(key: &str) -> Option<&str> {
+    key.strip_prefix(DRAIN_PREFIX)
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+}
+
+/// `drain/<node>`: the node takes no new placements, and every allocation on it
+/// gets a replacement elsewhere (promoted once healthy, then the old one stops).
+/// Any node may write it; `shoal node undrain` deletes it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Drain {
+    /// When it was asked for (wall-clock ms).
+    pub since_ms: u64,
 }
 
 /// `alloc/<service>/<slot>`.
@@ -201,6 +259,61 @@ impl ServiceRecord {
         }
     }
 
+    /// The record after rolling back to the spec of version `to` (default: the
+    /// newest kept one before the current). Like a deploy of that spec, it gets a
+    /// new version number; the desired replica count stays as it is, and replicas
+    /// that still run that spec keep running ([`crate::reconcile`] moves them to
+    /// the new version in place).
+    pub fn rolled_back(&self, to: Option<u64>) -> Result<ServiceRecord, ModelError> {
+        let service = &self.spec.name;
+        let current = self.version;
+        let past = match to {
+            None => self.previous.first().ok_or(ModelError::NoEarlierVersion {
+                service: service.clone(),
+                current,
+            })?,
+            Some(v) => match self.previous.iter().find(|p| p.version == v) {
+                Some(p) => p,
+                None if v == current => {
+                    return Err(ModelError::AlreadyRunning {
+                        service: service.clone(),
+                        version: v,
+                        current,
+                    })
+                }
+                None => {
+                    let mut kept: Vec<String> = std::iter::once(current)
+                        .chain(self.previous.iter().map(|p| p.version))
+                        .map(|v| v.to_string())
+                        .collect();
+                    let last = kept.pop().unwrap_or_default();
+                    let kept = if kept.is_empty() {
+                        "only that one".to_string()
+                    } else {
+                        format!("{} and {last}", kept.join(", "))
+                    };
+                    return Err(ModelError::VersionNotKept {
+                        service: service.clone(),
+                        version: v,
+                        current,
+                        kept,
+                    });
+                }
+            },
+        };
+        if self.spec.same_workload(&past.spec) {
+            return Err(ModelError::AlreadyRunning {
+                service: service.clone(),
+                version: past.version,
+                current,
+            });
+        }
+        let mut spec = past.spec.clone();
+        // `deploy` keeps the desired count when the spec's count is unchanged.
+        spec.replicas = self.spec.replicas;
+        Ok(ServiceRecord::deploy(Some(self), spec))
+    }
+
     /// The spec of `version`, if it is the current one or still kept.
     pub fn spec_for(&self, version: u64) -> Option<&ServiceSpec> {
         if version == self.version {
@@ -314,6 +427,10 @@ pub struct AllocReport {
     pub local_only: bool,
     /// Restarts so far.
     pub restarts: u32,
+    /// Starts in a row the driver refused (no such image or program, a spec the
+    /// driver cannot run); 0 once a start succeeds. See [`START_FAILURES_STALL`].
+    #[serde(skip_serializing_if = "is_zero")]
+    pub start_failures: u32,
     /// Last error or exit reason.
     pub reason: Option<String>,
     /// CPU use in percent of one core.
@@ -331,6 +448,15 @@ pub struct AllocReport {
     pub started_ms: u64,
     /// The driver's handle: container id (docker) or pid (process).
     pub handle: Option<String>,
+}
+
+/// Refused starts in a row after which a current-version replica stalls its rollout
+/// at once, without waiting out `healthy_deadline`: the same start failing twice is
+/// not going to succeed by waiting.
+pub const START_FAILURES_STALL: u32 = 2;
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A report and the node that wrote it.
@@ -457,6 +583,8 @@ pub struct ClusterView {
     pub reports: BTreeMap<String, Arc<Reports>>,
     /// Autoscaler states by service.
     pub scales: crate::autoscale::ScaleStates,
+    /// Drained nodes by name.
+    pub drains: BTreeMap<String, Arc<Drain>>,
     /// Service of each report key, so a deleted report can be found.
     report_services: Arc<BTreeMap<String, String>>,
 }
@@ -490,6 +618,7 @@ pub fn is_orchestration_key(key: &str) -> bool {
         || parse_slot_key(key).is_some()
         || parse_report_key(key).is_some()
         || crate::autoscale::parse_scale_key(key).is_some()
+        || parse_drain_key(key).is_some()
 }
 
 impl ClusterView {
@@ -500,6 +629,7 @@ impl ClusterView {
             .scan_prefix(SERVICE_PREFIX)
             .chain(state.scan_prefix(SLOT_PREFIX))
             .chain(state.scan_prefix(crate::autoscale::SCALE_PREFIX))
+            .chain(state.scan_prefix(DRAIN_PREFIX))
             .chain(
                 state
                     .scan_prefix(shoal_core::NODE_PREFIX)
@@ -551,6 +681,10 @@ impl ClusterView {
                 .map(|v| decode::<crate::autoscale::ScaleState>(key, v))
                 .transpose();
             return keep(&mut self.scales, name, decoded);
+        }
+        if let Some(node) = parse_drain_key(key) {
+            let decoded = value.map(|v| decode::<Drain>(key, v)).transpose();
+            return keep(&mut self.drains, node, decoded);
         }
         if let Some((service, n)) = parse_slot_key(key) {
             let decoded = value.map(|v| decode::<Slot>(key, v)).transpose();
@@ -701,6 +835,45 @@ mod tests {
         // JSON round trip.
         let json = encode(&r2);
         assert_eq!(decode::<ServiceRecord>("service/web", &json).unwrap(), r2);
+    }
+
+    #[test]
+    fn rollback_redeploys_a_kept_spec_and_keeps_the_replica_count() {
+        let text = "name = \"web\"\ndriver = \"process\"\ncommand = [\"x\"]\nreplicas = 3\n";
+        let v1 = ServiceSpec::from_toml("web.toml", text).unwrap();
+        let r1 = ServiceRecord::deploy(None, v1.clone());
+        assert_eq!(
+            r1.rolled_back(None).unwrap_err().to_string(),
+            "service web has no earlier version to roll back to (it runs version 1)"
+        );
+        let mut v2 = v1.clone();
+        v2.env.insert("A".into(), "2".into());
+        let r2 = ServiceRecord::deploy(Some(&r1), v2.clone())
+            .scaled(6)
+            .unwrap();
+        // Back to v1: a new version 3 with v1's spec, still 6 replicas, v2 kept.
+        let r3 = r2.rolled_back(None).unwrap();
+        assert_eq!((r3.version, r3.replicas), (3, 6));
+        assert!(r3.spec.same_workload(&v1));
+        assert_eq!(r3.spec_for(2), Some(&v2));
+        // Undo the undo: the default goes to the version before, v2.
+        let r4 = r3.rolled_back(None).unwrap();
+        assert!(r4.spec.same_workload(&v2));
+        assert_eq!(r4.version, 4);
+        // --to a kept version; --to the current or a forgotten one is refused by name.
+        assert!(r4.rolled_back(Some(1)).unwrap().spec.same_workload(&v1));
+        assert_eq!(
+            r4.rolled_back(Some(4)).unwrap_err().to_string(),
+            "service web already runs the spec of version 4 (as version 4)"
+        );
+        assert_eq!(
+            r4.rolled_back(Some(2)).unwrap_err().to_string(),
+            "service web already runs the spec of version 2 (as version 4)"
+        );
+        assert_eq!(
+            r4.rolled_back(Some(9)).unwrap_err().to_string(),
+            "service web keeps no version 9: it runs version 4, and keeps 4, 3, 2 and 1"
+        );
     }
 
     #[test]

@@ -233,7 +233,9 @@ impl NodeOrch {
             return out;
         }
         let mut view = input.view.clone();
-        let facts = self.facts(input.facts);
+        // A drained node takes nothing new: schedulers never see it.
+        let mut facts = self.facts(input.facts);
+        facts.retain(|f| !view.drains.contains_key(&f.name));
         let mut snapshot = build_snapshot(&facts, &view.slots);
         let alive: Vec<String> = self
             .members
@@ -552,6 +554,106 @@ mod tests {
         }
         // One steward: 3 slots and its rollout status.
         assert_eq!(total, 4);
+    }
+
+    /// A drained node gets nothing new, and each of its allocations gets a
+    /// replacement elsewhere that takes over once healthy; undrained, it takes
+    /// placements again.
+    #[test]
+    fn a_drained_node_is_emptied_through_healthy_replacements() {
+        let names = ["n1", "n2", "n3"];
+        let membership: Vec<(String, NodeStatus)> = names
+            .iter()
+            .map(|n| (n.to_string(), NodeStatus::Alive))
+            .collect();
+        let facts = facts(&names);
+        let empty = BTreeSet::new();
+        let mut orchs: Vec<NodeOrch> = names
+            .iter()
+            .map(|me| NodeOrch::new(me, 0, true, Settle::default()))
+            .collect();
+        let mut view = view_with("web", 4);
+        let mut round = |view: &mut ClusterView, now_ms: u64| {
+            for orch in orchs.iter_mut() {
+                let input = PassInput {
+                    now_ms,
+                    membership: &membership,
+                    known_nodes: &[],
+                    view,
+                    tombstoned: &empty,
+                    facts: &facts,
+                    published_rollouts: &empty,
+                };
+                let out = orch.pass(&input, &mut native_scheduler);
+                for w in &out.writes {
+                    view.apply_write(w);
+                }
+            }
+        };
+        let healthy_all = |view: &mut ClusterView| {
+            let placements: Vec<(u32, Placement)> = view.slots["web"]
+                .iter()
+                .flat_map(|(n, s)| s.placements().map(|p| (*n, p.clone())).collect::<Vec<_>>())
+                .collect();
+            for (slot, p) in placements {
+                let report = crate::model::AllocReport {
+                    service: "web".into(),
+                    slot,
+                    version: p.version,
+                    state: crate::model::AllocState::Running,
+                    healthy: true,
+                    ..Default::default()
+                };
+                view.apply_entry(
+                    &crate::model::report_key(&p.node, &p.alloc_id),
+                    Some(&encode(&report)),
+                )
+                .unwrap();
+            }
+        };
+        round(&mut view, 1_000);
+        round(&mut view, 4_000);
+        healthy_all(&mut view);
+        let on = |view: &ClusterView, node: &str| {
+            view.slots["web"]
+                .values()
+                .flat_map(|s| s.placements())
+                .filter(|p| p.node == node)
+                .count()
+        };
+        let busiest = *names.iter().max_by_key(|n| on(&view, n)).unwrap();
+        assert!(on(&view, busiest) > 0);
+        let drain = crate::model::Drain { since_ms: 5_000 };
+        view.apply_entry(&crate::model::drain_key(busiest), Some(&encode(&drain)))
+            .unwrap();
+        round(&mut view, 5_000);
+        // Each allocation there has a replacement elsewhere, and still runs.
+        for s in view.slots["web"].values() {
+            if s.node() == Some(busiest) {
+                let next = s.next.as_ref().expect("a replacement");
+                assert_ne!(next.node, busiest);
+            }
+        }
+        healthy_all(&mut view);
+        round(&mut view, 6_000);
+        assert_eq!(on(&view, busiest), 0, "{:?}", view.slots["web"]);
+        assert_eq!(view.slots["web"].len(), 4);
+        // Scaling up while drained puts nothing there either.
+        let mut rec = (*view.services["web"]).clone();
+        rec.replicas = 8;
+        view.apply_entry(&service_key("web"), Some(&encode(&rec)))
+            .unwrap();
+        round(&mut view, 7_000);
+        assert_eq!(view.slots["web"].len(), 8);
+        assert_eq!(on(&view, busiest), 0);
+        // Undrained, it is a candidate again.
+        view.apply_entry(&crate::model::drain_key(busiest), None)
+            .unwrap();
+        rec.replicas = 12;
+        view.apply_entry(&service_key("web"), Some(&encode(&rec)))
+            .unwrap();
+        round(&mut view, 8_000);
+        assert!(on(&view, busiest) > 0);
     }
 
     #[test]

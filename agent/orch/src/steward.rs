@@ -16,7 +16,7 @@ use shoal_policy_logic::{NodeStatus, PlacementRequest, Resources, Snapshot};
 
 use crate::model::{
     encode, new_alloc_id, service_key, slot_key, AllocState, ClusterSlots, ClusterView, Members,
-    Placement, Reports, Reservation, ServiceRecord, Slot, SlotMap,
+    Placement, Reports, Reservation, ServiceRecord, Slot, SlotMap, START_FAILURES_STALL,
 };
 use crate::snapshot::{over_capacity, release, Placed};
 use crate::spec::MAX_REPLICAS;
@@ -131,6 +131,10 @@ pub struct ReconcileInput<'a> {
     /// Allocations (of any service) that must leave a node over its capacity
     /// ([`crate::over_capacity`]).
     pub evicted: BTreeSet<String>,
+    /// Drained nodes (`drain/<node>`): every allocation on them gets a replacement
+    /// elsewhere, like an evicted one. Leave them out of `snapshot` too, so nothing
+    /// new is placed there.
+    pub draining: BTreeSet<String>,
     /// Now, in ms, on the clock `members[..].since_ms` uses.
     pub now_ms: u64,
 }
@@ -186,6 +190,7 @@ impl ClusterView {
             members,
             snapshot,
             evicted: over_capacity(snapshot, &self.slots),
+            draining: self.drains.keys().cloned().collect(),
             now_ms,
         }
     }
@@ -335,20 +340,26 @@ impl Fit {
 ///    allocation becomes an orphan its node stops).
 /// 4. [`Round::find_needs`]: a slot whose node has been down or left for
 ///    `reschedule_after` is placed elsewhere (suspect nodes are waited for); a slot
-///    whose allocation is among the excess of a node over its capacity (placements
-///    from both sides of a healed partition, [`crate::over_capacity`]) gets a
-///    replacement elsewhere as its `next`, promoted once healthy; a slot
+///    whose allocation is on a drained node, or among the excess of a node over its
+///    capacity (placements from both sides of a healed partition,
+///    [`crate::over_capacity`]), gets a replacement elsewhere as its `next`,
+///    promoted once healthy; a slot
 ///    with no allocation is placed, unless a `depends_on` service has no healthy
 ///    replica ("waiting for dependency"), or does not exist ("dependency … does not
 ///    exist").
-/// 5. [`Round::rolling_update`], unless [`Round::stalled`] finds a current-version
-///    replica that missed `update.healthy_deadline` (then the rollout is `Stalled`):
+/// 5. [`Round::keep_unchanged`]: an allocation of an older version whose spec
+///    runs the same workload as the current one (a rollback, or a re-deploy of a
+///    spec an earlier version had) is moved to the current version as it is: it
+///    keeps running, nothing restarts.
+/// 6. [`Round::rolling_update`], unless [`Round::stalled`] finds a current-version
+///    replica that missed `update.healthy_deadline`, or whose starts its driver
+///    refused [`START_FAILURES_STALL`] times in a row (then the rollout is `Stalled`):
 ///    with `max_surge = 0` old replicas are replaced in place, at most
 ///    `max_unavailable` in flight and never taking healthy replicas below
 ///    `replicas - max_unavailable`; with `max_surge > 0` up to that many new replicas
 ///    start alongside old ones. Unhealthy old replicas are replaced in place first,
 ///    as that costs no availability.
-/// 6. [`Round::place`]: everything to place goes to the scheduler as one request
+/// 7. [`Round::place`]: everything to place goes to the scheduler as one request
 ///    (so spread sees all of it), with the reservations of replaced allocations
 ///    given back first. Answers are checked against the snapshot; replicas that fit
 ///    nowhere leave the reason on the slot, and are retried on the next call.
@@ -364,6 +375,7 @@ pub fn reconcile(
     round.scale_down();
     round.settle_surges();
     round.find_needs();
+    round.keep_unchanged();
     let stalled = round.stalled();
     if stalled.is_none() {
         round.rolling_update();
@@ -523,7 +535,11 @@ impl<'a, 'i> Round<'a, 'i> {
                 None if blocked.is_none() => needs.push((Need::Fresh, n)),
                 None => reasons.push(n),
                 Some(c) if self.lost(&c.node) => needs.push((Need::Lost, n)),
-                Some(c) if slot.next.is_none() && self.input.evicted.contains(&c.alloc_id) => {
+                Some(c)
+                    if slot.next.is_none()
+                        && (self.input.evicted.contains(&c.alloc_id)
+                            || self.input.draining.contains(&c.node)) =>
+                {
                     needs.push((Need::Evict, n))
                 }
                 Some(_) => {}
@@ -537,37 +553,74 @@ impl<'a, 'i> Round<'a, 'i> {
         self.needs = needs;
     }
 
-    /// A current-version replica that missed its deadline stops the rollout.
+    /// Rule 5: old-version allocations that already run the current workload
+    /// become current-version ones in place (same node, same alloc id).
+    fn keep_unchanged(&mut self) {
+        let version = self.record.version;
+        let spec = &self.record.spec;
+        let placing: BTreeSet<u32> = self.needs.iter().map(|(_, n)| *n).collect();
+        let record = self.record;
+        for (n, slot) in self.work.iter_mut() {
+            if placing.contains(n) {
+                continue;
+            }
+            for p in [slot.current.as_mut(), slot.next.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                let same = p.version < version
+                    && record
+                        .spec_for(p.version)
+                        .is_some_and(|old| old.same_workload(spec));
+                if same {
+                    p.version = version;
+                }
+            }
+        }
+    }
+
+    /// A current-version replica that missed its deadline, or whose starts the
+    /// driver keeps refusing ([`START_FAILURES_STALL`]), stops the rollout.
     fn stalled(&self) -> Option<String> {
         let version = self.record.version;
         let deadline_ms = ms(self.record.spec.update.healthy_deadline);
         let now = self.input.now_ms;
         self.work.iter().find_map(|(n, slot)| {
-            slot.placements()
-                .find(|p| {
-                    p.version == version
-                        && reachable(self.input.members, &p.node)
-                        && !self.healthy(p)
-                        && now.saturating_sub(p.placed_ms) >= deadline_ms
-                })
-                .map(|p| {
-                    let why = self
-                        .input
-                        .reports
-                        .get(&p.alloc_id)
-                        .and_then(|r| r.report.reason.clone())
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default();
+            slot.placements().find_map(|p| {
+                if p.version != version
+                    || !reachable(self.input.members, &p.node)
+                    || self.healthy(p)
+                {
+                    return None;
+                }
+                let report = self
+                    .input
+                    .reports
+                    .get(&p.alloc_id)
+                    .filter(|r| r.node == p.node)
+                    .map(|r| &r.report);
+                let why = report
+                    .and_then(|r| r.reason.clone())
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default();
+                if report.is_some_and(|r| r.start_failures >= START_FAILURES_STALL) {
+                    return Some(format!(
+                        "slot {n}: version {version} on {} cannot start{why}",
+                        p.node
+                    ));
+                }
+                (now.saturating_sub(p.placed_ms) >= deadline_ms).then(|| {
                     format!(
                         "slot {n}: version {version} on {} not healthy within {}s{why}",
                         p.node,
                         deadline_ms / 1000
                     )
                 })
+            })
         })
     }
 
-    /// Rule 5: which old-version replicas to replace now.
+    /// Rule 6: which old-version replicas to replace now.
     fn rolling_update(&mut self) {
         let version = self.record.version;
         let update = self.record.spec.update;
@@ -629,7 +682,7 @@ impl<'a, 'i> Round<'a, 'i> {
         }
     }
 
-    /// Rule 6: one scheduler request for everything that needs a node.
+    /// Rule 7: one scheduler request for everything that needs a node.
     fn place(&mut self, scheduler: &mut dyn FnMut(&Snapshot, &[PlacementRequest]) -> Vec<Placed>) {
         self.needs.sort();
         if self.needs.is_empty() {
@@ -730,6 +783,9 @@ impl<'a, 'i> Round<'a, 'i> {
                                 _ => "down",
                             });
                             format!("node {} is {status} and no other node fits: {why}", c.node)
+                        }
+                        (Need::Evict, Some(c)) if self.input.draining.contains(&c.node) => {
+                            format!("node {} is draining and no other node fits: {why}", c.node)
                         }
                         (Need::Evict, Some(c)) => format!(
                             "node {} is over its capacity and no other node fits: {why}",
@@ -842,7 +898,7 @@ pub fn orphans<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AllocReport, Member, Reported};
+    use crate::model::{parse_slot_key, AllocReport, Member, Reported};
     use crate::snapshot::{build_snapshot, native_scheduler, NodeFacts};
     use crate::spec::ServiceSpec;
     use proptest::prelude::*;
@@ -938,6 +994,7 @@ mod tests {
             members,
             snapshot: &snapshot,
             evicted: crate::over_capacity(&snapshot, &all),
+            draining: BTreeSet::new(),
             now_ms,
         };
         reconcile(&input, scheduler)
@@ -1023,6 +1080,7 @@ mod tests {
                     members: &members,
                     snapshot: &snapshot,
                     evicted: crate::over_capacity(&snapshot, &all),
+                    draining: BTreeSet::new(),
                     now_ms: 100,
                 };
                 reconcile(&input, sched)
@@ -1082,6 +1140,88 @@ mod tests {
         assert_eq!(steward_for("x", std::iter::empty()), None);
     }
 
+    /// Rolling back to (or re-deploying) a spec an earlier version had: replicas
+    /// still on that version move to the new version number in place, same node and
+    /// alloc id; only the replicas of the version in between are replaced.
+    #[test]
+    fn replicas_already_on_the_deployed_workload_are_kept_not_restarted() {
+        let v1 = spec("");
+        let v2 = spec("env = { MODE = \"two\" }");
+        let v1_again = ServiceRecord::deploy(
+            Some(&ServiceRecord::deploy(Some(&live(&v1, 1, 4)), v2.clone())),
+            v1.clone(),
+        );
+        assert_eq!(v1_again.version, 3);
+        let (facts, members) = nodes(4);
+        let mut slots = SlotMap::new();
+        let mut reports = Reports::new();
+        for n in 0..4u32 {
+            // A rollout to v2 that got as far as slot 0.
+            let version = if n == 0 { 2 } else { 1 };
+            let id = format!("web-{n}");
+            let node = format!("n{}", n + 1);
+            slots.insert(
+                n,
+                Slot {
+                    current: Some(placement(&node, version, &id, &v1)),
+                    ..Slot::default()
+                },
+            );
+            reports.insert(id, report(&node, true));
+        }
+        let out = run(
+            Some(&v1_again),
+            &slots,
+            &reports,
+            &members,
+            &facts,
+            10_000,
+            &mut native_scheduler,
+        );
+        let mut written = BTreeMap::new();
+        for w in &out.writes {
+            let Write::Put { key, .. } = w else {
+                panic!("unexpected {w:?}");
+            };
+            written.insert(parse_slot_key(key).unwrap().1, decode_slot(w));
+        }
+        assert_eq!(written.len(), 4, "{written:?}");
+        for n in 1..4u32 {
+            let c = written[&n].current.as_ref().unwrap();
+            assert_eq!(
+                (c.version, c.alloc_id.as_str()),
+                (3, format!("web-{n}").as_str())
+            );
+            assert_eq!(c.node, format!("n{}", n + 1));
+        }
+        // Slot 0 ran v2, which differs: it is replaced by a fresh v3 allocation.
+        let c0 = written[&0].current.as_ref().unwrap();
+        assert_eq!(c0.version, 3);
+        assert_ne!(c0.alloc_id, "web-0");
+        // A spec no longer kept is not guessed at: without v1 in `previous`, the
+        // v1 replicas are replaced like any old version.
+        let mut forgotten = v1_again.clone();
+        forgotten.previous.retain(|p| p.version != 1);
+        let out = run(
+            Some(&forgotten),
+            &slots,
+            &reports,
+            &members,
+            &facts,
+            10_000,
+            &mut native_scheduler,
+        );
+        assert!(!out.writes.is_empty());
+        for s in out.writes.iter().map(decode_slot) {
+            let c = s.current.unwrap();
+            let kept = reports.contains_key(&c.alloc_id);
+            assert!(
+                !(kept && c.version == 3),
+                "{c:?} was moved to v3 without its spec"
+            );
+        }
+    }
+
     /// With a current-version replica past its deadline, nothing more is updated,
     /// even where max_unavailable would allow it.
     #[test]
@@ -1130,6 +1270,27 @@ mod tests {
             &mut native_scheduler,
         );
         assert_eq!(out.writes.len(), 3);
+        // A replica whose driver refused its start twice stalls it at once.
+        let mut refused = reports.clone();
+        let r = refused.get_mut("web-0").unwrap();
+        r.report.state = AllocState::Failed;
+        r.report.start_failures = START_FAILURES_STALL;
+        r.report.reason = Some("start failed: no such image".into());
+        let stalled = run(
+            Some(&record),
+            &slots,
+            &refused,
+            &members,
+            &facts,
+            1,
+            &mut never,
+        );
+        assert!(stalled.writes.is_empty(), "{:?}", stalled.writes);
+        assert!(
+            matches!(&stalled.rollout, RolloutStatus::Stalled { reason } if reason == "slot 0: version 2 on n1 cannot start (start failed: no such image)"),
+            "{:?}",
+            stalled.rollout
+        );
         assert_eq!(
             out.rollout,
             RolloutStatus::Progressing {

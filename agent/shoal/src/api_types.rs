@@ -25,6 +25,27 @@ pub struct NodeView {
     /// own row `not joined: <seed>: <reason>` while none of its seeds let it in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Drained (`shoal node drain`): takes no new placements.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// A node's drain, as `shoal node drain` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainView {
+    /// The node.
+    pub node: String,
+    /// It is drained.
+    pub draining: bool,
+    /// When the drain was asked for (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+    /// For a drain or undrain request: whether it changed the mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<bool>,
+    /// Allocations still on the node, `service/slot state`: placed there, or
+    /// replaced and not yet stopped.
+    pub left: Vec<String>,
 }
 
 /// One key/value entry.
@@ -177,6 +198,21 @@ pub struct PsView {
     pub service: ServiceView,
     /// One row per allocation (a slot in a rolling update has two).
     pub slots: Vec<SlotView>,
+}
+
+/// One kept version of a service, as `shoal history` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionView {
+    /// The version.
+    pub version: u64,
+    /// It is the version the service runs now.
+    pub current: bool,
+    /// What a replica runs: the image, or the command line.
+    pub runs: String,
+    /// Top-level spec fields that differ from the next older kept version.
+    pub changed: Vec<String>,
+    /// The whole spec.
+    pub spec: shoal_orch::ServiceSpec,
 }
 
 /// `shoal deploy` answer.

@@ -7,7 +7,8 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
 use crate::api_types::{
-    AllocView, DeployView, ErrorView, EventView, KvView, LogsView, NodeView, PsView, ServiceView,
+    AllocView, DeployView, DrainView, ErrorView, EventView, KvView, LogsView, NodeView, PsView,
+    ServiceView, VersionView,
 };
 
 /// Output format of client commands.
@@ -160,6 +161,26 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/nodes/<name>/drain` (`on`) or `DELETE` it (undrain).
+    pub async fn drain(&self, node: &str, on: bool) -> anyhow::Result<DrainView> {
+        let url = format!("{}/v1/nodes/{node}/drain", self.base);
+        let req = if on {
+            self.http.post(url)
+        } else {
+            self.http.delete(url)
+        };
+        self.send(req).await
+    }
+
+    /// `GET /v1/nodes/<name>/drain`.
+    pub async fn drain_status(&self, node: &str) -> anyhow::Result<DrainView> {
+        self.send(
+            self.http
+                .get(format!("{}/v1/nodes/{node}/drain", self.base)),
+        )
+        .await
+    }
+
     /// `POST /v1/services?file=`: deploy a spec (TOML text).
     pub async fn deploy(&self, file: &str, text: String) -> anyhow::Result<DeployView> {
         let req = self
@@ -206,6 +227,24 @@ impl Client {
             .http
             .post(format!("{}/v1/services/{name}/scale", self.base))
             .json(&serde_json::json!({ "replicas": replicas }));
+        self.send(req).await
+    }
+
+    /// `GET /v1/services/<name>/history`.
+    pub async fn history(&self, name: &str) -> anyhow::Result<Vec<VersionView>> {
+        self.send(
+            self.http
+                .get(format!("{}/v1/services/{name}/history", self.base)),
+        )
+        .await
+    }
+
+    /// `POST /v1/services/<name>/rollback`.
+    pub async fn rollback(&self, name: &str, to: Option<u64>) -> anyhow::Result<DeployView> {
+        let req = self
+            .http
+            .post(format!("{}/v1/services/{name}/rollback", self.base))
+            .json(&serde_json::json!({ "to": to }));
         self.send(req).await
     }
 
@@ -503,7 +542,11 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
             vec![
                 n.name.clone(),
                 n.addr.clone(),
-                n.status.clone(),
+                if n.draining {
+                    format!("{},draining", n.status)
+                } else {
+                    n.status.clone()
+                },
                 r.map_or("-".into(), |r| r.cpus.to_string()),
                 r.map_or("-".into(), |r| {
                     format!(

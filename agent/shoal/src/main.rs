@@ -13,6 +13,7 @@ mod demo;
 mod discover_cli;
 mod image_cli;
 mod kv_cli;
+mod node_cli;
 mod plugin_cli;
 mod service_cli;
 mod workload;
@@ -68,7 +69,14 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Services: deploy, services, ps, scale, logs, rm.
+    /// One node: drain, undrain, status.
+    Node {
+        #[command(subcommand)]
+        cmd: node_cli::NodeCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Services: deploy, services, ps, scale, rollback, history, events, logs, rm.
     #[command(flatten)]
     Service(service_cli::ServiceCmd),
     /// Policy plugins (WebAssembly components).
@@ -371,6 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Kv { cmd, client } => kv_cli::run(cmd, &client.api, client.output).await,
+        Cmd::Node { cmd, client } => node_cli::run(cmd, &client.api, client.output).await,
         Cmd::Discover { service, client } => {
             discover_cli::discover(&client.api, &service, client.output).await
         }

@@ -1,4 +1,5 @@
-//! `shoal deploy | services | ps | scale | events | logs | rm`: the service commands.
+//! `shoal deploy | services | ps | scale | rollback | history | events | logs | rm`: the
+//! service commands.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use shoal_orch::RolloutStatus;
 
-use crate::api_types::{AllocView, EventView, PsView, ServiceView, SlotView};
+use crate::api_types::{AllocView, EventView, PsView, ServiceView, SlotView, VersionView};
 use crate::client::{table, Client, Format};
 
 /// A service command.
@@ -67,6 +68,29 @@ pub enum ServiceCmd {
         #[command(flatten)]
         client: crate::ClientArgs,
     },
+    /// Deploy an earlier version's spec again (the desired replica count stays).
+    Rollback {
+        /// Service name.
+        name: String,
+        /// The version to go back to (`shoal history` lists them); default: the one before the current.
+        #[arg(long)]
+        to: Option<u64>,
+        /// Wait until every replica runs the rolled-back spec and is healthy.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[command(flatten)]
+        client: crate::ClientArgs,
+    },
+    /// List a service's kept versions, newest first, and what each changed.
+    History {
+        /// Service name.
+        name: String,
+        #[command(flatten)]
+        client: crate::ClientArgs,
+    },
     /// Print a service's logs (every slot unless --slot).
     Logs {
         /// Service name.
@@ -107,6 +131,8 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
         | ServiceCmd::Scale { client, .. }
         | ServiceCmd::Events { client, .. }
         | ServiceCmd::Logs { client, .. }
+        | ServiceCmd::Rollback { client, .. }
+        | ServiceCmd::History { client, .. }
         | ServiceCmd::Rm { client, .. } => client.clone(),
     };
     let c = Client::new(&args.api)?;
@@ -260,6 +286,45 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        ServiceCmd::Rollback {
+            name,
+            to,
+            wait,
+            timeout,
+            ..
+        } => {
+            let v = c.rollback(&name, to).await?;
+            if json && !wait {
+                return print_json(&v);
+            }
+            if !json {
+                let from = match to {
+                    Some(t) => format!("the spec of version {t}"),
+                    None => "the previous spec".to_string(),
+                };
+                println!(
+                    "service {name} rolled back to {from}: now version {}, {} replicas",
+                    v.version, v.replicas
+                );
+            }
+            if wait {
+                let ps =
+                    wait_rollout(&c, &name, v.version, Duration::from_secs(timeout), !json).await?;
+                if json {
+                    return print_json(&ps);
+                }
+                print!("{}", slots_table(&ps.slots));
+            }
+            Ok(())
+        }
+        ServiceCmd::History { name, .. } => {
+            let v = c.history(&name).await?;
+            if json {
+                return print_json(&v);
+            }
+            print!("{}", history_table(&v));
+            Ok(())
+        }
         ServiceCmd::Rm {
             name,
             wait,
@@ -299,8 +364,37 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long no replica of a new version may be placeable, the scheduler saying
+/// why, before `--wait` gives up (the steward retries every second meanwhile).
+const UNPLACEABLE_GRACE: Duration = Duration::from_secs(3);
+
+/// Why no replica of `version` can be placed, if none is placed and the scheduler
+/// said why (dependencies that may still come up are waited for).
+fn unplaceable(ps: &PsView, version: u64) -> Option<String> {
+    if ps
+        .slots
+        .iter()
+        .any(|r| r.version == Some(version) && r.node.is_some())
+    {
+        return None;
+    }
+    let waits = format!("update to version {version} waits: ");
+    ps.slots.iter().find_map(|r| {
+        let reason = r.reason.as_deref()?;
+        if reason.contains("dependenc") {
+            return None;
+        }
+        match (&r.node, reason.strip_prefix(&waits)) {
+            (_, Some(why)) => Some(why.to_string()),
+            (None, None) => Some(reason.to_string()),
+            (Some(_), None) => None,
+        }
+    })
+}
+
 /// Polls until every replica of `name` runs `version` and is healthy; fails when
-/// the rollout stalls or `timeout` passes.
+/// the rollout stalls (a replica not healthy in time, or its starts refused),
+/// when no replica of the version can be placed, or when `timeout` passes.
 pub async fn wait_rollout(
     c: &Client,
     name: &str,
@@ -310,6 +404,7 @@ pub async fn wait_rollout(
 ) -> anyhow::Result<PsView> {
     let start = Instant::now();
     let mut last = String::new();
+    let mut unplaced_since: Option<Instant> = None;
     loop {
         let ps = c.ps(name).await?;
         let s = &ps.service;
@@ -332,6 +427,15 @@ pub async fn wait_rollout(
         }
         if let Some(RolloutStatus::Stalled { reason }) = &s.rollout {
             bail!("the rollout of {name} version {version} stalled: {reason}");
+        }
+        match unplaceable(&ps, version) {
+            Some(why) => {
+                let since = *unplaced_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= UNPLACEABLE_GRACE {
+                    bail!("no replica of {name} version {version} can be placed: {why}");
+                }
+            }
+            None => unplaced_since = None,
         }
         if start.elapsed() >= timeout {
             let why: Vec<String> = ps
@@ -535,6 +639,26 @@ pub fn services_table(v: &[ServiceView]) -> String {
         ],
         &rows,
     )
+}
+
+/// `shoal history`: one row per kept version.
+pub fn history_table(v: &[VersionView]) -> String {
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|h| {
+            vec![
+                h.version.to_string(),
+                if h.current { "*".into() } else { String::new() },
+                crate::client::printable(&h.runs).into_owned(),
+                if h.changed.is_empty() {
+                    "-".into()
+                } else {
+                    h.changed.join(", ")
+                },
+            ]
+        })
+        .collect();
+    table(&["VERSION", "CURRENT", "RUNS", "CHANGED"], &rows)
 }
 
 /// The SCALER column: `-`, or the policy, bounds and the last decision's reason.

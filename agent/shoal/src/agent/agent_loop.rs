@@ -28,7 +28,9 @@ use tokio_util::task::TaskTracker;
 
 use super::blobs::{BlobCmd, BlobEvent};
 use super::channels::Channels;
-use super::commands::{Command, ImageCommand, KvCommand, PluginCommand, ServiceCommand};
+use super::commands::{
+    Command, ImageCommand, KvCommand, NodeCommand, PluginCommand, ServiceCommand,
+};
 use super::config::AgentConfig;
 use super::executor::ExecEvent;
 use super::host_probe::Resources;
@@ -535,6 +537,20 @@ impl AgentLoop {
                 self.put_durable(&key, None, reply, |_| ());
             }
             Command::Service(cmd) => self.on_service(cmd),
+            Command::Node(NodeCommand::Drain { node, on, reply }) => {
+                let key = shoal_orch::drain_key(&node);
+                if self.node.state().value(&key).is_some() == on {
+                    // Already so: keep the first drain's time.
+                    let _ = reply.send(Ok(false));
+                    return;
+                }
+                let value = on.then(|| {
+                    encode(&shoal_orch::Drain {
+                        since_ms: super::wall_ms(),
+                    })
+                });
+                self.put_durable(&key, value, reply, |_| true);
+            }
             Command::Image(ImageCommand::Put { record, reply }) => {
                 let key = shoal_image::ImageRecord::key(&record.reference);
                 match serde_json::to_vec(&record) {
@@ -586,6 +602,13 @@ impl AgentLoop {
                     }
                     r.scaled(replicas)
                         .map_err(|e| ApiError::BadRequest(e.to_string()))
+                });
+                (r, reply, true, Vec::new())
+            }
+            ServiceCommand::Rollback { name, to, reply } => {
+                let r = self.live_record(&name).and_then(|r| {
+                    r.rolled_back(to)
+                        .map_err(|e| ApiError::Conflict(e.to_string()))
                 });
                 (r, reply, true, Vec::new())
             }

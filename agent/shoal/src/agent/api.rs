@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::blobs::{BlobCmd, BlobStatus};
-use super::commands::{Command, KvCommand, PluginCommand, ServiceCommand};
+use super::commands::{Command, KvCommand, NodeCommand, PluginCommand, ServiceCommand};
 use super::executor::Runtimes;
 use super::http_guard::{self, HttpGuard};
 use super::keys::{self, Binding};
@@ -100,6 +100,48 @@ async fn ask<T>(
 
 async fn nodes(State(app): State<AppState>) -> Response {
     Json(app.views().nodes()).into_response()
+}
+
+async fn node_drain_status(
+    State(app): State<AppState>,
+    Path(node): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(app.views().drain(&node)?).into_response())
+}
+
+/// `POST` (drain) and `DELETE` (undrain) `/v1/nodes/{name}/drain`.
+async fn node_drain_set(app: AppState, node: String, on: bool) -> Result<Response, ApiError> {
+    // Only a member can be drained: a typo must not mark a node nobody has.
+    let mut view = app.views().drain(&node)?;
+    let name = node.clone();
+    let changed = ask(&app.tx, |reply| {
+        Command::Node(NodeCommand::Drain {
+            node: name,
+            on,
+            reply,
+        })
+    })
+    .await?;
+    if !on {
+        view.left.clear();
+    }
+    view.draining = on;
+    view.changed = Some(changed);
+    Ok(Json(view).into_response())
+}
+
+async fn node_drain(
+    State(app): State<AppState>,
+    Path(node): Path<String>,
+) -> Result<Response, ApiError> {
+    node_drain_set(app, node, true).await
+}
+
+async fn node_undrain(
+    State(app): State<AppState>,
+    Path(node): Path<String>,
+) -> Result<Response, ApiError> {
+    node_drain_set(app, node, false).await
 }
 
 #[derive(Deserialize)]
@@ -352,6 +394,34 @@ async fn service_scale(
     Ok(Json(v).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    /// The version whose spec to deploy again.
+    #[serde(default)]
+    to: Option<u64>,
+}
+
+async fn service_history(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(app.views().history(&name)?).into_response())
+}
+
+async fn service_rollback(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    Json(body): Json<RollbackBody>,
+) -> Result<Response, ApiError> {
+    let to = body.to;
+    let v = ask(&app.tx, |reply| {
+        Command::Service(ServiceCommand::Rollback { name, to, reply })
+    })
+    .await?;
+    Ok(Json(v).into_response())
+}
+
 async fn service_remove(
     State(app): State<AppState>,
     Path(name): Path<String>,
@@ -546,6 +616,10 @@ pub fn router(state: AppState, guard: HttpGuard) -> Router {
         .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/v1/nodes", get(nodes))
+        .route(
+            "/v1/nodes/{name}/drain",
+            get(node_drain_status).post(node_drain).delete(node_undrain),
+        )
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/kv", get(kv_list))
         .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
@@ -567,6 +641,8 @@ pub fn router(state: AppState, guard: HttpGuard) -> Router {
             get(service_ps).delete(service_remove),
         )
         .route("/v1/services/{name}/scale", post(service_scale))
+        .route("/v1/services/{name}/rollback", post(service_rollback))
+        .route("/v1/services/{name}/history", get(service_history))
         .route("/v1/events", get(events))
         .route("/v1/services/{name}/logs", get(service_logs))
         .route("/v1/allocs", get(alloc_list))

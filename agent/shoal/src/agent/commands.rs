@@ -22,6 +22,21 @@ pub enum Command {
     Service(ServiceCommand),
     /// Image records.
     Image(ImageCommand),
+    /// Node marks (drain).
+    Node(NodeCommand),
+}
+
+/// `shoal node drain` and `undrain`.
+pub enum NodeCommand {
+    /// Mark a node drained (`on`) or not.
+    Drain {
+        /// The node.
+        node: String,
+        /// Drain (true) or undrain.
+        on: bool,
+        /// Answer: whether the mark changed.
+        reply: oneshot::Sender<Result<bool, ApiError>>,
+    },
 }
 
 /// `shoal image push` (once the blobs are stored) and `shoal image rm`.
@@ -76,7 +91,7 @@ pub enum PluginCommand {
     },
 }
 
-/// `shoal deploy`, `scale` and `rm`.
+/// `shoal deploy`, `scale`, `rollback` and `rm`.
 pub enum ServiceCommand {
     /// Create or update a service.
     Deploy {
@@ -91,6 +106,15 @@ pub enum ServiceCommand {
         name: String,
         /// Replicas.
         replicas: u32,
+        /// Answer.
+        reply: oneshot::Sender<Result<DeployView, ApiError>>,
+    },
+    /// Redeploy an earlier version's spec.
+    Rollback {
+        /// Service.
+        name: String,
+        /// The version whose spec to deploy; the one before the current by default.
+        to: Option<u64>,
         /// Answer.
         reply: oneshot::Sender<Result<DeployView, ApiError>>,
     },

@@ -189,6 +189,8 @@ struct Alloc {
     status: Option<WorkloadStatus>,
     restarts: u32,
     consecutive: u32,
+    /// Starts in a row the driver refused (reset by a start that succeeds).
+    start_failures: u32,
     healthy: bool,
     failures: u32,
     next_probe: Instant,
@@ -218,6 +220,7 @@ impl Alloc {
             status: None,
             restarts: 0,
             consecutive: 0,
+            start_failures: 0,
             healthy: false,
             failures: 0,
             next_probe: now,
@@ -381,9 +384,12 @@ impl Executor {
                     // before the service record, e.g. right after a re-deploy):
                     // now that the spec is known, start it.
                     let unrunnable = a.desired.as_ref().is_some_and(|d| d.workload.is_err());
-                    if let (true, Ok(w)) = (unrunnable, &want.workload) {
+                    if let Ok(w) = &want.workload {
+                        // The steward may move a running allocation to a newer
+                        // version whose spec runs the same workload (a rollback):
+                        // it keeps running and reports the new version.
                         (a.service, a.slot, a.version) = (w.service.clone(), w.slot, w.version);
-                        if matches!(a.phase, Phase::Done { .. }) {
+                        if unrunnable && matches!(a.phase, Phase::Done { .. }) {
                             restart.push(id.clone());
                         }
                     }
@@ -559,9 +565,11 @@ impl Executor {
                         a.next_probe = Instant::now();
                         a.status = Some(st);
                         a.reason = None;
+                        a.start_failures = 0;
                     }
                     Err(e) => {
                         tracing::warn!(alloc = %id, "start failed: {e}");
+                        a.start_failures = a.start_failures.saturating_add(1);
                         self.ended(&id, false, format!("start failed: {e}"));
                     }
                 }
@@ -1072,6 +1080,7 @@ impl Executor {
             ports,
             local_only,
             restarts: a.restarts,
+            start_failures: a.start_failures,
             reason: match &pull {
                 Some((image, [done, total])) => Some(format!(
                     "pulling image {image} from peers: {} of {}",

@@ -21,7 +21,9 @@ use shoal_policy::NodeStatus;
 
 use super::keys::{self, Binding, Key, NodeInfo, PluginRow, Resources};
 use super::ApiError;
-use crate::api_types::{AllocView, KvView, NodeView, ServiceView, SlotView};
+use crate::api_types::{
+    AllocView, DrainView, KvView, NodeView, ServiceView, SlotView, VersionView,
+};
 use shoal_image::ImageRecord;
 
 /// What one node has published about itself, decoded.
@@ -485,9 +487,48 @@ impl Views {
                     note: (id.name == self.me)
                         .then(|| self.join_note.clone())
                         .flatten(),
+                    draining: self.state.cluster.drains.contains_key(&id.name),
                 }
             })
             .collect()
+    }
+
+    /// `shoal node drain`: whether `node` is drained and what still runs there.
+    pub fn drain(&self, node: &str) -> Result<DrainView, ApiError> {
+        if !self.members.iter().any(|(id, _)| id.name == node) {
+            return Err(ApiError::NotFound(format!("no node named {node:?}")));
+        }
+        let cluster = &self.state.cluster;
+        let mut left = Vec::new();
+        let mut placed = std::collections::BTreeSet::new();
+        for (service, slots) in &cluster.slots {
+            for (n, slot) in slots.iter() {
+                for p in slot.placements().filter(|p| p.node == node) {
+                    placed.insert(p.alloc_id.as_str());
+                    left.push(format!("{service}/{n} placed"));
+                }
+            }
+        }
+        for reports in cluster.reports.values() {
+            for (id, r) in reports.iter() {
+                if r.node == node && !placed.contains(id.as_str()) {
+                    left.push(format!(
+                        "{}/{} {}",
+                        r.report.service,
+                        r.report.slot,
+                        state_str(r.report.state)
+                    ));
+                }
+            }
+        }
+        let drain = cluster.drains.get(node);
+        Ok(DrainView {
+            node: node.to_string(),
+            draining: drain.is_some(),
+            since_ms: drain.map(|d| d.since_ms),
+            changed: None,
+            left,
+        })
     }
 
     fn alive(&self) -> Vec<String> {
@@ -623,7 +664,55 @@ impl Views {
         )
     }
 
-    /// `shoal ps <name>`.
+    /// `shoal history <name>`: the current and every kept version, newest first.
+    pub fn history(&self, name: &str) -> Result<Vec<VersionView>, ApiError> {
+        let record = self
+            .state
+            .cluster
+            .services
+            .get(name)
+            .filter(|r| !r.deleted)
+            .ok_or_else(|| ApiError::NotFound(format!("no service named {name:?}")))?;
+        let kept: Vec<(u64, &shoal_orch::ServiceSpec)> =
+            std::iter::once((record.version, &record.spec))
+                .chain(record.previous.iter().map(|p| (p.version, &p.spec)))
+                .collect();
+        let fields = |spec: &shoal_orch::ServiceSpec| match serde_json::to_value(spec) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        Ok(kept
+            .iter()
+            .enumerate()
+            .map(|(i, &(version, spec))| {
+                let mine = fields(spec);
+                let changed = match kept.get(i + 1) {
+                    Some((_, older)) => {
+                        let theirs = fields(older);
+                        let mut keys: Vec<String> =
+                            mine.keys().chain(theirs.keys()).cloned().collect();
+                        keys.sort();
+                        keys.dedup();
+                        keys.retain(|k| k != "replicas" && mine.get(k) != theirs.get(k));
+                        keys
+                    }
+                    None => Vec::new(),
+                };
+                VersionView {
+                    version,
+                    current: version == record.version,
+                    runs: match &spec.kind {
+                        shoal_runtime::WorkloadKind::Docker { image, .. } => image.clone(),
+                        shoal_runtime::WorkloadKind::Process { command } => command.join(" "),
+                    },
+                    changed,
+                    spec: spec.clone(),
+                }
+            })
+            .collect())
+    }
+
+    /// `shoal ps <name>`: the service and one row per allocation.
     pub fn ps(&self, name: &str) -> Result<(ServiceView, Vec<SlotView>), ApiError> {
         let cluster = &self.state.cluster;
         if !cluster.services.contains_key(name) {
