@@ -294,6 +294,24 @@ fn node_loss_reschedules_and_restart_adopts() {
     let victim = c.agents.iter().position(|a| a.name == victim_name).unwrap();
     let killed = Instant::now();
     c.kill9(victim);
+    // Until it is placed elsewhere, the lost replica is `unknown`, not `pending`:
+    // it may still be serving.
+    wait_for(
+        "the lost replica shown as unknown",
+        Duration::from_secs(20),
+        || {
+            c.ps(0, "web")
+                .iter()
+                .find(|r| {
+                    r["node"] == victim_name.as_str()
+                        && r["state"] == "unknown"
+                        && r["reason"]
+                            .as_str()
+                            .is_some_and(|x| x.starts_with(&format!("node {victim_name} ")))
+                })
+                .map(|_| ())
+        },
+    );
     let after = wait_for(
         "replica replaced on a live node",
         Duration::from_secs(40),
@@ -1138,6 +1156,18 @@ fn deploy_wait_fails_fast_with_the_reason() {
     assert!(
         err.contains("no replica of huge version 1 can be placed")
             && err.contains("insufficient memory"),
+        "{err}"
+    );
+    // With -o json, an error is JSON on stderr too.
+    let out = shoal(&["ps", "nosuch", "-o", "json", "--api", &c.agents[0].url()]);
+    assert!(!out.status.success());
+    let err: Value = serde_json::from_slice(&out.stderr).expect("a JSON error");
+    assert_eq!(err["error"], "no service named \"nosuch\"");
+    assert_eq!(err["status"], 404);
+    let out = shoal(&["nodes", "-o", "json", "--api", "http://127.0.0.1:1"]);
+    let err: Value = serde_json::from_slice(&out.stderr).expect("a JSON error");
+    assert!(
+        err["error"].as_str().is_some_and(|e| !e.is_empty()),
         "{err}"
     );
     // Progress lines while waiting.

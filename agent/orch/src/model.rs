@@ -431,6 +431,10 @@ pub struct AllocReport {
     /// driver cannot run); 0 once a start succeeds. See [`START_FAILURES_STALL`].
     #[serde(skip_serializing_if = "is_zero")]
     pub start_failures: u32,
+    /// It has been healthy at least once: a crash after that is a restart, and
+    /// does not hold up or stall a rollout.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub was_healthy: bool,
     /// Last error or exit reason.
     pub reason: Option<String>,
     /// CPU use in percent of one core.

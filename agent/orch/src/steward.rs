@@ -75,7 +75,8 @@ impl Write {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "state")]
 pub enum RolloutStatus {
-    /// Every desired replica runs the current version and is healthy.
+    /// Every desired replica runs the current version and is healthy, or has been
+    /// (one that crashed since is restarting: that is not a rollout).
     Complete,
     /// `updated` of `total` replicas run the current version and are healthy.
     Progressing {
@@ -84,9 +85,10 @@ pub enum RolloutStatus {
         /// Desired replicas.
         total: u32,
     },
-    /// A replica of the current version was not healthy within the update's
-    /// `healthy_deadline`: no further replica is updated until it is, or until a new
-    /// version is deployed. Remaining old replicas keep running.
+    /// A replica of the current version that was never healthy did not get healthy
+    /// within the update's `healthy_deadline`, or its driver refused its start
+    /// twice in a row: no further replica is updated until it is healthy, or until a
+    /// new version is deployed. Remaining old replicas keep running.
     Stalled {
         /// Which replica and why.
         reason: String,
@@ -442,6 +444,14 @@ impl<'a, 'i> Round<'a, 'i> {
         is_healthy(p, self.input.reports, self.input.members)
     }
 
+    /// Its node reports it has been healthy at least once.
+    fn was_healthy(&self, p: &Placement) -> bool {
+        self.input
+            .reports
+            .get(&p.alloc_id)
+            .is_some_and(|r| r.node == p.node && r.report.was_healthy)
+    }
+
     fn lost(&self, node: &str) -> bool {
         lost(self.input.members, node, self.input.now_ms, self.after_ms)
     }
@@ -599,6 +609,10 @@ impl<'a, 'i> Round<'a, 'i> {
                     .get(&p.alloc_id)
                     .filter(|r| r.node == p.node)
                     .map(|r| &r.report);
+                if report.is_some_and(|r| r.was_healthy) {
+                    // It got healthy once: now it is a crash, and restarts handle it.
+                    return None;
+                }
                 let why = report
                     .and_then(|r| r.reason.clone())
                     .map(|r| format!(" ({r})"))
@@ -826,7 +840,15 @@ impl<'a, 'i> Round<'a, 'i> {
                                 .is_some_and(|c| c.version == version && self.healthy(c))
                     })
                     .count() as u32;
-                if updated == self.want {
+                // Done once every slot runs the version and each replica has been
+                // healthy: one that crashed since is restarting, not rolling out.
+                let proven = self.work.values().all(|s| {
+                    s.next.is_none()
+                        && s.current.as_ref().is_some_and(|c| {
+                            c.version == version && (self.healthy(c) || self.was_healthy(c))
+                        })
+                });
+                if updated == self.want || proven {
                     RolloutStatus::Complete
                 } else {
                     RolloutStatus::Progressing {
@@ -1222,6 +1244,63 @@ mod tests {
         }
     }
 
+    /// Once every replica ran the version healthy, a crash is a restart: the
+    /// rollout stays complete.
+    #[test]
+    fn a_crash_after_the_rollout_is_not_a_rollout() {
+        let spec = spec("");
+        let record = live(&spec, 1, 2);
+        let (facts, members) = nodes(2);
+        let mut slots = SlotMap::new();
+        let mut reports = Reports::new();
+        for n in 0..2u32 {
+            let id = format!("web-{n}");
+            let node = format!("n{}", n + 1);
+            slots.insert(
+                n,
+                Slot {
+                    current: Some(placement(&node, 1, &id, &spec)),
+                    ..Slot::default()
+                },
+            );
+            let mut r = report(&node, n == 1);
+            r.report.was_healthy = true;
+            if n == 0 {
+                r.report.state = AllocState::Failed;
+            }
+            reports.insert(id, r);
+        }
+        let out = run(
+            Some(&record),
+            &slots,
+            &reports,
+            &members,
+            &facts,
+            3_600_000,
+            &mut native_scheduler,
+        );
+        assert!(out.writes.is_empty(), "{:?}", out.writes);
+        assert_eq!(out.rollout, RolloutStatus::Complete);
+        // Never healthy yet: still progressing.
+        reports.get_mut("web-0").unwrap().report.was_healthy = false;
+        let out = run(
+            Some(&record),
+            &slots,
+            &reports,
+            &members,
+            &facts,
+            1_000,
+            &mut native_scheduler,
+        );
+        assert_eq!(
+            out.rollout,
+            RolloutStatus::Progressing {
+                updated: 1,
+                total: 2
+            }
+        );
+    }
+
     /// With a current-version replica past its deadline, nothing more is updated,
     /// even where max_unavailable would allow it.
     #[test]
@@ -1270,6 +1349,23 @@ mod tests {
             &mut native_scheduler,
         );
         assert_eq!(out.writes.len(), 3);
+        // One that was healthy once and crashed since is restarting: no stall.
+        let mut crashed = reports.clone();
+        crashed.get_mut("web-0").unwrap().report.was_healthy = true;
+        let restarting = run(
+            Some(&record),
+            &slots,
+            &crashed,
+            &members,
+            &facts,
+            10_000,
+            &mut native_scheduler,
+        );
+        assert!(
+            !matches!(restarting.rollout, RolloutStatus::Stalled { .. }),
+            "{:?}",
+            restarting.rollout
+        );
         // A replica whose driver refused its start twice stalls it at once.
         let mut refused = reports.clone();
         let r = refused.get_mut("web-0").unwrap();

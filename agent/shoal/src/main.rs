@@ -469,7 +469,12 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let json_errors = output_is_json(&matches);
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if let Some(path) = &cli.token_file {
         match std::fs::read_to_string(path) {
             Ok(t) => client::set_token(t.trim().to_string()),
@@ -492,12 +497,34 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if let Some(a) = e.downcast_ref::<AgentError>() {
+            let agent = e.downcast_ref::<AgentError>();
+            if json_errors {
+                // Scripts that asked for JSON get their error as JSON too.
+                let v = match agent {
+                    Some(a) => serde_json::json!({ "error": a.message, "status": a.status }),
+                    None => serde_json::json!({ "error": format!("{e:#}") }),
+                };
+                eprintln!("{v}");
+            } else if let Some(a) = agent {
                 eprintln!("error: {} (HTTP {})", a.message, a.status);
             } else {
                 eprintln!("error: {e:#}");
             }
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Whether the command line asked for `-o json` (a global flag: it sits in the
+/// matches of the innermost subcommand).
+fn output_is_json(mut m: &clap::ArgMatches) -> bool {
+    loop {
+        if let Ok(Some(Format::Json)) = m.try_get_one::<Format>("output") {
+            return true;
+        }
+        match m.subcommand() {
+            Some((_, sub)) => m = sub,
+            None => return false,
         }
     }
 }

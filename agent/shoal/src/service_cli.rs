@@ -696,7 +696,8 @@ fn rollout_text(s: &ServiceView) -> String {
         return "removing".into();
     }
     match &s.rollout {
-        Some(RolloutStatus::Complete) => "complete".into(),
+        // Only a rollout in flight is shown; a crash is a restart (RESTARTS in ps).
+        Some(RolloutStatus::Complete) => "-".into(),
         Some(RolloutStatus::Progressing { updated, total }) => format!("{updated}/{total} updated"),
         Some(RolloutStatus::Stalled { reason }) => format!("stalled: {reason}"),
         Some(RolloutStatus::Removing) => "removing".into(),

@@ -192,6 +192,9 @@ struct Alloc {
     /// Starts in a row the driver refused (reset by a start that succeeds).
     start_failures: u32,
     healthy: bool,
+    /// It has been healthy at least once (a later crash is a restart, not a
+    /// failed rollout).
+    was_healthy: bool,
     failures: u32,
     next_probe: Instant,
     probing: bool,
@@ -222,6 +225,7 @@ impl Alloc {
             consecutive: 0,
             start_failures: 0,
             healthy: false,
+            was_healthy: false,
             failures: 0,
             next_probe: now,
             probing: false,
@@ -607,6 +611,7 @@ impl Executor {
                 match r {
                     Ok(()) => {
                         a.healthy = true;
+                        a.was_healthy = true;
                         a.failures = 0;
                         if a.reason.as_deref().is_some_and(|r| r.starts_with("health")) {
                             a.reason = None;
@@ -837,6 +842,7 @@ impl Executor {
             let Some(check) = a.desired.as_ref().and_then(|d| d.health.clone()) else {
                 // Without a health check a running workload is healthy.
                 a.healthy = running;
+                a.was_healthy |= running;
                 continue;
             };
             if !running {
@@ -1081,6 +1087,7 @@ impl Executor {
             local_only,
             restarts: a.restarts,
             start_failures: a.start_failures,
+            was_healthy: a.was_healthy,
             reason: match &pull {
                 Some((image, [done, total])) => Some(format!(
                     "pulling image {image} from peers: {} of {}",

@@ -747,25 +747,31 @@ impl Views {
                     .filter(|rep| rep.node == p.node)
                     .map(|rep| &rep.report);
                 let member = members.get(&p.node).map(|m| m.status);
-                let reachable = matches!(member, Some(NodeStatus::Alive | NodeStatus::Suspect));
-                let (state_name, reason) = match rep {
-                    Some(rep) if reachable => (
+                let (state_name, reason) = match (member, rep) {
+                    (Some(NodeStatus::Alive), Some(rep)) => (
                         state_str(rep.state).to_string(),
                         rep.reason
                             .clone()
                             .or_else(|| if next { None } else { slot.reason.clone() }),
                     ),
-                    _ if !reachable => (
-                        "pending".to_string(),
-                        Some(format!(
-                            "node {} is {}",
-                            p.node,
-                            member.map_or("unknown", status_str)
-                        )),
-                    ),
-                    _ => (
+                    (Some(NodeStatus::Alive), None) => (
                         "pending".to_string(),
                         Some(format!("waiting for node {} to start it", p.node)),
+                    ),
+                    // Its node does not answer (suspect, down, left or unknown): the
+                    // replica may well still serve, so say what is known rather
+                    // than `pending`.
+                    (status, rep) => (
+                        "unknown".to_string(),
+                        Some(format!(
+                            "node {} {}{}",
+                            p.node,
+                            status.map_or("unknown", status_str),
+                            rep.map_or(String::new(), |r| format!(
+                                "; last reported {}",
+                                state_str(r.state)
+                            ))
+                        )),
                     ),
                 };
                 rows.push(SlotView {
