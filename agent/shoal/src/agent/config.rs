@@ -615,6 +615,11 @@ mod tests {
         let c = AgentConfig::validate(f).unwrap();
         assert_eq!(c.name, "n1");
         assert_eq!(c.labels.get("zone").map(String::as_str), Some("a"));
+        // The one the systemd unit reads.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/systemd/agent.toml");
+        let c = AgentConfig::validate(FileConfig::load(&path).unwrap()).unwrap();
+        assert_eq!(c.name, "n7");
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/shoal"));
     }
 
     #[test]
