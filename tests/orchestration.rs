@@ -483,7 +483,7 @@ restart_backoff_max = "1s"
             })
         },
     );
-    // Asked of an agent that does not run it: the request is proxied to the one that does.
+    // Asked of an agent that does not run it: the logs come over the mesh from the one that does.
     let runs_it = c.ps(0, "crashy")[0]["node"].as_str().unwrap().to_string();
     let other = c.agents.iter().position(|a| a.name != runs_it).unwrap();
     let out = shoal(&["logs", "crashy", "--api", &c.agents[other].url()]);
@@ -588,7 +588,8 @@ memory = "100Ti"
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("NAME") && text.contains("huge"), "{text}");
 
-    // Logs of a replica whose agent is gone: a clear error naming that node.
+    // Logs of a replica whose agent just died (not yet declared down): a clear
+    // error naming that node, and exit 1 as no slot could be read.
     let runs_it = c.ps(0, "crashy")[0]["node"].as_str().unwrap().to_string();
     let dead = c.agents.iter().position(|a| a.name == runs_it).unwrap();
     let ask = c.agents.iter().position(|a| a.name != runs_it).unwrap();
@@ -597,7 +598,8 @@ memory = "100Ti"
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("runs on node {runs_it}")) && err.contains("cannot be reached"),
+        err.contains(&format!("crashy slot 0 on {runs_it}: "))
+            && (err.contains("did not answer") || err.contains("is down")),
         "{err}"
     );
 }
@@ -1185,13 +1187,20 @@ fn the_example_systemd_unit_verifies() {
         "/../../examples/systemd/shoal-agent.service"
     ))
     .unwrap();
-    for line in ["KillMode=process", "ExecStart=/usr/local/bin/shoal agent --config /etc/shoal/agent.toml"] {
+    for line in [
+        "KillMode=process",
+        "ExecStart=/usr/local/bin/shoal agent --config /etc/shoal/agent.toml",
+    ] {
         assert!(unit.lines().any(|l| l == line), "missing {line}");
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shoal-agent.service");
     // verify wants the binary to exist: point it at the one under test.
-    std::fs::write(&path, unit.replace("/usr/local/bin/shoal", env!("CARGO_BIN_EXE_shoal"))).unwrap();
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/shoal", env!("CARGO_BIN_EXE_shoal")),
+    )
+    .unwrap();
     let out = std::process::Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
@@ -1199,4 +1208,127 @@ fn the_example_systemd_unit_verifies() {
         .expect("systemd-analyze (package systemd; ./scripts/test installs it)");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "{err}");
+}
+
+/// Logs of replicas on other machines come over the mesh from the agents that run
+/// them, not through those agents' HTTP APIs (here one requires a token the asked
+/// agent does not have); `-o json` gives JSON lines; `--follow` picks up a slot added
+/// meanwhile; a slot whose node is down is one line on stderr while the others print.
+#[test]
+fn logs_travel_over_the_mesh_and_a_down_node_is_one_line() {
+    let mut c = Cluster::new(3);
+    let token = c.path().join("api.token");
+    std::fs::write(&token, "an-api-token-0123456789\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    c.agents[1].extra = vec!["--api-token-file".into(), token.to_str().unwrap().into()];
+    c.spawn(0);
+    c.spawn_detached(1);
+    c.spawn(2);
+    let names: Vec<String> = c.agents.iter().map(|a| a.name.clone()).collect();
+    wait_for("3 alive", Duration::from_secs(20), || {
+        let nodes = c.nodes(0);
+        names
+            .iter()
+            .all(|n| {
+                nodes
+                    .iter()
+                    .any(|v| v["name"] == n.as_str() && v["status"] == "alive")
+            })
+            .then_some(())
+    });
+    let api = c.agents[0].url();
+    // Replicas stay on a dead node (no reschedule within the test).
+    let spec =
+        web_spec("web", 3, "").replace("reschedule_after = \"2s\"", "reschedule_after = \"10m\"");
+    let out = c.deploy_wait(0, "web.toml", &spec);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = c.ps(0, "web");
+    let nodes_of: BTreeSet<&str> = rows.iter().filter_map(|r| r["node"].as_str()).collect();
+    assert_eq!(nodes_of.len(), 3, "one replica per node: {rows:?}");
+
+    let lines = |extra: &[&str]| -> Vec<Value> {
+        let args = [&["logs", "web", "-o", "json", "--api", &api][..], extra].concat();
+        shoal_ok(&args)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .collect()
+    };
+    let all = lines(&[]);
+    let from: BTreeSet<&str> = all
+        .iter()
+        .filter(|l| {
+            l["line"]
+                .as_str()
+                .is_some_and(|x| x.contains("listening on"))
+        })
+        .filter_map(|l| l["node"].as_str())
+        .collect();
+    assert_eq!(
+        from.len(),
+        3,
+        "every node's replica, the token-guarded one included: {all:?}"
+    );
+
+    // --follow sees the slot a scale-up adds.
+    let mut follow = std::process::Command::new(common::SHOAL)
+        .args(["logs", "web", "--follow", "-o", "json", "--api", &api])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    shoal_ok(&[
+        "scale",
+        "web",
+        "4",
+        "--wait",
+        "--timeout",
+        "60",
+        "--api",
+        &api,
+    ]);
+    std::thread::sleep(Duration::from_secs(3));
+    follow.kill().unwrap();
+    let out = follow.wait_with_output().unwrap();
+    let followed: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        followed.iter().any(|l| l["slot"] == 3
+            && l["line"]
+                .as_str()
+                .is_some_and(|x| x.contains("listening on"))),
+        "{followed:?}"
+    );
+
+    // Agent 2's node goes down: its slot is one line on stderr, the rest print.
+    let dead = c.agents[2].name.clone();
+    c.kill9(2);
+    wait_for("the node down", Duration::from_secs(20), || {
+        (c.status_of(0, &dead).as_deref() == Some("down")).then_some(())
+    });
+    let out = shoal(&["logs", "web", "--api", &api]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let on_dead = c
+        .ps(0, "web")
+        .iter()
+        .filter(|r| r["node"] == dead.as_str())
+        .count();
+    assert!(on_dead >= 1);
+    assert_eq!(err.lines().count(), on_dead, "{err}");
+    assert!(err.contains(&format!("node {dead} is down")), "{err}");
+    assert!(
+        stdout.matches("listening on").count() >= 4 - on_dead,
+        "{stdout}"
+    );
 }

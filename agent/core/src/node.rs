@@ -690,6 +690,7 @@ impl Node {
             // Blob transfers are the driver's business: it routes them by
             // [`wire::is_blob`] before frames reach the core.
             Msg::Blob(_) => self.count_drop("blob_to_core"),
+            Msg::Logs(_) => self.count_drop("logs_to_core"),
             Msg::Push { entries } => {
                 for e in entries {
                     self.receive_entry(e, now, true);

@@ -47,6 +47,9 @@ pub enum Msg {
     /// A blob-transfer message (`shoal-blob`'s wire format), carried opaquely:
     /// drivers route it to their blob transfer by [`is_blob`], past the core.
     Blob(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A workload-logs message (the agent's logs request or answer), carried
+    /// opaquely: drivers route it by [`is_logs`], past the core.
+    Logs(#[serde(with = "serde_bytes")] Vec<u8>),
     /// "Are you still there?": sent to the holder of a name that another process
     /// claims ([`crate::identity`]); the holder answers with [`Msg::ProbeAck`].
     Probe {
@@ -91,6 +94,7 @@ impl Msg {
             Msg::SyncReq { .. } => "sync_req",
             Msg::SyncResp { .. } => "sync_resp",
             Msg::Blob(_) => "blob",
+            Msg::Logs(_) => "logs",
             Msg::Probe { .. } => "probe",
             Msg::ProbeAck { .. } => "probe_ack",
             Msg::Refused { .. } => "refused",
@@ -157,6 +161,11 @@ pub fn is_blob(frame: &[u8]) -> bool {
     variant(frame) == Some(b"Blob")
 }
 
+/// Whether `frame` is a [`Msg::Logs`] (without decoding it).
+pub fn is_logs(frame: &[u8]) -> bool {
+    variant(frame) == Some(b"Logs")
+}
+
 /// Encodes a message as one frame.
 pub fn encode(msg: &Msg) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
@@ -213,6 +222,8 @@ mod tests {
         assert_eq!(variant(&encode(&sample())), Some(&b"Push"[..]));
         assert!(is_blob(&encode(&Msg::Blob(vec![1; 100]))));
         assert!(!is_blob(&encode(&Msg::Swim(vec![1]))));
+        assert!(is_logs(&encode(&Msg::Logs(vec![2; 10]))));
+        assert!(!is_logs(&encode(&Msg::Blob(vec![2; 10]))));
         assert_eq!(variant(b"SH\x01"), None);
         assert_eq!(variant(b"XX\x01\xa1\x64Blob"), None);
     }

@@ -247,6 +247,10 @@ pub struct LogsView {
     /// The answer stopped at its size limit: more follows from `next_offset`.
     #[serde(default)]
     pub more: bool,
+    /// Why this slot's logs could not be read (its node is down, or did not
+    /// answer); the other slots' logs are still in the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One blob on this agent, as `GET /v1/blobs` lists it.

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use shoal_orch::RolloutStatus;
 
-use crate::api_types::{AllocView, EventView, PsView, ServiceView, SlotView, VersionView};
+use crate::api_types::{
+    AllocView, EventView, LogsView, PsView, ServiceView, SlotView, VersionView,
+};
 use crate::client::{table, Client, Format};
 
 /// A service command.
@@ -355,7 +357,15 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
             tail,
             follow,
             ..
-        } => logs(&c, &name, slot, tail, follow).await,
+        } => {
+            let mut p = LogPrinter {
+                service: name.clone(),
+                json,
+                prefix: false,
+                erred: BTreeMap::new(),
+            };
+            logs(&c, &mut p, slot, tail, follow).await
+        }
     }
 }
 
@@ -530,75 +540,139 @@ pub fn rollout_done(ps: &PsView, version: u64) -> bool {
             .all(|r| r.healthy && r.version == Some(version) && !r.next)
 }
 
+/// Prints log text as lines (prefixed `[svc.slot]` when several slots print), or
+/// as JSON lines with `-o json`; and each slot's read error once until it clears.
+struct LogPrinter {
+    service: String,
+    json: bool,
+    prefix: bool,
+    /// Allocations whose last read failed, with that error.
+    erred: BTreeMap<String, String>,
+}
+
+impl LogPrinter {
+    fn text(&mut self, v: &LogsView, text: &str) -> anyhow::Result<()> {
+        self.erred.remove(&v.alloc_id);
+        let mut out = std::io::stdout().lock();
+        for line in text.lines() {
+            if self.json {
+                let row = serde_json::json!({
+                    "service": self.service, "slot": v.slot, "node": v.node,
+                    "alloc_id": v.alloc_id, "line": line,
+                });
+                writeln!(out, "{row}")?;
+            } else if self.prefix {
+                writeln!(out, "[{}.{}] {line}", self.service, v.slot)?;
+            } else {
+                writeln!(out, "{line}")?;
+            }
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    /// One line on stderr per slot that cannot be read, not repeated while it stays so.
+    fn error(&mut self, v: &LogsView, error: &str) {
+        if self.erred.get(&v.alloc_id).is_some_and(|e| e == error) {
+            return;
+        }
+        self.erred.insert(v.alloc_id.clone(), error.to_string());
+        if self.json {
+            let row = serde_json::json!({
+                "service": self.service, "slot": v.slot, "node": v.node,
+                "alloc_id": v.alloc_id, "error": error,
+            });
+            eprintln!("{row}");
+        } else {
+            eprintln!(
+                "{} slot {} on {}: {}",
+                self.service,
+                v.slot,
+                v.node,
+                crate::client::printable(error)
+            );
+        }
+    }
+}
+
+/// `shoal logs`: every slot's log (or one slot's), then with `follow` what they
+/// write next, including slots and replacements that appear meanwhile. A slot whose
+/// node cannot answer is one line on stderr; the others print. Fails only when no
+/// slot could be read.
 async fn logs(
     c: &Client,
-    name: &str,
+    p: &mut LogPrinter,
     slot: Option<u32>,
     tail: Option<usize>,
     follow: bool,
 ) -> anyhow::Result<()> {
-    let views = c.logs(name, slot, tail, None).await?;
-    let several = views.len() > 1;
-    // slot -> (alloc id, offset printed up to)
-    let mut at: BTreeMap<u32, (String, u64)> = BTreeMap::new();
+    let name = p.service.clone();
+    let views = c.logs(&name, slot, tail, None).await?;
+    p.prefix = views.len() > 1 || (follow && slot.is_none());
+    // alloc id -> (slot, offset printed up to; None until it could be read)
+    let mut at: BTreeMap<String, (u32, Option<u64>)> = BTreeMap::new();
+    let mut read_any = false;
     for v in &views {
-        print_lines(name, v.slot, &v.text, several)?;
+        if let Some(e) = &v.error {
+            p.error(v, e);
+            at.insert(v.alloc_id.clone(), (v.slot, None));
+            continue;
+        }
+        read_any = true;
+        p.text(v, &v.text)?;
         let mut offset = v.next_offset;
         let mut more = v.more;
         // A long log comes in pages of bounded size.
         while more {
             let Some(page) = c
-                .logs(name, Some(v.slot), None, Some(offset))
+                .logs(&name, Some(v.slot), None, Some(offset))
                 .await?
                 .into_iter()
-                .find(|p| p.alloc_id == v.alloc_id)
+                .find(|p| p.alloc_id == v.alloc_id && p.error.is_none())
             else {
                 break;
             };
-            print_lines(name, page.slot, &page.text, several)?;
+            p.text(&page, &page.text)?;
             more = page.more && page.next_offset > offset;
             offset = page.next_offset;
         }
-        at.insert(v.slot, (v.alloc_id.clone(), offset));
+        at.insert(v.alloc_id.clone(), (v.slot, Some(offset)));
     }
     if !follow {
+        if !read_any {
+            bail!("the logs of no slot of {name} could be read (see above)");
+        }
         return Ok(());
     }
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        for (slot, (alloc, offset)) in at.iter_mut() {
-            let Ok(views) = c.logs(name, Some(*slot), None, Some(*offset)).await else {
-                continue; // The slot may be between allocations; try again.
+        // Which allocations there are now: new slots and replacements are read
+        // from their start, and the ones gone are dropped.
+        let Ok(now) = c.logs(&name, slot, Some(0), None).await else {
+            continue; // The agent may be restarting; try again.
+        };
+        at.retain(|id, _| now.iter().any(|v| v.alloc_id == *id));
+        for v in &now {
+            at.entry(v.alloc_id.clone()).or_insert((v.slot, Some(0)));
+        }
+        for (id, (n, offset)) in at.iter_mut() {
+            let Ok(views) = c
+                .logs(&name, Some(*n), None, Some(offset.unwrap_or(0)))
+                .await
+            else {
+                continue;
             };
-            for v in views {
-                if v.alloc_id != *alloc {
-                    // The slot has a new allocation: print it from its start.
-                    let fresh = c.logs(name, Some(*slot), None, Some(0)).await?;
-                    for f in fresh {
-                        print_lines(name, f.slot, &f.text, several)?;
-                        *alloc = f.alloc_id;
-                        *offset = f.next_offset;
+            for v in views.into_iter().filter(|v| v.alloc_id == *id) {
+                match &v.error {
+                    Some(e) => p.error(&v, e),
+                    None => {
+                        p.text(&v, &v.text)?;
+                        *offset = Some(v.next_offset);
                     }
-                } else {
-                    print_lines(name, v.slot, &v.text, several)?;
-                    *offset = v.next_offset;
                 }
             }
         }
     }
-}
-
-fn print_lines(name: &str, slot: u32, text: &str, prefix: bool) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    for line in text.lines() {
-        if prefix {
-            writeln!(out, "[{name}.{slot}] {line}")?;
-        } else {
-            writeln!(out, "{line}")?;
-        }
-    }
-    out.flush()?;
-    Ok(())
 }
 
 /// `shoal ps` table of the whole cluster: a SERVICE column before the slot's.

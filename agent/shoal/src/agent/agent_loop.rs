@@ -35,6 +35,7 @@ use super::config::AgentConfig;
 use super::executor::ExecEvent;
 use super::host_probe::Resources;
 use super::keys::{self, NodeInfo, PluginRow};
+use super::mesh_logs::LogsCmd;
 use super::orchestrate::{PassRequest, PassResult};
 use super::persist::Batch;
 use super::plugins::{self, Compiled, Effect, PluginManager};
@@ -151,6 +152,8 @@ pub struct Outputs {
     pub persist_errors: Arc<AtomicU64>,
     /// Commands for the blob worker.
     pub blobs: mpsc::Sender<BlobCmd>,
+    /// Logs frames for the logs task.
+    pub logs: mpsc::Sender<LogsCmd>,
     /// Pass requests for the orchestration worker.
     pub passes: mpsc::Sender<PassRequest>,
     /// Where compile workers report.
@@ -196,6 +199,8 @@ pub struct AgentLoop {
     steward_passes: u64,
     steward_writes: u64,
     blob_frames_dropped: u64,
+    /// Logs frames dropped because the logs task was backed up.
+    logs_frames_dropped: u64,
     ticks: u64,
 }
 
@@ -251,6 +256,7 @@ impl AgentLoop {
             steward_passes: 0,
             steward_writes: 0,
             blob_frames_dropped: 0,
+            logs_frames_dropped: 0,
             ticks: 0,
         }
     }
@@ -429,6 +435,18 @@ impl AgentLoop {
             if self.out.blobs.try_send(cmd).is_err() {
                 // The worker is backed up: the fetch re-requests what went missing.
                 self.blob_frames_dropped += 1;
+            }
+            return;
+        }
+        // So are logs requests and answers, the logs task's.
+        if wire::is_logs(&f.bytes) {
+            let cmd = LogsCmd::Frame {
+                from: f.from,
+                bytes: f.bytes,
+            };
+            if self.out.logs.try_send(cmd).is_err() {
+                // Backed up: the asker times out and says so.
+                self.logs_frames_dropped += 1;
             }
             return;
         }
@@ -1035,6 +1053,7 @@ impl AgentLoop {
             passes: self.pass_times.clone(),
             channels: self.channels.depths(),
             blob_frames_dropped: self.blob_frames_dropped,
+            logs_frames_dropped: self.logs_frames_dropped,
         };
         let views = Views {
             me: self.cfg.name.clone(),

@@ -26,6 +26,7 @@ use super::commands::{Command, KvCommand, NodeCommand, PluginCommand, ServiceCom
 use super::executor::Runtimes;
 use super::http_guard::{self, HttpGuard};
 use super::keys::{self, Binding};
+use super::mesh_logs::{local_logs, AllocLogs, LogsCmd, LogsError};
 use super::views::{LogTarget, Views};
 use super::{wall_ms, ApiError};
 use crate::api_types::{ErrorView, LogsView, PsView};
@@ -49,8 +50,8 @@ pub struct AppState {
     pub runtimes: Runtimes,
     /// The transport (its counters for `/metrics`).
     pub net: Net,
-    /// This agent's API token, passed on when asking another agent for logs.
-    pub token: Option<Arc<str>>,
+    /// The logs task (logs of allocations on other nodes, over the mesh).
+    pub logs: mpsc::Sender<LogsCmd>,
     /// The latest discovery catalog and its answers.
     pub discovery: watch::Receiver<Arc<shoal_discovery::Resolver>>,
     /// The DNS server's counters, when it runs.
@@ -73,7 +74,6 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Unreachable(_) => StatusCode::BAD_GATEWAY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
         };
         (
@@ -451,45 +451,23 @@ impl LogsQuery {
     }
 }
 
-/// Logs of one allocation on this node: at most one chunk ([`MAX_LOG_CHUNK`]);
-/// `more` says to ask again from `next_offset`.
-#[derive(serde::Serialize, Deserialize)]
-struct AllocLogs {
-    text: String,
-    next_offset: u64,
-    #[serde(default)]
-    more: bool,
-}
-
-async fn local_logs(
-    runtimes: &Runtimes,
-    alloc_id: &str,
-    query: LogQuery,
-) -> Result<AllocLogs, ApiError> {
-    let Some((driver, _)) = runtimes.find(alloc_id).await else {
-        return Err(ApiError::NotFound(format!(
-            "no workload for allocation {alloc_id} on this node"
-        )));
-    };
-    let chunk = driver
-        .logs(alloc_id, query)
-        .await
-        .map_err(|e| ApiError::Storage(e.to_string()))?;
-    Ok(AllocLogs {
-        text: String::from_utf8_lossy(&chunk.bytes).into_owned(),
-        next_offset: chunk.next_offset,
-        more: chunk.more,
-    })
-}
-
 async fn alloc_logs(
     State(app): State<AppState>,
     Path(alloc_id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let v = local_logs(&app.runtimes, &alloc_id, q.query()).await?;
+    let v = local_logs(&app.runtimes, &alloc_id, q.query())
+        .await
+        .map_err(|e| match e {
+            LogsError::NotFound(m) => ApiError::NotFound(m),
+            LogsError::Failed(m) => ApiError::Storage(m),
+        })?;
     Ok(Json(v).into_response())
 }
+
+/// How long an agent waits for a peer's logs answer (below the CLI's 10 s, so a
+/// peer that does not answer is named rather than the whole request timing out).
+const REMOTE_LOGS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn service_logs(
     State(app): State<AppState>,
@@ -497,80 +475,77 @@ async fn service_logs(
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
     let targets = app.views().log_targets(&name, q.slot)?;
-    let mut out = Vec::new();
-    for t in targets {
-        let logs = if t.local {
-            local_logs(&app.runtimes, &t.alloc_id, q.query()).await?
-        } else {
-            remote_logs(&t, q.query(), app.token.as_deref()).await?
-        };
-        out.push(LogsView {
-            slot: t.slot,
-            node: t.node,
-            alloc_id: t.alloc_id,
-            text: logs.text,
-            next_offset: logs.next_offset,
-            more: logs.more,
-        });
-    }
+    // Every slot is asked at once; one that cannot answer is a row with its error,
+    // not a failure of the whole answer.
+    let reads = targets.into_iter().map(|t| {
+        let app = app.clone();
+        let query = q.query();
+        async move {
+            let logs = if t.local {
+                local_logs(&app.runtimes, &t.alloc_id, query).await
+            } else {
+                remote_logs(&app, &t, query).await
+            };
+            let (text, next_offset, more, error) = match logs {
+                Ok(l) => (l.text, l.next_offset, l.more, None),
+                Err(e) => (
+                    String::new(),
+                    query.offset.unwrap_or(0),
+                    false,
+                    Some(e.to_string()),
+                ),
+            };
+            LogsView {
+                slot: t.slot,
+                node: t.node,
+                alloc_id: t.alloc_id,
+                text,
+                next_offset,
+                more,
+                error,
+            }
+        }
+    });
+    let out: Vec<LogsView> = futures_util::future::join_all(reads).await;
     Ok(Json(out).into_response())
 }
 
-/// Asks the agent running an allocation for its logs.
+/// Asks the agent running an allocation for its logs, over the mesh.
 async fn remote_logs(
+    app: &AppState,
     t: &LogTarget,
     query: LogQuery,
-    token: Option<&str>,
-) -> Result<AllocLogs, ApiError> {
-    let unreachable = |why: String| {
-        ApiError::Unreachable(format!(
-            "slot {} runs on node {}, whose API ({}) cannot be reached from this agent: {why}; point SHOAL_API at that node",
-            t.slot,
-            t.node,
-            if t.api.is_empty() { "unknown" } else { &t.api }
-        ))
+) -> Result<AllocLogs, LogsError> {
+    if let Some(why) = &t.unreachable {
+        return Err(LogsError::Failed(format!(
+            "{why}: its logs cannot be read now"
+        )));
+    }
+    let Some(to) = t.addr else {
+        return Err(LogsError::Failed(format!(
+            "node {} has no known address",
+            t.node
+        )));
     };
-    if t.api.is_empty() {
-        return Err(unreachable("it has not published its API address".into()));
+    let (reply, answer) = oneshot::channel();
+    let cmd = LogsCmd::Fetch {
+        to,
+        alloc_id: t.alloc_id.clone(),
+        query,
+        reply,
+    };
+    if app.logs.send(cmd).await.is_err() {
+        return Err(LogsError::Failed("agent is shutting down".into()));
     }
-    let mut url = format!(
-        "http://{}/v1/allocs/{}/logs?limit={}",
-        t.api, t.alloc_id, query.limit
-    );
-    if let Some(o) = query.offset {
-        url.push_str(&format!("&offset={o}"));
+    match tokio::time::timeout(REMOTE_LOGS_TIMEOUT, answer).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(LogsError::Failed("agent is shutting down".into())),
+        Err(_) => Err(LogsError::Failed(format!(
+            "node {} did not answer within {}s",
+            t.node,
+            REMOTE_LOGS_TIMEOUT.as_secs()
+        ))),
     }
-    if let Some(n) = query.tail {
-        url.push_str(&format!("&tail={n}"));
-    }
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
-        .map_err(|e| unreachable(e.to_string()))?;
-    let mut req = http.get(&url);
-    if let Some(token) = token {
-        req = req.bearer_auth(token);
-    }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| unreachable(crate::client::root_cause(&e)))?;
-    if !resp.status().is_success() {
-        let code = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        let msg = serde_json::from_str::<ErrorView>(&body)
-            .map(|e| e.error)
-            .unwrap_or(body);
-        return Err(if code == StatusCode::NOT_FOUND {
-            ApiError::NotFound(msg)
-        } else {
-            unreachable(msg)
-        });
-    }
-    resp.json::<AllocLogs>()
-        .await
-        .map_err(|e| unreachable(e.to_string()))
 }
 
 async fn blob_list(State(app): State<AppState>) -> Response {

@@ -75,6 +75,8 @@ pub struct Perf {
     pub blob_inbox: usize,
     /// Blob worker events waiting for the loop.
     pub blob_events: usize,
+    /// Log requests and answers (frames and API asks) waiting for the logs task.
+    pub logs_inbox: usize,
     /// Pushes and pulls waiting for the image task.
     pub image_requests: usize,
     /// Batches waiting to be persisted.
@@ -103,6 +105,7 @@ impl Default for Perf {
             exec_events: 1024,
             blob_inbox: 1024,
             blob_events: 256,
+            logs_inbox: 256,
             image_requests: 256,
             persist_queue: 1024,
             compile_results: 16,
@@ -124,6 +127,7 @@ impl Perf {
             ("perf.exec_events", self.exec_events),
             ("perf.blob_inbox", self.blob_inbox),
             ("perf.blob_events", self.blob_events),
+            ("perf.logs_inbox", self.logs_inbox),
             ("perf.image_requests", self.image_requests),
             ("perf.persist_queue", self.persist_queue),
             ("perf.compile_results", self.compile_results),

@@ -103,6 +103,17 @@ pub fn render(v: &Views, net: &NetStats) -> String {
     );
     family(
         &mut o,
+        "shoal_logs_frames_dropped_total",
+        "counter",
+        "Logs request and answer frames dropped because the logs task was backed up.",
+    );
+    let _ = writeln!(
+        o,
+        "shoal_logs_frames_dropped_total {}",
+        s.logs_frames_dropped
+    );
+    family(
+        &mut o,
         "shoal_swim_probe_rtt_seconds",
         "histogram",
         "Round trip of direct SWIM probes (ping sent to ack handled).",

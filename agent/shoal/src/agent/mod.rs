@@ -4,7 +4,8 @@
 //!  HTTP API ──writes (Command)──▶ ┌────────────┐ ──Views (watch)──▶ API reads, dashboard,
 //!  (axum)  ◀──────reads───────────│ agent loop │                   /metrics, orchestration
 //!  QUIC frames ──────────────────▶│ (the core) │──batches──▶ persister thread (redb, then
-//!    └─ blob frames ─▶ blob worker└────────────┘            frames out, then answers)
+//!    ├─ blob frames ─▶ blob worker└────────────┘            frames out, then answers)
+//!    └─ logs frames ─▶ logs task ◀── API (logs of other nodes' allocations)
 //!                       thread        ▲   │  ▲
 //!  executor task ──reports────────────┘   │  └── host probe task, image lister task
 //!  orchestration thread ◀──PassRequest────┘      compile workers (blocking pool)
@@ -17,7 +18,8 @@
 //! their answers go out; the blob worker ([`blobs`]) stores and moves blob chunks;
 //! the orchestration worker ([`orchestrate`]) runs the steward's pass and tells the
 //! executor ([`executor`]) what to run; compile workers ([`plugins`]) build policy
-//! components; the host probe ([`host_probe`]) reads the machine.
+//! components; the host probe ([`host_probe`]) reads the machine; the logs task
+//! ([`mesh_logs`]) asks peers for the logs of their allocations and answers theirs.
 //!
 //! One [`CancellationToken`] stops everything; every task is spawned on one
 //! [`TaskTracker`] and every thread is joined, so [`run`] returns only when all of
@@ -36,6 +38,7 @@ pub mod http_guard;
 pub mod image_api;
 pub mod images;
 pub mod keys;
+pub mod mesh_logs;
 pub mod metrics;
 pub mod orchestrate;
 pub mod persist;
@@ -75,9 +78,6 @@ pub enum ApiError {
     /// The agent is shutting down.
     #[error("agent is shutting down")]
     Unavailable,
-    /// Another agent that holds the answer could not be reached.
-    #[error("{0}")]
-    Unreachable(String),
     /// The request conflicts with how the object is managed (scaling an autoscaled
     /// service by hand).
     #[error("{0}")]
@@ -435,6 +435,16 @@ pub async fn run(
         stop.clone(),
     ));
 
+    // Logs over the mesh: asks of the API, and peers' asks and answers.
+    let (logs_tx, logs_rx) = channels.bounded("logs_inbox", perf.logs_inbox);
+    tracker.spawn(mesh_logs::run(
+        net.clone(),
+        runtimes.clone(),
+        logs_rx,
+        stop.clone(),
+        tracker.clone(),
+    ));
+
     // The API.
     let (cmd_tx, cmd_rx) = channels.bounded("commands", perf.command_queue);
     tracker.spawn(images::run(
@@ -467,7 +477,7 @@ pub async fn run(
         host: host.clone(),
         runtimes,
         net: net.clone(),
-        token: guard.token.clone(),
+        logs: logs_tx.clone(),
         discovery: resolver_rx,
         dns_stats: dns_addr.map(|_| dns_stats),
     };
@@ -487,6 +497,7 @@ pub async fn run(
         persist: persist_tx,
         persist_errors,
         blobs: blob_tx,
+        logs: logs_tx,
         passes: pass_tx,
         compiled: compiled_tx,
     };

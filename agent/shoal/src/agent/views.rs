@@ -298,6 +298,8 @@ pub struct AgentStats {
     pub channels: Vec<(&'static str, usize, usize)>,
     /// Blob frames dropped because the blob worker's inbox was full.
     pub blob_frames_dropped: u64,
+    /// Logs frames dropped because the logs task's inbox was full.
+    pub logs_frames_dropped: u64,
 }
 
 /// One immutable picture of the agent (see the module docs).
@@ -829,19 +831,21 @@ impl Views {
             let (Some(node), Some(alloc_id)) = (row.node, row.alloc_id) else {
                 continue;
             };
-            let api = self
-                .state
-                .nodes
-                .get(&node)
-                .and_then(|r| r.info.as_ref())
-                .map(|i| i.api.clone())
-                .unwrap_or_default();
+            let member = self.members.iter().find(|(id, _)| id.name == node);
+            let unreachable = match member {
+                None => Some(format!("node {node} is not a member any more")),
+                Some((_, st)) if matches!(st, Status::Down | Status::Left) => {
+                    Some(format!("node {node} is {}", st.as_str()))
+                }
+                Some(_) => None,
+            };
             out.push(LogTarget {
                 slot: row.slot,
                 local: node == self.me,
+                addr: member.map(|(id, _)| id.addr),
+                unreachable,
                 node,
                 alloc_id,
-                api,
             });
         }
         if out.is_empty() {
@@ -910,8 +914,10 @@ pub struct LogTarget {
     pub node: String,
     /// Allocation id.
     pub alloc_id: String,
-    /// The node's published API address (empty if unknown).
-    pub api: String,
+    /// The node's QUIC address, where its logs task answers.
+    pub addr: Option<std::net::SocketAddr>,
+    /// Why the node cannot answer now (down, left, gone), if it cannot.
+    pub unreachable: Option<String>,
     /// Whether the node is this agent.
     pub local: bool,
 }
