@@ -37,7 +37,16 @@ fn endpoints(c: &Cluster, i: usize, name: &str) -> Vec<SocketAddr> {
 
 /// `shoal events SVC -o json` from agent `i`.
 fn events(c: &Cluster, i: usize, name: &str) -> Vec<Value> {
-    let out = shoal(&["events", name, "-o", "json", "--api", &c.agents[i].url()]);
+    let out = shoal(&[
+        "events",
+        name,
+        "--kind",
+        "scale",
+        "-o",
+        "json",
+        "--api",
+        &c.agents[i].url(),
+    ]);
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 

@@ -327,6 +327,26 @@ fn node_loss_reschedules_and_restart_adopts() {
     eprintln!("kill -9 to all replicas healthy elsewhere: {took:?}");
     let nodes: BTreeSet<&str> = after.iter().map(|r| r["node"].as_str().unwrap()).collect();
     assert_eq!(nodes.len(), 3, "still spread: {after:?}");
+    // The steward's reschedule is an event.
+    wait_for("the reschedule in events", Duration::from_secs(10), || {
+        let ev: Vec<Value> = serde_json::from_str(&shoal_ok(&[
+            "events",
+            "web",
+            "-o",
+            "json",
+            "--api",
+            &c.agents[0].url(),
+        ]))
+        .ok()?;
+        ev.iter()
+            .any(|e| {
+                e["kind"] == "rescheduled"
+                    && e["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains(&format!("moved from {victim_name} (down)")))
+            })
+            .then_some(())
+    });
 
     // The steward dies: another node takes over by itself and acts on a new request.
     let steward = c
@@ -492,6 +512,27 @@ restart_backoff_max = "1s"
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Restarts are events, with the exit reason.
+    wait_for("restarts in events", Duration::from_secs(10), || {
+        let ev: Vec<Value> = serde_json::from_str(&shoal_ok(&[
+            "events",
+            "crashy",
+            "--kind",
+            "restart",
+            "-o",
+            "json",
+            "--api",
+            &c.agents[0].url(),
+        ]))
+        .ok()?;
+        ev.iter()
+            .any(|e| {
+                e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("exited with code 3"))
+            })
+            .then_some(())
+    });
     // Every run's output is kept: the crash output survives the restart after it.
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.matches("starting up").count() >= 2, "{text}");
@@ -1159,6 +1200,36 @@ fn deploy_wait_fails_fast_with_the_reason() {
         err.contains("no replica of huge version 1 can be placed")
             && err.contains("insufficient memory"),
         "{err}"
+    );
+    // Both are events: the stalled rollout and the failed placement.
+    wait_for(
+        "stall and placement failure in events",
+        Duration::from_secs(10),
+        || {
+            let ev: Vec<Value> = serde_json::from_str(&shoal_ok(&[
+                "events",
+                "-o",
+                "json",
+                "--api",
+                &c.agents[0].url(),
+            ]))
+            .ok()?;
+            let has = |svc: &str, kind: &str, what: &str| {
+                ev.iter().any(|e| {
+                    e["service"] == svc
+                        && e["kind"] == kind
+                        && e["reason"].as_str().is_some_and(|r| r.contains(what))
+                })
+            };
+            (has("ghost", "rollout stalled", "cannot start")
+                && has("huge", "placement failed", "insufficient memory"))
+            .then_some(())
+        },
+    );
+    let table = shoal_ok(&["events", "--api", &c.agents[0].url()]);
+    assert!(
+        table.starts_with("TIME") && table.contains("rollout stalled"),
+        "{table}"
     );
     // With -o json, an error is JSON on stderr too.
     let out = shoal(&["ps", "nosuch", "-o", "json", "--api", &c.agents[0].url()]);

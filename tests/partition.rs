@@ -96,6 +96,38 @@ fn split_and_heal(groups: &[Vec<usize>]) {
         "split {groups:?} healed {:?} after the links came back",
         healed.elapsed()
     );
+    // Every side whose write lost the merge hears of it: a `write lost` event from
+    // its writer, and none from the winner's.
+    let winner = kv(&lab, 0, "app/side").unwrap();
+    let writer = |g: usize| format!("n{}", groups[g][0] + 1);
+    let losers: Vec<String> = (0..groups.len())
+        .filter(|g| format!("group {g}") != winner)
+        .map(writer)
+        .collect();
+    let won = (0..groups.len())
+        .find(|g| format!("group {g}") == winner)
+        .map(writer)
+        .unwrap();
+    let lost = lab
+        .wait(
+            "every undone write is an event",
+            Duration::from_secs(30),
+            |l| {
+                let ev = l.cli_json(0, &["events", "--kind", "write lost", "--limit", "100"])?;
+                let ev = ev.as_array()?.clone();
+                let about = |n: &str| {
+                    ev.iter().any(|e| {
+                        e["node"] == n
+                            && e["reason"].as_str().is_some_and(|r| {
+                                r.starts_with("kv app/side: this node's write (\"group")
+                            })
+                    })
+                };
+                losers.iter().all(|n| about(n)).then_some(ev)
+            },
+        )
+        .unwrap();
+    assert!(lost.iter().all(|e| e["node"] != won.as_str()), "{lost:?}");
     for i in 0..n {
         assert!(
             !lab.log(i).contains("panicked"),

@@ -226,6 +226,15 @@ pub enum Event {
     /// SWIM had declared us down (e.g. during a partition) and we rejoined under a
     /// renewed identity.
     Rejoined(NodeId),
+    /// A cluster-wide entry this node wrote lost the last-writer-wins merge to
+    /// another node's write of the same key with a different value (typically when
+    /// a partition heals): what was acknowledged here is undone.
+    Overwritten {
+        /// Our entry, no longer the value.
+        ours: Entry,
+        /// The entry that won.
+        theirs: Entry,
+    },
 }
 
 /// Counters the driver exports as metrics.
@@ -745,10 +754,20 @@ impl Node {
                     .into_iter()
                     .filter(|(w, _, _)| !too_early.contains(w))
                     .collect();
+                let lost: Vec<(Entry, Entry)> = ok
+                    .iter()
+                    .filter_map(|e| self.overwrites(e).map(|ours| (ours, e.clone())))
+                    .collect();
                 let (changed, rejected) = self.state.apply_delta(crate::state::Delta {
                     ranges,
                     entries: ok,
                 });
+                for (ours, theirs) in lost {
+                    if self.state.get(&theirs.key) == Some(&theirs) {
+                        self.out
+                            .push_back(Output::Event(Event::Overwritten { ours, theirs }));
+                    }
+                }
                 for r in rejected {
                     self.reject(&r);
                 }
@@ -839,11 +858,31 @@ impl Node {
         if self.written_by_refused(&e) || !self.clock_accepts(&e, now) {
             return;
         }
+        let lost = self.overwrites(&e);
         match self.state.apply(e.clone()) {
-            Ok(true) => self.changed(e, rumor),
+            Ok(true) => {
+                if let Some(ours) = lost {
+                    self.out.push_back(Output::Event(Event::Overwritten {
+                        ours,
+                        theirs: e.clone(),
+                    }));
+                }
+                self.changed(e, rumor)
+            }
             Ok(false) => {}
             Err(r) => self.reject(&r),
         }
+    }
+
+    /// Our current entry of `e`'s key, if `e` (another node's write of a
+    /// cluster-wide key, with a different value) is about to replace it.
+    fn overwrites(&self, e: &Entry) -> Option<Entry> {
+        if e.is_node_owned() || e.writer.node == self.cfg.name {
+            return None;
+        }
+        let cur = self.state.get(&e.key)?;
+        (cur.writer.node == self.cfg.name && e.wins_over(cur) && cur.value != e.value)
+            .then(|| cur.clone())
     }
 
     fn reject(&mut self, r: &Reject) {

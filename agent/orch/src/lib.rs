@@ -50,7 +50,9 @@ pub use model::{
     Members, ModelError, PastSpec, Placement, Reported, Reports, Reservation, ServiceRecord, Slot,
     SlotMap, DRAIN_PREFIX, KEPT_VERSIONS, SERVICE_PREFIX, SLOT_PREFIX, START_FAILURES_STALL,
 };
-pub use pass::{assigned, Assigned, NodeOrch, PassInput, PassOutput, PublishedRollout, Settle};
+pub use pass::{
+    assigned, Assigned, NodeOrch, OrchEvent, PassInput, PassOutput, PublishedRollout, Settle,
+};
 pub use snapshot::{build_snapshot, native_scheduler, over_capacity, NodeFacts, Placed};
 pub use spec::{
     HealthCheck, HealthFile, PortFile, Probe, ResourcesFile, RestartMode, RestartPolicy, Scalar,
@@ -59,6 +61,6 @@ pub use spec::{
 };
 pub use steward::{
     allocs_for_node, healthy_replicas, is_healthy, orphans, reconcile, rendezvous_score,
-    steward_for, Assignment, ReconcileInput, Reconciled, RolloutStatus, Write,
+    steward_for, Assignment, Note, ReconcileInput, Reconciled, RolloutStatus, Write,
 };
 pub use units::{parse_duration_ms, parse_size};

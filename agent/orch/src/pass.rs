@@ -114,8 +114,22 @@ pub struct PassOutput {
     pub assigned: Vec<Assigned>,
     /// Rollout statuses that changed this pass, for logs.
     pub rollouts: Vec<(String, RolloutStatus)>,
+    /// What the stewarded services' reconciles reported (rescheduled, moved,
+    /// placement failed) and rollouts that stalled, for `shoal events`.
+    pub events: Vec<OrchEvent>,
     /// Services reconciled as steward.
     pub stewarded: u32,
+}
+
+/// An event of one service's orchestration, as this node's steward saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrchEvent {
+    /// The service.
+    pub service: String,
+    /// `rescheduled`, `moved`, `placement failed` or `rollout stalled`.
+    pub kind: &'static str,
+    /// What happened.
+    pub reason: String,
 }
 
 /// One node's orchestration state (see the module docs).
@@ -281,12 +295,25 @@ impl NodeOrch {
                 }
                 self.writes += reconciled.writes.len() as u64;
                 out.writes.extend(reconciled.writes);
+                out.events
+                    .extend(reconciled.events.into_iter().map(|n| OrchEvent {
+                        service: name.clone(),
+                        kind: n.kind,
+                        reason: n.reason,
+                    }));
                 if let Some(r) = record {
                     let published = PublishedRollout {
                         version: r.version,
                         status: reconciled.rollout,
                     };
                     if self.rollouts.get(name) != Some(&published) {
+                        if let RolloutStatus::Stalled { reason } = &published.status {
+                            out.events.push(OrchEvent {
+                                service: name.clone(),
+                                kind: "rollout stalled",
+                                reason: format!("version {}: {reason}", r.version),
+                            });
+                        }
                         out.writes.push(Write::Put {
                             key: rollout_key(&self.me, name),
                             value: encode(&published),
@@ -573,7 +600,8 @@ mod tests {
             .map(|me| NodeOrch::new(me, 0, true, Settle::default()))
             .collect();
         let mut view = view_with("web", 4);
-        let mut round = |view: &mut ClusterView, now_ms: u64| {
+        let mut round = |view: &mut ClusterView, now_ms: u64| -> Vec<OrchEvent> {
+            let mut events = Vec::new();
             for orch in orchs.iter_mut() {
                 let input = PassInput {
                     now_ms,
@@ -588,7 +616,9 @@ mod tests {
                 for w in &out.writes {
                     view.apply_write(w);
                 }
+                events.extend(out.events);
             }
+            events
         };
         let healthy_all = |view: &mut ClusterView| {
             let placements: Vec<(u32, Placement)> = view.slots["web"]
@@ -626,7 +656,13 @@ mod tests {
         let drain = crate::model::Drain { since_ms: 5_000 };
         view.apply_entry(&crate::model::drain_key(busiest), Some(&encode(&drain)))
             .unwrap();
-        round(&mut view, 5_000);
+        let events = round(&mut view, 5_000);
+        // Each move is an event naming the drain.
+        assert_eq!(events.len(), on(&view, busiest), "{events:?}");
+        assert!(events
+            .iter()
+            .all(|e| e.kind == "moved"
+                && e.reason.ends_with(&format!("(node {busiest} is draining)"))));
         // Each allocation there has a replacement elsewhere, and still runs.
         for s in view.slots["web"].values() {
             if s.node() == Some(busiest) {

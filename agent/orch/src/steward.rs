@@ -104,6 +104,18 @@ pub struct Reconciled {
     pub writes: Vec<Write>,
     /// How the rollout stands.
     pub rollout: RolloutStatus,
+    /// What an operator should hear about: replicas rescheduled or moved, and
+    /// placements that newly failed (each once, not every round).
+    pub events: Vec<Note>,
+}
+
+/// One thing a reconcile did or could not do, for `shoal events`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// `rescheduled`, `moved` or `placement failed`.
+    pub kind: &'static str,
+    /// What happened, e.g. `slot 2 moved from n3 (down) to n1`.
+    pub reason: String,
 }
 
 /// Everything a steward decides from, for one service.
@@ -202,6 +214,14 @@ fn reachable(members: &Members, node: &str) -> bool {
     members
         .get(node)
         .is_some_and(|m| matches!(m.status, NodeStatus::Alive | NodeStatus::Suspect))
+}
+
+/// How a lost node is gone: `left`, `down`, or `gone` (not a member any more).
+fn gone_as(members: &Members, node: &str) -> &'static str {
+    members.get(node).map_or("gone", |m| match m.status {
+        NodeStatus::Left => "left",
+        _ => "down",
+    })
 }
 
 /// Whether `node` has been gone (down or left) for at least `after_ms`. A suspect
@@ -408,6 +428,7 @@ fn remove_service(input: &ReconcileInput<'_>, has_record: bool) -> Reconciled {
     Reconciled {
         writes,
         rollout: RolloutStatus::Removing,
+        events: Vec::new(),
     }
 }
 
@@ -421,6 +442,7 @@ struct Round<'a, 'i> {
     work: BTreeMap<u32, Slot>,
     needs: Vec<(Need, u32)>,
     writes: Vec<Write>,
+    events: Vec<Note>,
 }
 
 impl<'a, 'i> Round<'a, 'i> {
@@ -437,6 +459,7 @@ impl<'a, 'i> Round<'a, 'i> {
                 .collect(),
             needs: Vec::new(),
             writes: Vec::new(),
+            events: Vec::new(),
         }
     }
 
@@ -782,6 +805,30 @@ impl<'a, 'i> Round<'a, 'i> {
                         placed_ms: now,
                         reserved: reserved.clone(),
                     };
+                    let from = slot.current.as_ref().map(|c| c.node.clone());
+                    match (need, &from) {
+                        (Need::Lost, Some(old)) => {
+                            let status = gone_as(members, old);
+                            self.events.push(Note {
+                                kind: "rescheduled",
+                                reason: format!("slot {n} moved from {old} ({status}) to {node}"),
+                            });
+                        }
+                        (Need::Evict, Some(old)) => {
+                            let why = if self.input.draining.contains(old) {
+                                "draining"
+                            } else {
+                                "over its capacity"
+                            };
+                            self.events.push(Note {
+                                kind: "moved",
+                                reason: format!(
+                                    "slot {n}: a replacement starts on {node} (node {old} is {why})"
+                                ),
+                            });
+                        }
+                        _ => {}
+                    }
                     if matches!(need, Need::Surge | Need::Evict) {
                         slot.next = Some(placement);
                     } else {
@@ -790,12 +837,10 @@ impl<'a, 'i> Round<'a, 'i> {
                 }
                 None => {
                     let why = failure.as_deref().unwrap_or("unplaced");
+                    let before = self.input.slots.get(&n).and_then(|s| s.reason.clone());
                     slot.reason = Some(match (need, &slot.current) {
                         (Need::Lost, Some(c)) => {
-                            let status = members.get(&c.node).map_or("gone", |m| match m.status {
-                                NodeStatus::Left => "left",
-                                _ => "down",
-                            });
+                            let status = gone_as(members, &c.node);
                             format!("node {} is {status} and no other node fits: {why}", c.node)
                         }
                         (Need::Evict, Some(c)) if self.input.draining.contains(&c.node) => {
@@ -810,6 +855,12 @@ impl<'a, 'i> Round<'a, 'i> {
                         }
                         _ => why.to_string(),
                     });
+                    if slot.reason != before {
+                        self.events.push(Note {
+                            kind: "placement failed",
+                            reason: format!("slot {n}: {}", slot.reason.as_deref().unwrap_or(why)),
+                        });
+                    }
                 }
             }
         }
@@ -861,6 +912,7 @@ impl<'a, 'i> Round<'a, 'i> {
         Reconciled {
             writes: self.writes,
             rollout,
+            events: self.events,
         }
     }
 }

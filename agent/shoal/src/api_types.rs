@@ -132,22 +132,30 @@ pub struct AutoscaleView {
 /// One scale decision, for `shoal events`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventView {
-    /// The service.
-    pub service: String,
+    /// The service, if the event concerns one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// When (ms since the epoch).
     pub at_ms: u64,
-    /// `scale`.
+    /// `scale`, `rescheduled`, `moved`, `placement failed`, `rollout stalled`,
+    /// `restart`, `plugin quarantined` or `write lost`.
     pub kind: String,
-    /// Replicas before.
-    pub from: u32,
-    /// Replicas after.
-    pub to: u32,
-    /// Why.
+    /// The node that recorded it (for `scale`, the steward).
+    pub node: String,
+    /// What happened, or why.
     pub reason: String,
-    /// The scaler that answered.
-    pub by: String,
-    /// The steward that decided.
-    pub steward: String,
+    /// `scale`: replicas before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u32>,
+    /// `scale`: replicas after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u32>,
+    /// `scale`: the scaler that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// `scale`: the steward that decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steward: Option<String>,
 }
 
 /// One allocation slot as `shoal ps` shows it.

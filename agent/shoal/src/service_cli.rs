@@ -45,10 +45,15 @@ pub enum ServiceCmd {
         #[command(flatten)]
         client: crate::ClientArgs,
     },
-    /// Scale decisions of autoscaled services, newest first: when, from, to and why.
+    /// Recent cluster events, newest first: scale decisions, reschedules, moves,
+    /// failed placements, stalled rollouts, restarts, quarantined plugins and
+    /// writes undone by a partition's merge.
     Events {
         /// Only this service.
         service: Option<String>,
+        /// Only events of this kind (e.g. `restart`, `"write lost"`).
+        #[arg(long)]
+        kind: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 20)]
         limit: usize,
@@ -140,14 +145,22 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
     let c = Client::new(&args.api)?;
     let json = args.output == Format::Json;
     match cmd {
-        ServiceCmd::Events { service, limit, .. } => {
+        ServiceCmd::Events {
+            service,
+            kind,
+            limit,
+            ..
+        } => {
             let mut v = c.events(service.as_deref()).await?;
+            if let Some(k) = &kind {
+                v.retain(|e| e.kind == *k);
+            }
             v.truncate(limit);
             if json {
                 return print_json(&v);
             }
             if v.is_empty() {
-                println!("no scale decisions yet");
+                println!("no events yet");
                 return Ok(());
             }
             print!("{}", events_table(&v));
@@ -753,16 +766,22 @@ pub fn events_table(v: &[EventView]) -> String {
     let rows: Vec<Vec<String>> = v
         .iter()
         .map(|e| {
+            let what = match (e.from, e.to, &e.by) {
+                (Some(from), Some(to), Some(by)) => {
+                    format!("{from} \u{2192} {to} by {by}: {}", e.reason)
+                }
+                _ => e.reason.clone(),
+            };
             vec![
                 crate::client::clock_text(e.at_ms),
-                e.service.clone(),
-                format!("{} \u{2192} {}", e.from, e.to),
-                crate::client::printable(&e.by).into_owned(),
-                crate::client::printable(&e.reason).into_owned(),
+                e.kind.clone(),
+                e.service.clone().unwrap_or_else(|| "-".into()),
+                e.node.clone(),
+                crate::client::printable(&what).into_owned(),
             ]
         })
         .collect();
-    table(&["TIME", "SERVICE", "REPLICAS", "BY", "REASON"], &rows)
+    table(&["TIME", "KIND", "SERVICE", "NODE", "WHAT"], &rows)
 }
 
 fn rollout_text(s: &ServiceView) -> String {

@@ -282,6 +282,8 @@ struct Slot {
     timer_at: Option<u64>,
     /// Reasons peers gave for refusing this node (`JoinRefused` events).
     refused: Vec<String>,
+    /// Keys of this node's writes that lost the LWW merge (`Overwritten` events).
+    overwritten: Vec<String>,
     /// Until this virtual ms the node is stopped (SIGSTOP): frames to it and its
     /// timers wait, as in a stopped process's socket buffer and timer wheel.
     paused_until: u64,
@@ -392,6 +394,7 @@ impl Sim {
                 group: 0,
                 timer_at: None,
                 refused: Vec::new(),
+                overwritten: Vec::new(),
                 paused_until: 0,
             });
         }
@@ -586,6 +589,11 @@ impl Sim {
     /// The reasons peers gave node `i` for refusing it, oldest first.
     pub fn refusals(&self, i: usize) -> &[String] {
         &self.slots[i].refused
+    }
+
+    /// Keys of node `i`'s writes that another node's write overwrote, oldest first.
+    pub fn overwritten(&self, i: usize) -> &[String] {
+        &self.slots[i].overwritten
     }
 
     /// Node `i` stops dead: no more frames in or out, no timers.
@@ -885,6 +893,7 @@ impl Sim {
             Event::IdentityRefused { .. } => self.events.identity_refused += 1,
             Event::IdentityReplaced { .. } => self.events.identity_replaced += 1,
             Event::JoinRefused { reason, .. } => self.slots[i].refused.push(reason.clone()),
+            Event::Overwritten { ours, .. } => self.slots[i].overwritten.push(ours.key.clone()),
             _ => {}
         }
         if let (Event::Changed(e), Some(w)) = (ev, self.watch.as_mut()) {

@@ -78,6 +78,20 @@ fn partition_with_conflicting_writes_heals() {
             matches!(winner.as_deref(), Some(b"left" | b"right")),
             "seed {seed}: conflict resolved to {winner:?}"
         );
+        // The writer whose value lost, and only it, learns that its write was undone.
+        let loser = if winner.as_deref() == Some(b"left") {
+            right[7]
+        } else {
+            left[7]
+        };
+        for i in 0..N {
+            let lost = sim
+                .overwritten(i)
+                .iter()
+                .filter(|k| *k == "app/conflict")
+                .count();
+            assert_eq!(lost, usize::from(i == loser), "seed {seed}: node {i}");
+        }
         let winner = winner.unwrap_or_default();
         assert_eq!(
             sim.converged_on("app/conflict", &winner),

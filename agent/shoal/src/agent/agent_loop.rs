@@ -32,6 +32,7 @@ use super::commands::{
     Command, ImageCommand, KvCommand, NodeCommand, PluginCommand, ServiceCommand,
 };
 use super::config::AgentConfig;
+use super::events::EventLog;
 use super::executor::ExecEvent;
 use super::host_probe::Resources;
 use super::keys::{self, NodeInfo, PluginRow};
@@ -201,6 +202,8 @@ pub struct AgentLoop {
     blob_frames_dropped: u64,
     /// Logs frames dropped because the logs task was backed up.
     logs_frames_dropped: u64,
+    /// Recent events, published as `node/<me>/events`.
+    events: EventLog,
     ticks: u64,
 }
 
@@ -257,6 +260,7 @@ impl AgentLoop {
             steward_writes: 0,
             blob_frames_dropped: 0,
             logs_frames_dropped: 0,
+            events: EventLog::default(),
             ticks: 0,
         }
     }
@@ -670,6 +674,7 @@ impl AgentLoop {
     fn on_exec(&mut self, ev: ExecEvent) -> Option<Write> {
         match ev {
             ExecEvent::Report(id, report) => {
+                self.events.report(&id, report.as_deref(), wall_ms());
                 let key = keys::report_key(&self.cfg.name, &id);
                 Some(match report {
                     Some(r) => {
@@ -735,6 +740,10 @@ impl AgentLoop {
         self.steward_passes = r.passes;
         self.steward_writes = r.steward_writes;
         self.apply_writes(r.writes);
+        let now = wall_ms();
+        for e in r.events {
+            self.events.record(now, e.kind, Some(&e.service), e.reason);
+        }
     }
 
     fn request_pass(&mut self) {
@@ -786,6 +795,9 @@ impl AgentLoop {
         }
         self.refresh_plugin_rows();
         self.refresh_members();
+        if let Some(events) = self.events.take_dirty() {
+            self.publish_own(keys::EVENTS, &events);
+        }
         // Counters (loop turns, queue depths) stay fresh in `/metrics`.
         self.views_dirty = true;
     }
@@ -872,6 +884,7 @@ impl AgentLoop {
 
     fn refresh_plugin_rows(&mut self) {
         let rows = self.plugins.rows(&self.cfg.name, &self.host);
+        self.events.plugins(&rows, wall_ms());
         if *self.local_plugins != rows {
             self.publish_own(keys::PLUGINS, &rows);
             self.local_plugins = Arc::new(rows);
@@ -1033,6 +1046,10 @@ impl AgentLoop {
                     gen = id.gen,
                     "the cluster had declared this node down; rejoined under a renewed identity"
                 );
+            }
+            Event::Overwritten { ours, theirs } => {
+                tracing::warn!(key = %ours.key, by = %theirs.writer.node, "a write of this node lost the last-writer-wins merge");
+                self.events.overwritten(&ours, &theirs, wall_ms());
             }
         }
     }

@@ -52,6 +52,8 @@ pub const RESOURCES: &str = "resources";
 pub const IMAGES: &str = "images";
 /// `node/<n>/plugins`.
 pub const PLUGINS: &str = "plugins";
+/// `node/<n>/events`: the node's recent events ([`super::events`]).
+pub const EVENTS: &str = "events";
 /// Infix of blob advertisements: `node/<n>/blob/<id>`.
 const BLOB_INFIX: &str = "/blob/";
 /// Infix of partial-blob advertisements: `node/<n>/blobpart/<id>`.

@@ -32,6 +32,7 @@ pub mod channels;
 pub mod commands;
 pub mod config;
 pub mod discovery;
+pub mod events;
 pub mod executor;
 pub mod host_probe;
 pub mod http_guard;

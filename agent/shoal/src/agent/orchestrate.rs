@@ -50,6 +50,8 @@ pub struct PassResult {
     pub passes: u64,
     /// Steward writes so far.
     pub steward_writes: u64,
+    /// What the pass reported for `shoal events`.
+    pub events: Vec<shoal_orch::OrchEvent>,
 }
 
 /// The orchestration worker's state.
@@ -164,6 +166,7 @@ impl OrchWorker {
             took: t.elapsed(),
             passes: self.orch.passes,
             steward_writes: self.orch.writes,
+            events: out.events,
         }
     }
 

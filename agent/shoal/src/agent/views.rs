@@ -45,6 +45,8 @@ pub struct NodeRecord {
     pub partial: BTreeSet<String>,
     /// Rollout statuses it published as steward, by service.
     pub rollouts: BTreeMap<String, PublishedRollout>,
+    /// `node/<n>/events`: its recent events, oldest first.
+    pub events: Vec<super::events::NodeEvent>,
 }
 
 /// The decoded replicated state, kept current by the loop (see the module docs).
@@ -200,6 +202,10 @@ impl StateIndex {
             keys::PLUGINS => {
                 let v = if live { keys::decode(e)? } else { Vec::new() };
                 self.node_mut(node).plugins = v;
+            }
+            keys::EVENTS => {
+                let v = if live { keys::decode(e)? } else { Vec::new() };
+                self.node_mut(node).events = v;
             }
             shoal_core::LEFT_SUFFIX => self.node_mut(node).left = live,
             _ => {}
@@ -633,21 +639,41 @@ impl Views {
                     .history
                     .iter()
                     .map(move |e| crate::api_types::EventView {
-                        service: name.clone(),
+                        service: Some(name.clone()),
                         at_ms: e.at_ms,
                         kind: "scale".into(),
-                        from: e.from,
-                        to: e.to,
+                        node: e.steward.clone(),
                         reason: e.reason.clone(),
-                        by: e.by.clone(),
-                        steward: e.steward.clone(),
+                        from: Some(e.from),
+                        to: Some(e.to),
+                        by: Some(e.by.clone()),
+                        steward: Some(e.steward.clone()),
                     })
             })
             .collect();
+        for (node, rec) in &self.state.nodes {
+            out.extend(
+                rec.events
+                    .iter()
+                    .filter(|e| service.is_none_or(|s| e.service.as_deref() == Some(s)))
+                    .map(|e| crate::api_types::EventView {
+                        service: e.service.clone(),
+                        at_ms: e.at_ms,
+                        kind: e.kind.clone(),
+                        node: node.clone(),
+                        reason: e.reason.clone(),
+                        from: None,
+                        to: None,
+                        by: None,
+                        steward: None,
+                    }),
+            );
+        }
         out.sort_by(|a, b| {
             b.at_ms
                 .cmp(&a.at_ms)
                 .then_with(|| a.service.cmp(&b.service))
+                .then_with(|| a.node.cmp(&b.node))
         });
         Ok(out)
     }

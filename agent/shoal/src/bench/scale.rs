@@ -172,7 +172,8 @@ pub async fn run_scale(args: ScaleBenchArgs) -> anyhow::Result<()> {
             *endpoints.lock().unwrap_or_else(|p| p.into_inner()) = eps;
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let after = c.events(Some("burn")).await?;
+        let mut after = c.events(Some("burn")).await?;
+        after.retain(|e| e.kind == "scale");
         // Only the newest 20 are kept: count by time. A flap is a change against the
         // direction of the one before it.
         let since = crate::agent::wall_ms().saturating_sub(steady.elapsed().as_millis() as u64);
