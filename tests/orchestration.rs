@@ -1403,3 +1403,99 @@ fn logs_travel_over_the_mesh_and_a_down_node_is_one_line() {
         "{stdout}"
     );
 }
+
+/// The dashboard in a real browser: headless Chromium loads `/` from one agent of a
+/// 3-agent mesh, runs its script, and the rendered DOM shows every member with its
+/// zone and utilisation bars, the service with its healthy count, its replicas per
+/// node, each agent's plugins, and a restart among the recent events.
+#[test]
+fn the_dashboard_renders_the_cluster_in_chromium() {
+    let c = Cluster::start(3);
+    let out = c.deploy_wait(0, "web.toml", &web_spec("web", 3, ""));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    deploy(
+        &c,
+        0,
+        "crashy.toml",
+        "name = \"crashy\"\ndriver = \"process\"\ncommand = [\"sh\", \"-c\", \"exit 3\"]\nreplicas = 1\nrestart_backoff = \"200ms\"\n",
+    );
+    wait_for("a restart event", Duration::from_secs(20), || {
+        shoal_ok(&[
+            "events",
+            "--kind",
+            "restart",
+            "-o",
+            "json",
+            "--api",
+            &c.agents[0].url(),
+        ])
+        .contains("crashy")
+        .then_some(())
+    });
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok()
+        })
+        .expect("chromium is not installed: apt-get install chromium (./scripts/test installs it)");
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=10000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("{}/", c.agents[1].url()))
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("data-ready=\"true\""),
+        "the page never rendered:\n{dom}"
+    );
+    for a in &c.agents {
+        assert!(
+            dom.contains(&format!("data-node=\"{}\" data-status=\"alive\"", a.name)),
+            "member {} missing:\n{dom}",
+            a.name
+        );
+        assert!(
+            dom.contains(&format!(
+                "data-replicas=\"web@{}\" title=\"1 of 1 healthy\">1</td>",
+                a.name
+            )),
+            "web's replica on {} missing:\n{dom}",
+            a.name
+        );
+        assert!(
+            dom.contains(&format!("data-plugin=\"{}/scheduler\"", a.name)),
+            "{dom}"
+        );
+    }
+    assert!(
+        dom.contains("data-service=\"web\" data-healthy=\"3\" data-desired=\"3\""),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("class=\"bar") && dom.contains("data-pct="),
+        "no utilisation bars:\n{dom}"
+    );
+    assert!(
+        dom.contains("data-event=\"restart\""),
+        "no restart event:\n{dom}"
+    );
+    assert!(
+        dom.contains("<span id=\"error\" class=\"err\"></span>"),
+        "the page shows an error:\n{dom}"
+    );
+}
