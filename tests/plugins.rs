@@ -255,3 +255,102 @@ fn eval_dry_runs_a_policy_against_a_saved_or_live_snapshot() {
     let outcomes: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(outcomes[0]["nodes"].as_array().unwrap().len(), 2, "{out}");
 }
+
+/// `plugin new` writes a crate that builds outside any shoal checkout (the SDK and
+/// WIT travel with it), `plugin test` passes its own cases and fails a wrong one,
+/// and the scheduler it builds goes active on a mesh. Prints how long the path from
+/// `plugin new` to active took (README, policy authoring).
+#[test]
+fn plugin_new_builds_anywhere_and_plugin_test_checks_it() {
+    let started = std::time::Instant::now();
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("target");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    for kind in ["scheduler", "scaler", "discovery"] {
+        let name = format!("team-{kind}");
+        let dir = work.path().join(&name);
+        shoal_ok(&[
+            "plugin",
+            "new",
+            "--kind",
+            kind,
+            &name,
+            "--dir",
+            dir.to_str().unwrap(),
+        ]);
+        assert!(
+            !std::fs::read_to_string(dir.join("shoal/sdk/src/lib.rs"))
+                .unwrap()
+                .contains("../../wit"),
+            "the SDK must not reach into a checkout"
+        );
+        let out = std::process::Command::new(&cargo)
+            .args(["build", "--release", "--target", "wasm32-wasip2"])
+            .current_dir(&dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("CARGO_MANIFEST_DIR")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let wasm = target.join(format!("wasm32-wasip2/release/team_{kind}.wasm"));
+        let cases = dir.join("tests/cases.json");
+        let args = |cases: &std::path::Path| {
+            vec![
+                "plugin".to_string(),
+                "test".into(),
+                wasm.to_str().unwrap().into(),
+                "--kind".into(),
+                kind.into(),
+                "--cases".into(),
+                cases.to_str().unwrap().into(),
+            ]
+        };
+        let a = args(&cases);
+        let text = shoal_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            text.contains("cases passed") && !text.contains("FAIL"),
+            "{text}"
+        );
+        // A case the component does not meet fails, and says how.
+        let mut broken: Value =
+            serde_json::from_str(&std::fs::read_to_string(&cases).unwrap()).unwrap();
+        let expect = &mut broken["cases"][0]["expect"];
+        match kind {
+            "scaler" => expect["replicas"] = serde_json::json!(9),
+            _ => expect["nodes"] = serde_json::json!(["nowhere"]),
+        }
+        let bad = work.path().join(format!("{kind}-bad.json"));
+        std::fs::write(&bad, broken.to_string()).unwrap();
+        let a = args(&bad);
+        let out = shoal(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("FAIL") && text.contains("expected"), "{text}");
+    }
+    // The scheduler goes active on a mesh.
+    let c = Cluster::start(1);
+    let wasm = target.join("wasm32-wasip2/release/team_scheduler.wasm");
+    shoal_ok(&[
+        "plugin",
+        "install",
+        "--kind",
+        "scheduler",
+        wasm.to_str().unwrap(),
+        "--name",
+        "team-scheduler",
+        "--api",
+        &c.agents[0].url(),
+    ]);
+    wait_for("the new plugin active", Duration::from_secs(30), || {
+        scheduler_row(&plugin_rows(&c, 0, false))
+            .filter(|r| r["name"] == "team-scheduler" && r["state"] == "active")
+    });
+    eprintln!(
+        "plugin new -> built -> tested -> active, three kinds: {:?}",
+        started.elapsed()
+    );
+}

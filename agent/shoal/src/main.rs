@@ -15,6 +15,8 @@ mod image_cli;
 mod kv_cli;
 mod node_cli;
 mod plugin_cli;
+mod plugin_new;
+mod plugin_test;
 mod service_cli;
 mod workload;
 

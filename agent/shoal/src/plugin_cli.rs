@@ -42,6 +42,28 @@ pub enum PluginCmd {
         #[arg(long)]
         service: Option<String>,
     },
+    /// Scaffold a policy crate that builds on its own (SDK and WIT included).
+    New {
+        /// World the policy implements.
+        #[arg(long)]
+        kind: PolicyKind,
+        /// Crate and plugin name, e.g. `cpu-target`.
+        name: String,
+        /// Where to write it [default: ./NAME].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Run a component on recorded inputs and check the expected answers (no cluster).
+    Test {
+        /// The `.wasm` component.
+        file: PathBuf,
+        /// World the component implements.
+        #[arg(long)]
+        kind: PolicyKind,
+        /// The cases (JSON; see the README `plugin new` writes).
+        #[arg(long)]
+        cases: PathBuf,
+    },
     /// Dry-run a component against the live cluster or a saved snapshot.
     Eval {
         /// World the component implements.
@@ -62,12 +84,12 @@ pub enum PluginCmd {
     },
 }
 
-fn read_json<T: DeserializeOwned>(path: &Path, what: &str) -> anyhow::Result<T> {
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path, what: &str) -> anyhow::Result<T> {
     let text = std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))?;
     serde_json::from_slice(&text).with_context(|| format!("{what} {} is not valid", path.display()))
 }
 
-fn read_wasm(path: &Path) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_wasm(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading plugin {}", path.display()))
 }
 
@@ -118,6 +140,47 @@ pub async fn run(cmd: PluginCmd, api: &str, output: Format) -> anyhow::Result<()
                 .await?;
             if !json {
                 println!("removed the {kind} plugin binding; agents revert to the built-in");
+            }
+            Ok(())
+        }
+        PluginCmd::New { kind, name, dir } => {
+            let s = crate::plugin_new::scaffold(kind, &name, dir.as_deref())?;
+            if json {
+                return print_json(&serde_json::json!({
+                    "dir": s.dir.display().to_string(),
+                    "wasm": s.wasm,
+                }));
+            }
+            let d = s.dir.display();
+            println!("wrote the {kind} policy {name} in {d}; next:");
+            println!("  cd {d} && cargo build --release --target wasm32-wasip2");
+            println!(
+                "  shoal plugin test {} --kind {kind} --cases tests/cases.json",
+                s.wasm
+            );
+            println!(
+                "  shoal plugin install --kind {kind} {} --name {name}",
+                s.wasm
+            );
+            Ok(())
+        }
+        PluginCmd::Test { file, kind, cases } => {
+            let results = crate::plugin_test::run(kind, &file, &cases).await?;
+            let failed = results.iter().filter(|r| !r.passed).count();
+            if json {
+                print_json(&results)?;
+            } else {
+                for r in &results {
+                    if r.passed {
+                        println!("PASS {}", r.name);
+                    } else {
+                        println!("FAIL {}: {}", r.name, r.detail);
+                    }
+                }
+                println!("{}/{} cases passed", results.len() - failed, results.len());
+            }
+            if failed > 0 {
+                bail!("{failed} of {} cases failed", results.len());
             }
             Ok(())
         }
@@ -281,7 +344,7 @@ async fn eval(
 /// Runs a policy call on a blocking thread: a guest that writes to stderr (a
 /// panicking one does) needs WASI's blocking I/O, which must not run on an async
 /// worker.
-async fn off_runtime<T: Send + 'static>(
+pub(crate) async fn off_runtime<T: Send + 'static>(
     host: &std::sync::Arc<PolicyHost>,
     f: impl FnOnce(&PolicyHost) -> T + Send + 'static,
 ) -> anyhow::Result<T> {
