@@ -1499,3 +1499,149 @@ fn the_dashboard_renders_the_cluster_in_chromium() {
         "the page shows an error:\n{dom}"
     );
 }
+
+/// `node forget` takes a dead node out of every agent's member list and drops its
+/// records; a live node is refused; started again, the node is a member again.
+#[test]
+fn a_dead_node_is_forgotten_everywhere_and_comes_back_when_restarted() {
+    let mut c = Cluster::start(3);
+    let api = c.agents[0].url();
+    let dead = c.agents[2].name.clone();
+    c.kill9(2);
+    wait_for("the node down", Duration::from_secs(20), || {
+        (c.status_of(0, &dead).as_deref() == Some("down")).then_some(())
+    });
+    let out = shoal(&["node", "forget", &c.agents[1].name, "--api", &api]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is alive: only a down or left node"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = shoal(&["node", "forget", "nosuch", "--api", &api]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no node named \"nosuch\""));
+    shoal_ok(&["node", "forget", &dead, "--api", &api]);
+    let internal = |i: usize| -> Vec<Value> {
+        let prefix = format!("node/{dead}/");
+        serde_json::from_str(&shoal_ok(&[
+            "kv",
+            "ls",
+            &prefix,
+            "--internal",
+            "-o",
+            "json",
+            "--api",
+            &c.agents[i].url(),
+        ]))
+        .unwrap()
+    };
+    wait_for(
+        "forgotten on both live agents",
+        Duration::from_secs(20),
+        || {
+            (0..2)
+                .all(|i| {
+                    c.nodes(i).iter().all(|n| n["name"] != dead.as_str()) && internal(i).is_empty()
+                })
+                .then_some(())
+        },
+    );
+    // Started again, it joins as a new generation.
+    c.spawn(2);
+    wait_for("the node back", Duration::from_secs(30), || {
+        (c.status_of(0, &dead).as_deref() == Some("alive")).then_some(())
+    });
+}
+
+/// A compose file: `deploy compose.yaml` creates every service with what the file
+/// says, `compose import --out` writes specs `deploy` accepts and keeps existing
+/// files, and a file with something shoal cannot honour deploys nothing and names it.
+#[test]
+fn compose_files_deploy_and_import_and_refuse_by_name() {
+    let c = Cluster::start(1);
+    let api = c.agents[0].url();
+    let compose = c.write_spec(
+        "compose.yaml",
+        r#"services:
+  db:
+    image: postgres:16
+    environment: { POSTGRES_PASSWORD: example }
+    healthcheck: { test: ["CMD", "pg_isready"], interval: 5s }
+  web:
+    image: shop/web:1.2
+    ports: ["8080:80"]
+    depends_on: { db: { condition: service_healthy } }
+    deploy: { replicas: 3, resources: { reservations: { cpus: "0.25", memory: 128m } } }
+    container_name: web
+"#,
+    );
+    let out = shoal(&["deploy", &compose, "--api", &api]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`container_name`: ignored"));
+    let names: Vec<String> = c
+        .services(0)
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(names, ["db", "web"]);
+    let history: Vec<Value> =
+        serde_json::from_str(&shoal_ok(&["history", "web", "-o", "json", "--api", &api])).unwrap();
+    let spec = &history[0]["spec"];
+    assert_eq!(spec["replicas"], 3);
+    assert_eq!(spec["depends_on"], serde_json::json!(["db"]));
+    assert_eq!(spec["ports"][0]["host_port"], 8080);
+
+    // import --out writes specs `deploy` takes, and keeps what is there.
+    let dir = c.path().join("specs");
+    shoal_ok(&[
+        "compose",
+        "import",
+        &compose,
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    let out = shoal(&[
+        "compose",
+        "import",
+        &compose,
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let out = shoal(&[
+        "deploy",
+        dir.join("web.toml").to_str().unwrap(),
+        "--api",
+        &api,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("unchanged"),
+        "the same spec"
+    );
+
+    let bad = c.write_spec(
+        "bad.yaml",
+        "services:\n  cache:\n    image: redis:7\n    volumes: [\"data:/data\"]\n    build: .\n",
+    );
+    let out = shoal(&["deploy", &bad, "--api", &api]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`volumes`") && err.contains("`build`"),
+        "{err}"
+    );
+    assert!(
+        c.services(0).iter().all(|s| s["name"] != "cache"),
+        "nothing deployed"
+    );
+}

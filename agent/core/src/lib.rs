@@ -35,7 +35,10 @@ pub use histogram::{Histogram, BUCKETS_SECS};
 pub use hlc::{Clock, ClockError, Hlc};
 pub use lifeguard::LifeguardConfig;
 pub use membership::{NodeId, Status};
-pub use node::{Config, Event, Node, Now, Output, Profile, Stats, LEFT_SUFFIX, SWIM_PACKET_SIZE};
+pub use node::{
+    Config, Event, ForgetRefusal, Node, Now, Output, Profile, Stats, FORGET_PREFIX, LEFT_SUFFIX,
+    SWIM_PACKET_SIZE,
+};
 pub use state::{
     validate, Delta, Entry, Reject, State, WriterId, MAX_KEY_LEN, MAX_VALUE_LEN, NODE_PREFIX,
 };

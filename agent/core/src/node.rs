@@ -25,6 +25,9 @@ use crate::wire::{self, Msg};
 
 /// Suffix of the node-owned key a node writes when it leaves gracefully.
 pub const LEFT_SUFFIX: &str = "left";
+/// Prefix of forget marks: `forget/<name>` holds the highest generation of `name`
+/// that every node forgets (8 bytes, big-endian).
+pub const FORGET_PREFIX: &str = "forget/";
 
 /// Timing presets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +63,9 @@ pub struct Config {
     pub max_drift: Duration,
     /// Tombstones older than this are collected.
     pub tombstone_ttl: Duration,
+    /// A member that left gracefully this long ago is forgotten by every node on
+    /// its own: out of the member list, its node-owned records dropped.
+    pub forget_left_after: Duration,
     /// A fixed peer list instead of SWIM. Used to measure replication alone at
     /// sizes where running SWIM in every simulated node does not fit in memory;
     /// agents always run SWIM.
@@ -154,6 +160,7 @@ impl Config {
             push_budget: 64 << 10,
             max_drift: Duration::from_secs(60),
             tombstone_ttl: Duration::from_secs(24 * 3600),
+            forget_left_after: Duration::from_secs(24 * 3600),
             static_peers: None,
             rejoin_max,
             verify_timeout,
@@ -226,6 +233,17 @@ pub enum Event {
     /// SWIM had declared us down (e.g. during a partition) and we rejoined under a
     /// renewed identity.
     Rejoined(NodeId),
+    /// A down or left member was forgotten (`forget/<name>`, or it left longer than
+    /// [`Config::forget_left_after`] ago): it is out of [`Node::members`], and these
+    /// node-owned keys of its generations up to `gen` were dropped from the state.
+    Forgotten {
+        /// The member's name.
+        name: String,
+        /// The highest generation forgotten.
+        gen: u64,
+        /// The keys dropped.
+        keys: Vec<String>,
+    },
     /// A cluster-wide entry this node wrote lost the last-writer-wins merge to
     /// another node's write of the same key with a different value (typically when
     /// a partition heals): what was acknowledged here is undone.
@@ -235,6 +253,23 @@ pub enum Event {
         /// The entry that won.
         theirs: Entry,
     },
+}
+
+/// Why [`Node::forget_member`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForgetRefusal {
+    /// A node does not forget itself.
+    #[error("a node cannot forget itself")]
+    Myself,
+    /// The member still answers, or may.
+    #[error("it is {}: only a down or left node can be forgotten (stop it first, or `shoal node drain` it)", .0.as_str())]
+    Reachable(Status),
+    /// No member or record of that name.
+    #[error("no node of that name is known")]
+    Unknown,
+    /// The mark could not be written.
+    #[error("{0}")]
+    Write(String),
 }
 
 /// Counters the driver exports as metrics.
@@ -344,6 +379,8 @@ struct Rumor {
 
 /// A sans-IO shoal node.
 pub struct Node {
+    /// Highest forgotten generation per member name (see [`Node::forget_member`]).
+    forgotten: BTreeMap<String, u64>,
     cfg: Config,
     writer: WriterId,
     seq: u64,
@@ -419,6 +456,7 @@ impl Node {
             lifeguard: Lifeguard::new(cfg.lifeguard.clone()),
             refuted_below: None,
             answered: HashMap::new(),
+            forgotten: BTreeMap::new(),
             cfg,
         };
         // Random first ticks keep nodes started together from acting in lockstep.
@@ -463,7 +501,123 @@ impl Node {
             self.state.apply(e)?;
             n += 1;
         }
+        let marks: Vec<Entry> = self.state.scan_prefix(FORGET_PREFIX).cloned().collect();
+        for e in marks {
+            self.on_forget_mark(&e);
+        }
         Ok(n)
+    }
+
+    /// Writes `forget/<name>`: every node drops `name` from its member list and
+    /// its node-owned records, up to the newest generation known here. Only a
+    /// member that is down or has left may be forgotten; a later process of the
+    /// same name (a new generation) is a member again.
+    pub fn forget_member(&mut self, name: &str, now: Now) -> Result<Entry, ForgetRefusal> {
+        if name == self.cfg.name {
+            return Err(ForgetRefusal::Myself);
+        }
+        let identities: Vec<(NodeId, Status)> = self
+            .members()
+            .into_iter()
+            .filter(|(id, _)| id.name == name)
+            .collect();
+        if let Some((_, st)) = identities
+            .iter()
+            .find(|(_, st)| matches!(st, Status::Alive | Status::Suspect))
+        {
+            return Err(ForgetRefusal::Reachable(*st));
+        }
+        let prefix = format!("{NODE_PREFIX}{name}/");
+        let gen = identities
+            .iter()
+            .map(|(id, _)| id.gen)
+            .chain(self.state.scan_prefix(&prefix).map(|e| e.writer.gen))
+            .max()
+            .ok_or(ForgetRefusal::Unknown)?;
+        let key = format!("{FORGET_PREFIX}{name}");
+        self.put(&key, Some(gen.to_be_bytes().to_vec()), now)
+            .map_err(|e| ForgetRefusal::Write(e.to_string()))
+    }
+
+    /// Takes a `forget/<name>` entry into account.
+    fn on_forget_mark(&mut self, e: &Entry) {
+        let Some(name) = e.key.strip_prefix(FORGET_PREFIX) else {
+            return;
+        };
+        let gen = e
+            .value
+            .as_deref()
+            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+            .map(u64::from_be_bytes);
+        if let Some(gen) = gen {
+            let name = name.to_string();
+            self.forget(&name, gen);
+        }
+    }
+
+    /// Forgets generations up to `gen` of `name`: drops their node-owned entries
+    /// (keeping the heads, so no sync sends them again) and hides them from
+    /// [`Node::members`]. Never ourselves.
+    fn forget(&mut self, name: &str, gen: u64) {
+        if name == self.cfg.name || self.forgotten.get(name).is_some_and(|g| *g >= gen) {
+            return;
+        }
+        self.forgotten.insert(name.to_string(), gen);
+        let prefix = format!("{NODE_PREFIX}{name}/");
+        let keys: Vec<String> = self
+            .state
+            .scan_prefix(&prefix)
+            .filter(|e| e.writer.node == name && e.writer.gen <= gen)
+            .map(|e| e.key.clone())
+            .collect();
+        self.state.purge(&keys);
+        for k in &keys {
+            self.rumors.remove(k);
+        }
+        self.out.push_back(Output::Event(Event::Forgotten {
+            name: name.to_string(),
+            gen,
+            keys,
+        }));
+    }
+
+    /// Whether generation `gen` of `name` is forgotten.
+    fn is_forgotten_gen(&self, name: &str, gen: u64) -> bool {
+        self.forgotten.get(name).is_some_and(|g| gen <= *g)
+    }
+
+    /// Whether `e` is a node-owned entry of a forgotten generation.
+    fn is_forgotten(&self, e: &Entry) -> bool {
+        e.is_node_owned() && self.is_forgotten_gen(&e.writer.node, e.writer.gen)
+    }
+
+    /// Forgets the members that left longer than [`Config::forget_left_after`]
+    /// ago, by the time in their `left` marker (checked with the tombstone sweep,
+    /// once a minute).
+    fn forget_long_left(&mut self, now: Now) {
+        let after = self.cfg.forget_left_after.as_millis() as u64;
+        let gone: Vec<(String, u64)> = self
+            .swim
+            .members()
+            .into_iter()
+            .filter(|(id, st)| {
+                *st == Status::Down
+                    && id.name != self.cfg.name
+                    && !self.is_forgotten_gen(&id.name, id.gen)
+            })
+            .filter_map(|(id, _)| {
+                let key = format!("{NODE_PREFIX}{}/{LEFT_SUFFIX}", id.name);
+                let at = self
+                    .state
+                    .value(&key)
+                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                    .map(u64::from_be_bytes)?;
+                (now.wall_ms.saturating_sub(at) >= after).then_some((id.name, id.gen))
+            })
+            .collect();
+        for (name, gen) in gone {
+            self.forget(&name, gen);
+        }
     }
 
     /// Asks the nodes at `seeds` to let us into their cluster; also clears a
@@ -619,6 +773,7 @@ impl Node {
                 .then(b.0.gen.cmp(&a.0.gen))
         });
         all.dedup_by(|later, first| later.0.name == first.0.name);
+        all.retain(|(id, _)| !self.is_forgotten_gen(&id.name, id.gen));
         all
     }
 
@@ -843,6 +998,10 @@ impl Node {
             self.count_drop("refused_identity");
             return true;
         }
+        if self.is_forgotten(e) {
+            self.count_drop("forgotten_node");
+            return true;
+        }
         false
     }
 
@@ -894,6 +1053,9 @@ impl Node {
     }
 
     fn changed(&mut self, e: Entry, rumor: bool) {
+        if e.key.starts_with(FORGET_PREFIX) {
+            self.on_forget_mark(&e);
+        }
         if rumor {
             let remaining = self.retransmits();
             self.fresh.push(e.key.clone());
@@ -1148,6 +1310,7 @@ impl Node {
                 let ttl = self.cfg.tombstone_ttl.as_millis() as u64;
                 let cutoff = Hlc::new(now.wall_ms.saturating_sub(ttl), 0);
                 self.stats.tombstones_collected += self.state.gc_tombstones(cutoff) as u64;
+                self.forget_long_left(now);
                 if !self.left {
                     self.schedule(now, Duration::from_secs(60), TimerKind::Gc);
                 }

@@ -360,6 +360,17 @@ impl State {
         (changed, rejected)
     }
 
+    /// Drops the current entries of `keys` without tombstones, keeping every head:
+    /// what a forgotten node wrote goes, and no sync sends it again (a peer's
+    /// delta starts above our heads).
+    pub fn purge(&mut self, keys: &[String]) {
+        for key in keys {
+            if let Some(e) = self.entries.remove(key) {
+                self.unindex(&e.writer, e.seq);
+            }
+        }
+    }
+
     /// Removes tombstones stamped before `older_than`. Returns how many were removed.
     ///
     /// A replica cut off for longer than the tombstone lifetime may bring a

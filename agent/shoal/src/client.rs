@@ -172,6 +172,15 @@ impl Client {
         self.send(req).await
     }
 
+    /// `POST /v1/nodes/<name>/forget`.
+    pub async fn forget(&self, node: &str) -> anyhow::Result<serde_json::Value> {
+        self.send(
+            self.http
+                .post(format!("{}/v1/nodes/{node}/forget", self.base)),
+        )
+        .await
+    }
+
     /// `GET /v1/nodes/<name>/drain`.
     pub async fn drain_status(&self, node: &str) -> anyhow::Result<DrainView> {
         self.send(

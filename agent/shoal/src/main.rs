@@ -9,6 +9,7 @@ mod agent;
 mod api_types;
 mod bench;
 mod client;
+mod compose;
 mod demo;
 mod discover_cli;
 mod image_cli;
@@ -68,6 +69,13 @@ enum Cmd {
         /// Print the scheduler's snapshot (JSON) instead, for `shoal plugin eval --snapshot`.
         #[arg(long)]
         snapshot: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Docker Compose files as shoal service specs.
+    Compose {
+        #[command(subcommand)]
+        cmd: ComposeCmd,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -135,6 +143,22 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ComposeCmd {
+    /// Translate a compose file into one shoal spec per service (refusing, by name,
+    /// what shoal cannot honour); `shoal deploy compose.yaml` deploys it directly.
+    Import {
+        /// The compose file.
+        file: PathBuf,
+        /// Write `<service>.toml` files here instead of printing them.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Overwrite spec files that already exist in --out.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -382,6 +406,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Kv { cmd, client } => kv_cli::run(cmd, &client.api, client.output).await,
         Cmd::Node { cmd, client } => node_cli::run(cmd, &client.api, client.output).await,
+        Cmd::Compose {
+            cmd: ComposeCmd::Import { file, out, force },
+            client,
+        } => compose_import(&file, out.as_deref(), force, client.output),
         Cmd::Discover { service, client } => {
             discover_cli::discover(&client.api, &service, client.output).await
         }
@@ -513,6 +541,66 @@ fn main() -> ExitCode {
                 eprintln!("error: {e:#}");
             }
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `shoal compose import`.
+fn compose_import(
+    file: &std::path::Path,
+    out: Option<&std::path::Path>,
+    force: bool,
+    format: Format,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let imported = compose::import_or_explain(&file.display().to_string(), &text)?;
+    for w in &imported.warnings {
+        eprintln!("warning: {}", client::printable(w));
+    }
+    let specs: Vec<(String, String)> = imported
+        .specs
+        .iter()
+        .map(|s| (format!("{}.toml", s.name), compose::to_toml(s)))
+        .collect();
+    match out {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Check first, so nothing is half-written.
+            if !force {
+                if let Some((f, _)) = specs.iter().find(|(f, _)| dir.join(f).exists()) {
+                    anyhow::bail!(
+                        "{} exists: pass --force to overwrite (nothing was written)",
+                        dir.join(f).display()
+                    );
+                }
+            }
+            for (f, text) in &specs {
+                let path = dir.join(f);
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                if format == Format::Table {
+                    println!("wrote {}", path.display());
+                }
+            }
+            if format == Format::Json {
+                let files: Vec<String> = specs
+                    .iter()
+                    .map(|(f, _)| dir.join(f).display().to_string())
+                    .collect();
+                print_json(&serde_json::json!({ "files": files, "warnings": imported.warnings }))?;
+            }
+            Ok(())
+        }
+        None if format == Format::Json => print_json(&serde_json::json!({
+            "specs": specs.iter().map(|(f, t)| serde_json::json!({ "file": f, "toml": t })).collect::<Vec<_>>(),
+            "warnings": imported.warnings,
+        })),
+        None => {
+            for (f, text) in &specs {
+                println!("# {f}\n{text}");
+            }
+            Ok(())
         }
     }
 }

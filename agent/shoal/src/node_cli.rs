@@ -1,4 +1,5 @@
-//! `shoal node drain | undrain`: taking a machine out of placement and back.
+//! `shoal node drain | undrain | status | forget`: taking a machine out of
+//! placement and back, and forgetting one that is gone for good.
 //!
 //! A drain is a cluster-wide mark (`drain/<node>`): the node takes no new
 //! placements, and every allocation on it gets a replacement elsewhere that takes
@@ -31,6 +32,11 @@ pub enum NodeCmd {
     },
     /// Let a drained node take placements again.
     Undrain {
+        /// The node.
+        name: String,
+    },
+    /// Remove a down or left node from the member list and drop its records.
+    Forget {
         /// The node.
         name: String,
     },
@@ -86,6 +92,16 @@ pub async fn run(cmd: NodeCmd, api: &str, format: Format) -> anyhow::Result<()> 
             } else {
                 println!("node {name} undrained: it takes new placements again");
             }
+            Ok(())
+        }
+        NodeCmd::Forget { name } => {
+            let v = c.forget(&name).await?;
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "node {name} forgotten: gone from the member list and its records dropped on every agent (a new start of it joins again)"
+            );
             Ok(())
         }
         NodeCmd::Status { name } => {

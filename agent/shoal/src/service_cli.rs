@@ -19,7 +19,8 @@ use crate::client::{table, Client, Format};
 pub enum ServiceCmd {
     /// Create or update a service from its spec file.
     Deploy {
-        /// The service spec (TOML), e.g. examples/services/web.toml; `-` reads it from stdin.
+        /// The service spec (TOML), e.g. examples/services/web.toml; `-` reads it from
+        /// stdin; a `.yml`/`.yaml` file is a Docker Compose file (every service in it).
         file: PathBuf,
         /// Wait until every replica runs the new version and is healthy.
         #[arg(long)]
@@ -166,6 +167,12 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
             print!("{}", events_table(&v));
             Ok(())
         }
+        ServiceCmd::Deploy {
+            file,
+            wait,
+            timeout,
+            ..
+        } if is_compose(&file) => deploy_compose(&c, &file, wait, timeout, json).await,
         ServiceCmd::Deploy {
             file,
             wait,
@@ -380,6 +387,64 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
             logs(&c, &mut p, slot, tail, follow).await
         }
     }
+}
+
+/// A Docker Compose file, by its name (`compose.yaml`, `docker-compose.yml`, …).
+fn is_compose(file: &std::path::Path) -> bool {
+    matches!(
+        file.extension().and_then(|e| e.to_str()),
+        Some("yml" | "yaml")
+    )
+}
+
+/// `shoal deploy compose.yaml`: every service of the file, translated (warnings on
+/// stderr; nothing is deployed when anything is refused), deployed, then, with
+/// `wait`, waited for in turn.
+async fn deploy_compose(
+    c: &Client,
+    file: &std::path::Path,
+    wait: bool,
+    timeout: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let imported = crate::compose::import_or_explain(&file.display().to_string(), &text)?;
+    for w in &imported.warnings {
+        eprintln!("warning: {}", crate::client::printable(w));
+    }
+    let mut deployed = Vec::new();
+    for spec in &imported.specs {
+        let v = c
+            .deploy(
+                &format!("{}.toml", spec.name),
+                crate::compose::to_toml(spec),
+            )
+            .await
+            .with_context(|| format!("deploying service {} of {}", spec.name, file.display()))?;
+        if !json {
+            println!(
+                "service {} {}: version {}, {} replicas",
+                v.name,
+                if v.changed { "deployed" } else { "unchanged" },
+                v.version,
+                v.replicas
+            );
+        }
+        deployed.push(v);
+    }
+    if wait {
+        let limit = Duration::from_secs(timeout);
+        let start = Instant::now();
+        for v in &deployed {
+            let left = limit.saturating_sub(start.elapsed());
+            wait_rollout(c, &v.name, v.version, left, !json).await?;
+        }
+    }
+    if json {
+        return print_json(&deployed);
+    }
+    Ok(())
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {

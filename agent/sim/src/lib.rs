@@ -539,6 +539,14 @@ impl Sim {
         self.write(i, key, None)
     }
 
+    /// Node `i` forgets the down or left member `name` (`shoal node forget`).
+    pub fn forget(&mut self, i: usize, name: &str) -> Result<Entry, shoal_core::ForgetRefusal> {
+        let now = self.now_of(i);
+        let res = self.slots[i].node.forget_member(name, now);
+        self.drain(i);
+        res
+    }
+
     fn write(&mut self, i: usize, key: &str, value: Option<Vec<u8>>) -> Result<Entry, Reject> {
         assert!(
             self.is_live(i),

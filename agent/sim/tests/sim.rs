@@ -3,7 +3,9 @@
 //!
 //! All scenarios live in one test binary so cargo runs them on parallel threads.
 
-use shoal_core::Status;
+use std::time::Duration;
+
+use shoal_core::{ForgetRefusal, Status};
 use shoal_sim::{test_seeds, Sim, SimConfig};
 
 /// Builds a SWIM cluster of `n`, joins it, and waits until everyone sees everyone.
@@ -646,5 +648,75 @@ fn no_live_node_is_declared_down_under_loss_or_a_short_stop() {
         sim.crash(9);
         sim.run_until(|s| s.all_see_status(9, Status::Down), 60_000)
             .unwrap_or_else(|e| panic!("crashed node not seen down by all: {e}"));
+    }
+}
+
+/// Whether node `i` has forgotten `name`: not in its member list, no record left.
+fn forgot(sim: &Sim, i: usize, name: &str) -> bool {
+    let node = sim.node(i);
+    !node.members().iter().any(|(id, _)| id.name == name)
+        && node
+            .state()
+            .scan_prefix(&format!("node/{name}/"))
+            .next()
+            .is_none()
+}
+
+/// `shoal node forget`: a down member leaves every member list and its node-owned
+/// records go everywhere, while a live member (or oneself) is refused; a member that
+/// left gracefully is forgotten by every node on its own after `forget_left_after`.
+#[test]
+fn forgotten_members_leave_every_list_and_their_records_go() {
+    const N: usize = 6;
+    for seed in test_seeds(2) {
+        let cfg = SimConfig {
+            tune: Some(|_, c| c.forget_left_after = Duration::from_secs(90)),
+            ..SimConfig::new(N, seed)
+        };
+        let mut sim = joined(cfg, 120_000);
+        for i in 0..N {
+            sim.put(i, &format!("node/n{i}/info"), b"here")
+                .expect("put");
+        }
+        sim.run_until(|s| s.states_equal(), 30_000)
+            .unwrap_or_else(|e| panic!("records did not spread: {e}"));
+        let (crashed, leaver) = (4, 5);
+        sim.crash(crashed);
+        sim.run_until(|s| s.all_see_status(crashed, Status::Down), 60_000)
+            .unwrap_or_else(|e| panic!("seed {seed}: crash not seen: {e}"));
+        assert!(matches!(sim.forget(0, "n0"), Err(ForgetRefusal::Myself)));
+        assert!(matches!(
+            sim.forget(0, "n1"),
+            Err(ForgetRefusal::Reachable(Status::Alive))
+        ));
+        assert!(matches!(
+            sim.forget(0, "nobody"),
+            Err(ForgetRefusal::Unknown)
+        ));
+        sim.forget(0, "n4").expect("forget a down member");
+        let live: Vec<usize> = (0..N).filter(|i| *i != crashed).collect();
+        sim.run_until(|s| live.iter().all(|&i| forgot(s, i, "n4")), 30_000)
+            .unwrap_or_else(|e| panic!("seed {seed}: n4 not forgotten everywhere: {e}"));
+        // The others keep everything of each other.
+        assert!(live.iter().all(|&i| sim.node(i).members().len() == N - 1));
+
+        sim.leave(leaver);
+        let stay: Vec<usize> = (0..4).collect();
+        sim.run_until(
+            |s| {
+                stay.iter().all(|&i| {
+                    s.node(i)
+                        .members()
+                        .iter()
+                        .any(|(id, st)| id.name == "n5" && *st == Status::Left)
+                })
+            },
+            30_000,
+        )
+        .unwrap_or_else(|e| panic!("seed {seed}: leave not seen: {e}"));
+        assert!(!forgot(&sim, 0, "n5"), "forgotten before forget_left_after");
+        // 90 s after leaving, at the next minute's sweep at the latest.
+        sim.run_until(|s| stay.iter().all(|&i| forgot(s, i, "n5")), 200_000)
+            .unwrap_or_else(|e| panic!("seed {seed}: a long-left member was not forgotten: {e}"));
     }
 }

@@ -559,6 +559,23 @@ impl AgentLoop {
                 self.put_durable(&key, None, reply, |_| ());
             }
             Command::Service(cmd) => self.on_service(cmd),
+            Command::Node(NodeCommand::Forget { node, reply }) => {
+                let now = self.now();
+                match self.node.forget_member(&node, now) {
+                    Ok(_) => self.batch.acks.push(Box::new(move |res| {
+                        let _ = reply.send(res.map_err(ApiError::Storage));
+                    })),
+                    Err(shoal_core::ForgetRefusal::Unknown) => {
+                        let _ =
+                            reply.send(Err(ApiError::NotFound(format!("no node named {node:?}"))));
+                    }
+                    Err(r) => {
+                        let _ = reply.send(Err(ApiError::Conflict(format!(
+                            "cannot forget node {node}: {r}"
+                        ))));
+                    }
+                }
+            }
             Command::Node(NodeCommand::Drain { node, on, reply }) => {
                 let key = shoal_orch::drain_key(&node);
                 if self.node.state().value(&key).is_some() == on {
@@ -1046,6 +1063,24 @@ impl AgentLoop {
                     gen = id.gen,
                     "the cluster had declared this node down; rejoined under a renewed identity"
                 );
+            }
+            Event::Forgotten { name, gen, keys } => {
+                tracing::info!(node = %name, gen, records = keys.len(), "forgot a node");
+                for key in keys {
+                    // The index drops what the core dropped, as for a delete.
+                    let gone = Entry {
+                        key,
+                        value: None,
+                        hlc: shoal_core::Hlc::default(),
+                        writer: shoal_core::WriterId {
+                            node: name.clone(),
+                            gen,
+                        },
+                        seq: 0,
+                    };
+                    self.on_changed(&gone);
+                }
+                self.refresh_members();
             }
             Event::Overwritten { ours, theirs } => {
                 tracing::warn!(key = %ours.key, by = %theirs.writer.node, "a write of this node lost the last-writer-wins merge");

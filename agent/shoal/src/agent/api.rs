@@ -130,6 +130,18 @@ async fn node_drain_set(app: AppState, node: String, on: bool) -> Result<Respons
     Ok(Json(view).into_response())
 }
 
+async fn node_forget(
+    State(app): State<AppState>,
+    Path(node): Path<String>,
+) -> Result<Response, ApiError> {
+    let name = node.clone();
+    ask(&app.tx, |reply| {
+        Command::Node(NodeCommand::Forget { node: name, reply })
+    })
+    .await?;
+    Ok(Json(serde_json::json!({ "node": node, "forgotten": true })).into_response())
+}
+
 async fn node_drain(
     State(app): State<AppState>,
     Path(node): Path<String>,
@@ -595,6 +607,7 @@ pub fn router(state: AppState, guard: HttpGuard) -> Router {
             "/v1/nodes/{name}/drain",
             get(node_drain_status).post(node_drain).delete(node_undrain),
         )
+        .route("/v1/nodes/{name}/forget", post(node_forget))
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/kv", get(kv_list))
         .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))

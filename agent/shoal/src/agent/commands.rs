@@ -26,8 +26,15 @@ pub enum Command {
     Node(NodeCommand),
 }
 
-/// `shoal node drain` and `undrain`.
+/// `shoal node drain`, `undrain` and `forget`.
 pub enum NodeCommand {
+    /// Forget a down or left node (`forget/<name>`).
+    Forget {
+        /// The node.
+        node: String,
+        /// Answer.
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
     /// Mark a node drained (`on`) or not.
     Drain {
         /// The node.

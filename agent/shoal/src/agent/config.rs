@@ -57,6 +57,9 @@ pub struct Tuning {
     pub cluster_size: Option<u32>,
     /// Cap on blob upload to peers, bytes per second (0: no cap; default 64 MiB/s).
     pub upload_bytes_per_sec: Option<u64>,
+    /// A node that left gracefully this long ago is forgotten by every agent (s;
+    /// default 86400, a day).
+    pub forget_left_after_s: Option<u64>,
 }
 
 /// Performance knobs in one place (`[perf]` in the config file): the size of every
@@ -433,6 +436,7 @@ impl AgentConfig {
             ("tuning.gossip_interval_ms", t.gossip_interval_ms),
             ("tuning.sync_interval_ms", t.sync_interval_ms),
             ("tuning.resource_interval_ms", t.resource_interval_ms),
+            ("tuning.forget_left_after_s", t.forget_left_after_s),
         ] {
             if v == Some(0) {
                 return Err(ConfigError::Invalid {
@@ -583,6 +587,9 @@ impl AgentConfig {
         }
         if let Some(ms) = self.tuning.sync_interval_ms {
             c.sync_interval = Duration::from_millis(ms);
+        }
+        if let Some(s) = self.tuning.forget_left_after_s {
+            c.forget_left_after = Duration::from_secs(s);
         }
         c
     }
