@@ -49,6 +49,13 @@ fn deploy(c: &Cluster, i: usize, file: &str, text: &str) {
     );
 }
 
+/// `shoal events ARGS -o json` from agent `i` (empty if it fails).
+fn events(c: &Cluster, i: usize, args: &[&str]) -> Vec<Value> {
+    let url = c.agents[i].url();
+    let all = [&["events"][..], args, &["-o", "json", "--api", &url]].concat();
+    serde_json::from_str(&shoal_ok(&all)).unwrap_or_default()
+}
+
 fn healthy(rows: &[Value]) -> Vec<&Value> {
     rows.iter()
         .filter(|r| r["healthy"] == true && r["state"] == "running")
@@ -329,15 +336,7 @@ fn node_loss_reschedules_and_restart_adopts() {
     assert_eq!(nodes.len(), 3, "still spread: {after:?}");
     // The steward's reschedule is an event.
     wait_for("the reschedule in events", Duration::from_secs(10), || {
-        let ev: Vec<Value> = serde_json::from_str(&shoal_ok(&[
-            "events",
-            "web",
-            "-o",
-            "json",
-            "--api",
-            &c.agents[0].url(),
-        ]))
-        .ok()?;
+        let ev = events(&c, 0, &["web"]);
         ev.iter()
             .any(|e| {
                 e["kind"] == "rescheduled"
@@ -514,17 +513,7 @@ restart_backoff_max = "1s"
     );
     // Restarts are events, with the exit reason.
     wait_for("restarts in events", Duration::from_secs(10), || {
-        let ev: Vec<Value> = serde_json::from_str(&shoal_ok(&[
-            "events",
-            "crashy",
-            "--kind",
-            "restart",
-            "-o",
-            "json",
-            "--api",
-            &c.agents[0].url(),
-        ]))
-        .ok()?;
+        let ev = events(&c, 0, &["crashy", "--kind", "restart"]);
         ev.iter()
             .any(|e| {
                 e["reason"]
@@ -1206,14 +1195,7 @@ fn deploy_wait_fails_fast_with_the_reason() {
         "stall and placement failure in events",
         Duration::from_secs(10),
         || {
-            let ev: Vec<Value> = serde_json::from_str(&shoal_ok(&[
-                "events",
-                "-o",
-                "json",
-                "--api",
-                &c.agents[0].url(),
-            ]))
-            .ok()?;
+            let ev = events(&c, 0, &["--limit", "100"]);
             let has = |svc: &str, kind: &str, what: &str| {
                 ev.iter().any(|e| {
                     e["service"] == svc

@@ -214,12 +214,7 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
                 }
             }
             if wait {
-                let ps = wait_rollout(&c, &v.name, v.version, Duration::from_secs(timeout), !json)
-                    .await?;
-                if json {
-                    return print_json(&ps);
-                }
-                print!("{}", slots_table(&ps.slots));
+                wait_and_show(&c, &v.name, v.version, Duration::from_secs(timeout), json).await?;
             }
             Ok(())
         }
@@ -300,11 +295,7 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 let left = limit.saturating_sub(start.elapsed());
-                let ps = wait_rollout(&c, &name, v.version, left, !json).await?;
-                if json {
-                    return print_json(&ps);
-                }
-                print!("{}", slots_table(&ps.slots));
+                wait_and_show(&c, &name, v.version, left, json).await?;
             }
             Ok(())
         }
@@ -330,12 +321,7 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
                 );
             }
             if wait {
-                let ps =
-                    wait_rollout(&c, &name, v.version, Duration::from_secs(timeout), !json).await?;
-                if json {
-                    return print_json(&ps);
-                }
-                print!("{}", slots_table(&ps.slots));
+                wait_and_show(&c, &name, v.version, Duration::from_secs(timeout), json).await?;
             }
             Ok(())
         }
@@ -449,6 +435,23 @@ async fn deploy_compose(
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// `--wait` of deploy, scale and rollback: waits for the rollout of `version`, then
+/// prints the slots (as JSON with `json`).
+async fn wait_and_show(
+    c: &Client,
+    name: &str,
+    version: u64,
+    timeout: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let ps = wait_rollout(c, name, version, timeout, !json).await?;
+    if json {
+        return print_json(&ps);
+    }
+    print!("{}", slots_table(&ps.slots));
     Ok(())
 }
 
