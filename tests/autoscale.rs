@@ -452,7 +452,29 @@ fn hostile_scaler_plugins_fall_back_to_the_built_in_and_are_quarantined() {
             "{svc}: no scale event from a failing plugin"
         );
     }
-    // The steward's log names the fallback.
+    // The steward's log names the fallback, and each quarantine is an event.
     let logs: String = c.agents.iter().map(|a| a.log()).collect();
     assert!(logs.contains("quarantined"), "a quarantine is logged");
+    wait_for("the quarantines in events", Duration::from_secs(10), || {
+        let out = shoal(&[
+            "events",
+            "--kind",
+            "plugin quarantined",
+            "-o",
+            "json",
+            "--api",
+            &api,
+        ]);
+        let ev: Vec<Value> = serde_json::from_slice(&out.stdout).ok()?;
+        ["trap", "loop", "range"]
+            .iter()
+            .all(|mode| {
+                ev.iter().any(|e| {
+                    e["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains(&format!("plugin hostile-{mode} (")))
+                })
+            })
+            .then_some(())
+    });
 }
