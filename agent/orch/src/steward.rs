@@ -618,6 +618,12 @@ impl<'a, 'i> Round<'a, 'i> {
         let version = self.record.version;
         let deadline_ms = ms(self.record.spec.update.healthy_deadline);
         let now = self.input.now_ms;
+        // While old replicas remain, a new one that got healthy and then failed
+        // still stops the rollout: the version may be one that crashes under load.
+        let updating = self
+            .work
+            .values()
+            .any(|s| s.placements().any(|p| p.version < version));
         self.work.iter().find_map(|(n, slot)| {
             slot.placements().find_map(|p| {
                 if p.version != version
@@ -632,8 +638,9 @@ impl<'a, 'i> Round<'a, 'i> {
                     .get(&p.alloc_id)
                     .filter(|r| r.node == p.node)
                     .map(|r| &r.report);
-                if report.is_some_and(|r| r.was_healthy) {
-                    // It got healthy once: now it is a crash, and restarts handle it.
+                if !updating && report.is_some_and(|r| r.was_healthy) {
+                    // The rollout is done and it got healthy once: now it is a crash,
+                    // and restarts handle it.
                     return None;
                 }
                 let why = report
@@ -1401,7 +1408,9 @@ mod tests {
             &mut native_scheduler,
         );
         assert_eq!(out.writes.len(), 3);
-        // One that was healthy once and crashed since is restarting: no stall.
+        // One that was healthy once and failed since still stalls it while old
+        // replicas remain (the version may crash under load); after the rollout a
+        // crash is a restart (`a_crash_after_the_rollout_is_not_a_rollout`).
         let mut crashed = reports.clone();
         crashed.get_mut("web-0").unwrap().report.was_healthy = true;
         let restarting = run(
@@ -1414,7 +1423,7 @@ mod tests {
             &mut native_scheduler,
         );
         assert!(
-            !matches!(restarting.rollout, RolloutStatus::Stalled { .. }),
+            matches!(restarting.rollout, RolloutStatus::Stalled { .. }),
             "{:?}",
             restarting.rollout
         );
