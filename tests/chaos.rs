@@ -1,17 +1,15 @@
 //! The chaos suite, short form: fixed seeds of faults over 5 real agents in network
-//! namespaces (partitions of every shape, loss, kill -9, SIGSTOP, full disks) with
-//! client load, then every invariant after the heal. `SHOAL_CHAOS_SEEDS=4,9` runs
-//! other seeds; long runs are `shoal-chaos --runs 100` (README, BENCHMARKS.md).
+//! namespaces (partitions of every shape, loss, delay, kill -9, SIGSTOP, full
+//! disks) with client load, then every invariant after the heal.
+//! `SHOAL_CHAOS_SEEDS=4,9` runs other seeds; long runs are `shoal-chaos --runs
+//! 100` (README, BENCHMARKS.md).
 
 use std::process::Command;
 use std::time::Duration;
 
-use shoal_chaos::{run, violations, ChaosConfig, Lab, LabConfig, Ledger};
+use shoal_chaos::{run, violations, ChaosConfig, Lab, LabConfig, Ledger, CI_SEEDS, CI_STEPS};
 
 const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
-
-/// Seeds CI runs: between them every fault kind and every operation kind.
-const SEEDS: [u64; 2] = [1, 2];
 
 #[test]
 fn fixed_seeds_keep_every_invariant() {
@@ -24,14 +22,14 @@ fn fixed_seeds_keep_every_invariant() {
                     .expect("SHOAL_CHAOS_SEEDS: comma-separated numbers")
             })
             .collect(),
-        Err(_) => SEEDS.to_vec(),
+        Err(_) => CI_SEEDS.to_vec(),
     };
     for seed in seeds {
         let cfg = ChaosConfig {
             shoal: SHOAL.into(),
             agents: 5,
             seed,
-            steps: 6,
+            steps: CI_STEPS,
             hold: Duration::from_secs(4),
             settle: Duration::from_secs(120),
         };
@@ -198,4 +196,110 @@ fn no_live_agent_is_declared_down_under_loss_and_starvation() {
         },
     )
     .unwrap();
+}
+
+/// Round trips of `n` datagrams from agent 0's namespace to an echo on agent 1's
+/// address, sent one at a time.
+fn round_trips(lab: &Lab, echo: std::net::SocketAddr, n: u32) -> Vec<Duration> {
+    let client = lab
+        .in_namespace(0, || std::net::UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    (0..n)
+        .map(|k| {
+            let sent = std::time::Instant::now();
+            client.send_to(&k.to_be_bytes(), echo).unwrap();
+            let (len, _) = client.recv_from(&mut buf).expect("an echo within 5 s");
+            assert_eq!(&buf[..len], &k.to_be_bytes());
+            sent.elapsed()
+        })
+        .collect()
+}
+
+/// The delay fault (NFQUEUE to a harness thread, since this kernel has no
+/// `netem`): every packet an agent receives is held for the delay, with jitter
+/// they come out of order, and clearing it releases them at once.
+#[test]
+fn a_delay_fault_holds_an_agents_incoming_packets_until_cleared() {
+    let mut lab = Lab::new(LabConfig {
+        agents: 2,
+        shoal: SHOAL.into(),
+        agent_args: Vec::new(),
+        data_tmpfs: None,
+    })
+    .expect("building the lab (needs root and iproute2)");
+    let echo = std::net::SocketAddr::from((lab.agents[1].addr.ip(), 9999));
+    let server = lab
+        .in_namespace(1, || std::net::UdpSocket::bind(echo))
+        .unwrap()
+        .unwrap();
+    let echoing = std::thread::spawn(move || {
+        let mut buf = [0u8; 16];
+        server
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        while let Ok((len, from)) = server.recv_from(&mut buf) {
+            if &buf[..len] == b"stop" {
+                break;
+            }
+            let _ = server.send_to(&buf[..len], from);
+        }
+    });
+
+    let before = round_trips(&lab, echo, 5);
+    assert!(
+        before.iter().all(|d| *d < Duration::from_millis(250)),
+        "{before:?}"
+    );
+
+    lab.set_delay(1, Duration::from_millis(300), Duration::ZERO, 1)
+        .unwrap();
+    let delayed = round_trips(&lab, echo, 5);
+    assert!(
+        delayed.iter().all(|d| *d >= Duration::from_millis(300)),
+        "a 300 ms delay on n2's incoming packets: {delayed:?}"
+    );
+    assert!(lab.delayed_packets(1) >= 5, "{}", lab.delayed_packets(1));
+
+    // With jitter, a burst comes back in another order than it was sent.
+    lab.set_delay(1, Duration::from_millis(200), Duration::from_millis(150), 2)
+        .unwrap();
+    let client = lab
+        .in_namespace(0, || std::net::UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    for k in 0u32..20 {
+        client.send_to(&k.to_be_bytes(), echo).unwrap();
+    }
+    let mut order = Vec::new();
+    let mut buf = [0u8; 16];
+    for _ in 0..20 {
+        let (len, _) = client.recv_from(&mut buf).expect("every echo comes back");
+        order.push(u32::from_be_bytes(buf[..len].try_into().unwrap()));
+    }
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (0..20).collect::<Vec<u32>>(),
+        "none lost: {order:?}"
+    );
+    assert_ne!(order, sorted, "jitter reorders packets");
+
+    lab.set_delay(1, Duration::ZERO, Duration::ZERO, 0).unwrap();
+    let after = round_trips(&lab, echo, 5);
+    assert!(
+        after.iter().all(|d| *d < Duration::from_millis(250)),
+        "{after:?}"
+    );
+    assert_eq!(lab.delayed_packets(1), 0);
+    client.send_to(b"stop", echo).unwrap();
+    echoing.join().unwrap();
 }

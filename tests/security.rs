@@ -552,3 +552,57 @@ fn user_kv_cannot_touch_internal_records() {
     assert!(internal.contains("service/keep"), "{internal}");
     assert!(!internal.contains("app/long"), "{internal}");
 }
+
+/// A malformed JSON body is a `400` whose JSON error names what was wrong and
+/// what the route expects; nothing changes.
+#[test]
+fn malformed_request_bodies_are_refused_by_name() {
+    let c = Cluster::start(1);
+    let api = c.agents[0].api;
+    let own = api.to_string();
+    let headers = [
+        ("Host", own.as_str()),
+        ("x-shoal-request", "1"),
+        ("Content-Type", "application/json"),
+    ];
+    for (path, body, says) in [
+        (
+            "/v1/services/web/scale",
+            r#"{"replica": 3}"#,
+            "unknown field `replica`",
+        ),
+        (
+            "/v1/services/web/scale",
+            "",
+            r#"expected JSON like {"replicas": 3}"#,
+        ),
+        (
+            "/v1/services/web/scale",
+            r#"{"replicas": "3"}"#,
+            "invalid type",
+        ),
+        (
+            "/v1/services/web/rollback",
+            r#"{"to": -2}"#,
+            "invalid value",
+        ),
+        (
+            "/v1/pulls",
+            r#"{"reference": "Not A Name"}"#,
+            "request body:",
+        ),
+        (
+            "/v1/images",
+            r#"{"reference": "web:1", "to": "zone"}"#,
+            "LABEL=VALUE",
+        ),
+    ] {
+        let (code, answer) = http_raw(api, "POST", path, &headers, body);
+        assert_eq!(code, 400, "{path} {body}: {answer}");
+        let err: serde_json::Value = serde_json::from_str(&answer)
+            .unwrap_or_else(|e| panic!("{path}: the answer is not JSON ({e}): {answer}"));
+        let msg = err["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(says), "{path} {body}: {msg}");
+    }
+    assert!(c.services(0).is_empty());
+}

@@ -1,5 +1,6 @@
 //! The lab: namespaces, bridges, veths and agent processes (see the crate docs).
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -10,6 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+use crate::delay::Delayer;
 
 /// QUIC port every lab agent listens on (on its own address).
 pub const AGENT_PORT: u16 = 7001;
@@ -76,6 +79,8 @@ pub struct Lab {
     pub agents: Vec<LabAgent>,
     /// Bridges created in the hub (br0 always exists).
     bridges: usize,
+    /// Delay threads, by agent index ([`Lab::set_delay`]).
+    delayers: HashMap<usize, Delayer>,
 }
 
 /// Busy loops competing with an agent for its core ([`Lab::starve`]); killed on drop.
@@ -198,6 +203,7 @@ impl Lab {
             ca,
             agents: Vec::new(),
             bridges: 1,
+            delayers: HashMap::new(),
             dir,
             cfg,
         };
@@ -304,6 +310,71 @@ impl Lab {
             ])?;
         }
         Ok(())
+    }
+
+    /// Holds every packet agent `i` receives for `delay` ± `jitter` before it
+    /// reaches the agent (so packets also arrive out of order when `jitter` > 0);
+    /// `delay` zero stops delaying and releases what is held. The kernel queues
+    /// the packets (iptables `NFQUEUE` in the namespace's `mangle` table) to a
+    /// harness thread ([`Delayer`]); `seed` draws each packet's delay.
+    pub fn set_delay(
+        &mut self,
+        i: usize,
+        delay: Duration,
+        jitter: Duration,
+        seed: u64,
+    ) -> anyhow::Result<()> {
+        let ns = self.agents[i].ns.clone();
+        let ipt = |args: &[&str]| {
+            run_ok(
+                Command::new("ip")
+                    .args(["netns", "exec", &ns, "iptables", "-w", "-t", "mangle"])
+                    .args(args),
+                "iptables (delay)",
+            )
+        };
+        // The rule goes first, so nothing is queued to a delayer that is leaving.
+        ipt(&["-F", "PREROUTING"])?;
+        self.delayers.remove(&i);
+        if delay.is_zero() {
+            return Ok(());
+        }
+        let d = Delayer::start(&ns, 0, delay, jitter.min(delay), seed)?;
+        self.delayers.insert(i, d);
+        ipt(&[
+            "-A",
+            "PREROUTING",
+            "-i",
+            "eth0",
+            "-j",
+            "NFQUEUE",
+            "--queue-num",
+            "0",
+            "--queue-bypass",
+        ])
+    }
+
+    /// Runs `f` on a thread inside agent `i`'s network namespace and returns what
+    /// it returns: sockets it opens stay in that namespace wherever they are used.
+    pub fn in_namespace<T: Send>(
+        &self,
+        i: usize,
+        f: impl FnOnce() -> T + Send,
+    ) -> anyhow::Result<T> {
+        let ns = &self.agents[i].ns;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::delay::enter_netns(ns)?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread in {ns} panicked"))?
+        })
+    }
+
+    /// Packets agent `i`'s current delay has held so far (0 when none is set).
+    pub fn delayed_packets(&self, i: usize) -> u64 {
+        self.delayers.get(&i).map_or(0, Delayer::packets)
     }
 
     /// Starves agent `i` of CPU: pins every thread of it to CPU 0 and starts
@@ -678,6 +749,7 @@ fn kill_workloads(data: &Path) {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.delayers.clear();
         for i in 0..self.agents.len() {
             self.signal(i, libc::SIGKILL);
         }

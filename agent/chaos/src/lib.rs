@@ -7,7 +7,9 @@
 //! agents start on bridge 0; [`Lab::partition`] moves agents' ports onto other
 //! bridges, so any grouping (singletons included) is one call, and
 //! [`Lab::heal`] puts every port back. [`Lab::set_loss`] drops a share of an
-//! agent's incoming packets (iptables `statistic` inside its namespace), and
+//! agent's incoming packets (iptables `statistic` inside its namespace),
+//! [`Lab::set_delay`] holds them for a while (the kernel's NFQUEUE hands them to
+//! a [`Delayer`] thread of the harness; this kernel has no `netem`), and
 //! [`Lab::fill_disk`] fills an agent's tmpfs data dir. Addresses exist only
 //! inside the lab's namespaces, so labs of parallel tests never see each other.
 //!
@@ -24,18 +26,20 @@
 //! created. Needs root (network namespaces).
 //!
 //! The chaos runner ([`run`]) plays a seeded [`Schedule`] of faults (partitions
-//! of every shape, loss, `kill -9` and restart, SIGSTOP/SIGCONT, full disks)
+//! of every shape, loss, delay, `kill -9` and restart, SIGSTOP/SIGCONT, full disks)
 //! with client load (kv writes, deploys, scales, removals), heals, and checks
 //! the invariants: every acknowledged write everywhere, one value per key, each
 //! live slot run by exactly one process on the host, no process that no slot
 //! names, no node over its CPU, no agent panicked. A failing run prints its seed
-//! and the command that replays it. It does not delay packets (the kernel here
-//! lacks `netem`) and does not check failure-detection timing.
+//! and the command that replays it. It does not check failure-detection timing
+//! (the simulator and `tests/chaos.rs` do).
 
+mod delay;
 mod lab;
 mod run;
 mod schedule;
 
+pub use delay::Delayer;
 pub use lab::{Lab, LabAgent, LabConfig, Starver, Workload, AGENT_API, AGENT_PORT};
 pub use run::{run, violations, ChaosConfig, Ledger, RunFailure, RunReport};
-pub use schedule::{Fault, Op, OpKind, Rng, Schedule, Step};
+pub use schedule::{Fault, Op, OpKind, Rng, Schedule, Step, CI_SEEDS, CI_STEPS};

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use shoal_chaos::{run, ChaosConfig};
 
-/// Seeded faults over real agents: partitions, loss, kill -9, SIGSTOP, full disks.
+/// Seeded faults over real agents: partitions, loss, delay, kill -9, SIGSTOP, full disks.
 #[derive(Parser)]
 #[command(name = "shoal-chaos", version)]
 struct Args {

@@ -154,7 +154,7 @@ pub fn run(cfg: &ChaosConfig) -> Result<RunReport, RunFailure> {
     for (s, step) in plan.steps.iter().enumerate() {
         let at = started.elapsed().as_secs_f32();
         timeline.push(format!("{at:6.1}s step {s}: {}", step.fault));
-        inject(&mut lab, &step.fault, &mut up).map_err(|e| {
+        inject(&mut lab, &step.fault, &mut up, cfg.seed ^ s as u64).map_err(|e| {
             fail(
                 format!("injecting {}: {e:#}", step.fault),
                 &timeline,
@@ -231,10 +231,20 @@ pub fn run(cfg: &ChaosConfig) -> Result<RunReport, RunFailure> {
     })
 }
 
-fn inject(lab: &mut Lab, fault: &Fault, up: &mut [Up]) -> anyhow::Result<()> {
+fn inject(lab: &mut Lab, fault: &Fault, up: &mut [Up], seed: u64) -> anyhow::Result<()> {
     match fault {
         Fault::Partition(groups) => lab.partition(groups),
         Fault::Loss { agent, percent } => lab.set_loss(*agent, *percent),
+        Fault::Delay {
+            agent,
+            ms,
+            jitter_ms,
+        } => lab.set_delay(
+            *agent,
+            Duration::from_millis(u64::from(*ms)),
+            Duration::from_millis(u64::from(*jitter_ms)),
+            seed,
+        ),
         Fault::Kill { agent } => {
             lab.signal(*agent, libc::SIGKILL);
             up[*agent] = Up::Killed;
@@ -253,6 +263,7 @@ fn clear(lab: &mut Lab, fault: &Fault, up: &mut [Up]) -> anyhow::Result<()> {
     match fault {
         Fault::Partition(_) => lab.heal(),
         Fault::Loss { agent, .. } => lab.set_loss(*agent, 0),
+        Fault::Delay { agent, .. } => lab.set_delay(*agent, Duration::ZERO, Duration::ZERO, 0),
         Fault::Kill { agent } => {
             up[*agent] = Up::Yes;
             lab.start(*agent)

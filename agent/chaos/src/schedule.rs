@@ -48,6 +48,16 @@ pub enum Fault {
         /// Percent dropped.
         percent: u32,
     },
+    /// The packets the agent receives are each held `ms` ± `jitter_ms` (so they
+    /// also arrive out of order).
+    Delay {
+        /// Agent index.
+        agent: usize,
+        /// Mean delay, milliseconds.
+        ms: u32,
+        /// Largest deviation from it, milliseconds.
+        jitter_ms: u32,
+    },
     /// The agent is `kill -9`ed; it is started again when the step ends (its
     /// workloads keep running meanwhile, as on a real crash).
     Kill {
@@ -79,6 +89,11 @@ impl fmt::Display for Fault {
                 write!(f, "partition {}", shown.join(" | "))
             }
             Fault::Loss { agent, percent } => write!(f, "{percent}% loss at {}", name(agent)),
+            Fault::Delay {
+                agent,
+                ms,
+                jitter_ms,
+            } => write!(f, "{ms}±{jitter_ms} ms delay at {}", name(agent)),
             Fault::Kill { agent } => write!(f, "kill -9 {}", name(agent)),
             Fault::Pause { agent } => write!(f, "SIGSTOP {}", name(agent)),
             Fault::DiskFull { agent } => write!(f, "disk full at {}", name(agent)),
@@ -174,6 +189,12 @@ pub struct Schedule {
     pub steps: Vec<Step>,
 }
 
+/// Seeds the CI suite runs (`tests/chaos.rs`, [`CI_STEPS`] steps each): between
+/// them every fault kind and every operation kind turns up (unit-tested).
+pub const CI_SEEDS: [u64; 2] = [34, 2];
+/// Steps per CI run.
+pub const CI_STEPS: usize = 6;
+
 /// Services the client load deploys, scales and removes.
 pub const SERVICES: [&str; 3] = ["c1", "c2", "c3"];
 /// Keys the client load writes from every side.
@@ -193,16 +214,24 @@ impl Schedule {
         let mut writes = 0usize;
         let steps = (0..steps)
             .map(|s| {
-                let fault = match rng.below(6) {
+                let fault = match rng.below(7) {
                     0 | 1 => Fault::Partition(random_groups(&mut rng, agents)),
                     2 => Fault::Loss {
                         agent: rng.below(agents),
                         percent: rng.between(5, 30),
                     },
-                    3 => Fault::Kill {
+                    3 => {
+                        let ms = rng.between(20, 400);
+                        Fault::Delay {
+                            agent: rng.below(agents),
+                            ms,
+                            jitter_ms: rng.between(0, ms / 2),
+                        }
+                    }
+                    4 => Fault::Kill {
                         agent: rng.below(agents),
                     },
-                    4 => Fault::Pause {
+                    5 => Fault::Pause {
                         agent: rng.below(agents),
                     },
                     _ => Fault::DiskFull {
@@ -310,21 +339,52 @@ mod tests {
         assert_eq!(shapes.into_iter().collect::<Vec<_>>(), vec![2, 3, 4, 5]);
     }
 
-    #[test]
-    fn every_fault_kind_and_operation_kind_turns_up() {
-        let plan = Schedule::generate(3, 5, 200, Duration::from_secs(1));
-        let faults: std::collections::BTreeSet<&str> = plan
-            .steps
+    fn fault_kinds(plan: &Schedule) -> std::collections::BTreeSet<&'static str> {
+        plan.steps
             .iter()
             .map(|s| match s.fault {
                 Fault::Partition(_) => "partition",
                 Fault::Loss { .. } => "loss",
+                Fault::Delay { .. } => "delay",
                 Fault::Kill { .. } => "kill",
                 Fault::Pause { .. } => "pause",
                 Fault::DiskFull { .. } => "disk",
             })
+            .collect()
+    }
+
+    #[test]
+    fn the_ci_seeds_inject_every_fault_kind_and_every_operation() {
+        let plans: Vec<Schedule> = CI_SEEDS
+            .iter()
+            .map(|&s| Schedule::generate(s, 5, CI_STEPS, Duration::from_secs(4)))
             .collect();
-        assert_eq!(faults.len(), 5, "{faults:?}");
+        let faults: std::collections::BTreeSet<&str> = plans.iter().flat_map(fault_kinds).collect();
+        let ops: std::collections::HashSet<std::mem::Discriminant<OpKind>> = plans
+            .iter()
+            .flat_map(|p| &p.steps)
+            .flat_map(|s| &s.ops)
+            .map(|o| std::mem::discriminant(&o.kind))
+            .collect();
+        let others: Vec<String> = (1..=60)
+            .map(|s| {
+                let p = Schedule::generate(s, 5, CI_STEPS, Duration::from_secs(4));
+                format!("{s}: {:?}", fault_kinds(&p))
+            })
+            .collect();
+        assert!(
+            faults.len() == 6 && ops.len() == 5,
+            "CI seeds {CI_SEEDS:?} cover {faults:?} and {} operation kinds; seeds 1-60:\n{}",
+            ops.len(),
+            others.join("\n")
+        );
+    }
+
+    #[test]
+    fn every_fault_kind_and_operation_kind_turns_up() {
+        let plan = Schedule::generate(3, 5, 200, Duration::from_secs(1));
+        let faults = fault_kinds(&plan);
+        assert_eq!(faults.len(), 6, "{faults:?}");
         let ops: std::collections::BTreeSet<&str> = plan
             .steps
             .iter()

@@ -5,7 +5,7 @@
 //! Each entry feeds its bytes to the real code path an attacker on the network or
 //! the API reaches — frame decoding, SWIM through a whole [`shoal_core::Node`],
 //! blob messages through a blob [`shoal_blob::Server`], service specs, image
-//! references, DNS queries through the responder — and asserts what must hold for
+//! references, DNS queries through the responder, the API's JSON bodies — and asserts what must hold for
 //! any input (a decoded frame re-encodes to an equal message, a DNS answer parses).
 //! A panic, a hang or an allocation past libFuzzer's limit is a finding. This
 //! crate holds no fuzzing engine and no corpus logic of its own.
@@ -22,13 +22,14 @@ use shoal_discovery::{respond, Catalog, DnsConfig, InOrder, Outcome, Resolver, T
 pub type Entry = fn(&[u8]);
 
 /// Every target: its name (the corpus directory and cargo-fuzz target) and entry.
-pub const TARGETS: [(&str, Entry); 6] = [
+pub const TARGETS: [(&str, Entry); 7] = [
     ("wire_frame", wire_frame),
     ("swim_packet", swim_packet),
     ("blob_msg", blob_msg),
     ("service_spec", service_spec),
     ("image_ref", image_ref),
     ("dns_query", dns_query),
+    ("api_json", api_json),
 ];
 
 /// An agent frame, as it arrives on a stream or datagram.
@@ -126,6 +127,38 @@ pub fn image_ref(data: &[u8]) {
                 "normalising is idempotent"
             );
         }
+    }
+}
+
+/// Routes of the HTTP API with a JSON body, in the order the first byte of an
+/// `api_json` input picks them.
+pub const API_JSON_ROUTES: [&str; 4] = [
+    "POST /v1/services/{name}/scale",
+    "POST /v1/services/{name}/rollback",
+    "POST /v1/images",
+    "POST /v1/pulls",
+];
+
+/// A JSON request body through the decoder and checks the API's handlers use
+/// ([`shoal_api::decode`]); the first byte picks the route ([`API_JSON_ROUTES`]).
+/// A body that passes must pass again, unchanged, once encoded.
+pub fn api_json(data: &[u8]) {
+    let Some((&route, body)) = data.split_first() else {
+        return;
+    };
+    match usize::from(route) % API_JSON_ROUTES.len() {
+        0 => body_round_trip::<shoal_api::ScaleBody>(body),
+        1 => body_round_trip::<shoal_api::RollbackBody>(body),
+        2 => body_round_trip::<shoal_api::PushBody>(body),
+        _ => body_round_trip::<shoal_api::PullBody>(body),
+    }
+}
+
+fn body_round_trip<T: shoal_api::RequestBody + PartialEq + std::fmt::Debug>(body: &[u8]) {
+    if let Ok(v) = shoal_api::decode::<T>(body) {
+        let bytes = serde_json::to_vec(&v).expect("a body encodes");
+        let again = shoal_api::decode::<T>(&bytes).expect("an accepted body, encoded, is accepted");
+        assert_eq!(again, v, "body round trip");
     }
 }
 

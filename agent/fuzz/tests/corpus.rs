@@ -295,4 +295,28 @@ fn write_seeds() {
         }
         write("dns_query", name, &m.to_vec().unwrap());
     }
+
+    // API bodies: the first byte picks the route (shoal_fuzz::API_JSON_ROUTES).
+    for (name, route, body) in [
+        ("scale", 0u8, r#"{"replicas": 3}"#),
+        ("scale-zero", 0, r#"{"replicas":0}"#),
+        ("rollback-to", 1, r#"{"to": 2}"#),
+        ("rollback-empty", 1, "{}"),
+        (
+            "push",
+            2,
+            r#"{"reference": "web:1", "to": "zone=edge", "replace": true}"#,
+        ),
+        (
+            "push-all",
+            2,
+            r#"{"reference":"registry.local:5000/team/app:v1","to":"all"}"#,
+        ),
+        ("pull", 3, r#"{"reference": "myapp"}"#),
+        ("pull-escaped", 3, r#"{"reference": "my\u0061pp:2"}"#),
+    ] {
+        let mut bytes = vec![route];
+        bytes.extend_from_slice(body.as_bytes());
+        write("api_json", name, &bytes);
+    }
 }

@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Context};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
-use crate::api_types::{
+use shoal_api::{
     AllocView, DeployView, DrainView, ErrorView, EventView, KvView, LogsView, NodeView, PsView,
     ServiceView, VersionView,
 };
@@ -108,7 +108,11 @@ impl Client {
             .post(format!("{}/v1/images", self.base))
             // A push of several GB takes as long as it takes; progress lines keep coming.
             .timeout(std::time::Duration::from_secs(24 * 3600))
-            .json(&serde_json::json!({ "reference": reference, "to": to, "replace": replace }));
+            .json(&shoal_api::PushBody {
+                reference: reference.to_string(),
+                to: to.map(str::to_string),
+                replace,
+            });
         let resp = req.send().await.map_err(|e| self.unreachable(&e))?;
         let status = resp.status();
         if status != StatusCode::OK {
@@ -119,16 +123,13 @@ impl Client {
     }
 
     /// `GET /v1/images`.
-    pub async fn images(&self) -> anyhow::Result<Vec<crate::api_types::ImageView>> {
+    pub async fn images(&self) -> anyhow::Result<Vec<shoal_api::ImageView>> {
         self.send(self.http.get(format!("{}/v1/images", self.base)))
             .await
     }
 
     /// `DELETE /v1/images/<reference>`.
-    pub async fn image_rm(
-        &self,
-        reference: &str,
-    ) -> anyhow::Result<crate::api_types::ImageRemoved> {
+    pub async fn image_rm(&self, reference: &str) -> anyhow::Result<shoal_api::ImageRemoved> {
         self.send(
             self.http
                 .delete(format!("{}/v1/images/{reference}", self.base)),
@@ -142,7 +143,9 @@ impl Client {
             self.http
                 .post(format!("{}/v1/pulls", self.base))
                 .timeout(std::time::Duration::from_secs(24 * 3600))
-                .json(&serde_json::json!({ "reference": reference })),
+                .json(&shoal_api::PullBody {
+                    reference: reference.to_string(),
+                }),
         )
         .await
     }
@@ -235,7 +238,7 @@ impl Client {
         let req = self
             .http
             .post(format!("{}/v1/services/{name}/scale", self.base))
-            .json(&serde_json::json!({ "replicas": replicas }));
+            .json(&shoal_api::ScaleBody { replicas });
         self.send(req).await
     }
 
@@ -253,7 +256,7 @@ impl Client {
         let req = self
             .http
             .post(format!("{}/v1/services/{name}/rollback", self.base))
-            .json(&serde_json::json!({ "to": to }));
+            .json(&shoal_api::RollbackBody { to });
         self.send(req).await
     }
 

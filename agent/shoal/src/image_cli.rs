@@ -6,8 +6,8 @@ use std::io::IsTerminal;
 use anyhow::{anyhow, bail, Context};
 
 use crate::agent::images::{short_id, PushEvent};
-use crate::api_types::{human_bytes, ImageView};
 use crate::client::{clock_text, table, Client, Format};
+use shoal_api::{human_bytes, ImageView};
 
 /// `shoal image` subcommands.
 #[derive(clap::Subcommand)]

@@ -6,7 +6,6 @@
 //! of that API, except `ca` (certificates, offline) and `demo` (a local mesh).
 
 mod agent;
-mod api_types;
 mod bench;
 mod client;
 mod compose;

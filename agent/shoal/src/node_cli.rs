@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::Subcommand;
 
-use crate::api_types::DrainView;
 use crate::client::{clock_text, Client, Format};
+use shoal_api::DrainView;
 
 /// The node subcommands.
 #[derive(Subcommand)]

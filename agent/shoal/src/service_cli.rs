@@ -9,10 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use shoal_orch::RolloutStatus;
 
-use crate::api_types::{
-    AllocView, EventView, LogsView, PsView, ServiceView, SlotView, VersionView,
-};
 use crate::client::{table, Client, Format};
+use shoal_api::{AllocView, EventView, LogsView, PsView, ServiceView, SlotView, VersionView};
 
 /// A service command.
 #[derive(clap::Subcommand)]

@@ -42,7 +42,7 @@ use super::persist::Batch;
 use super::plugins::{self, Compiled, Effect, PluginManager};
 use super::views::{AgentStats, StateIndex, Views};
 use super::{wall_ms, ApiError};
-use crate::api_types::DeployView;
+use shoal_api::DeployView;
 
 /// A start-up grace before seeds that have not answered are reported.
 const JOIN_GRACE: Duration = Duration::from_secs(3);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -29,7 +29,7 @@ use super::keys::{self, Binding};
 use super::mesh_logs::{local_logs, AllocLogs, LogsCmd, LogsError};
 use super::views::{LogTarget, Views};
 use super::{wall_ms, ApiError};
-use crate::api_types::{ErrorView, LogsView, PsView};
+use shoal_api::{ErrorView, LogsView, PsView, RequestBody, RollbackBody, ScaleBody};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -61,6 +61,23 @@ pub struct AppState {
 impl AppState {
     fn views(&self) -> Arc<Views> {
         self.views.borrow().clone()
+    }
+}
+
+/// A JSON request body, decoded and checked by [`shoal_api::decode`] (the code
+/// the `api_json` fuzz target runs); a refusal is a `400` naming what was wrong.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: RequestBody> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
+        shoal_api::decode(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))
     }
 }
 
@@ -192,7 +209,7 @@ async fn kv_put(
         Command::Kv(KvCommand::Put { key, value, reply })
     })
     .await?;
-    Ok(Json(crate::api_types::KvView::of(&e)).into_response())
+    Ok(Json(shoal_api::KvView::of(&e)).into_response())
 }
 
 async fn kv_delete(
@@ -384,15 +401,10 @@ async fn service_ps(
     Ok(Json(PsView { service, slots }).into_response())
 }
 
-#[derive(Deserialize)]
-struct ScaleBody {
-    replicas: u32,
-}
-
 async fn service_scale(
     State(app): State<AppState>,
     Path(name): Path<String>,
-    Json(body): Json<ScaleBody>,
+    JsonBody(body): JsonBody<ScaleBody>,
 ) -> Result<Response, ApiError> {
     let replicas = body.replicas;
     let v = ask(&app.tx, |reply| {
@@ -406,14 +418,6 @@ async fn service_scale(
     Ok(Json(v).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RollbackBody {
-    /// The version whose spec to deploy again.
-    #[serde(default)]
-    to: Option<u64>,
-}
-
 async fn service_history(
     State(app): State<AppState>,
     Path(name): Path<String>,
@@ -424,7 +428,7 @@ async fn service_history(
 async fn service_rollback(
     State(app): State<AppState>,
     Path(name): Path<String>,
-    Json(body): Json<RollbackBody>,
+    JsonBody(body): JsonBody<RollbackBody>,
 ) -> Result<Response, ApiError> {
     let to = body.to;
     let v = ask(&app.tx, |reply| {

@@ -26,7 +26,7 @@ use shoal_net::Net;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::api_types::{human_bytes, BlobView};
+use shoal_api::{human_bytes, BlobView};
 
 /// What the worker is asked to do.
 pub enum BlobCmd {

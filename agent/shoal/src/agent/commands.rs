@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::keys::Binding;
 use super::ApiError;
-use crate::api_types::DeployView;
+use shoal_api::DeployView;
 
 /// A write request for the agent loop.
 pub enum Command {

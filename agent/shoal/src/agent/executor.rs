@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api_types::human_bytes;
+use shoal_api::human_bytes;
 
 /// How often driver state is polled and due work is done.
 const TICK: Duration = Duration::from_millis(250);

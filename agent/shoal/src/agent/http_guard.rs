@@ -26,7 +26,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use crate::api_types::ErrorView;
+use shoal_api::ErrorView;
 
 /// Header the CLI sends with every request; its presence makes a mutation
 /// non-simple (a cross-origin page would need a CORS preflight, which is never granted).

@@ -10,15 +10,16 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
+use shoal_api::{PullBody, PushBody};
 use shoal_core::Status;
 use shoal_orch::AllocState;
 use tokio::sync::mpsc;
 
-use super::api::AppState;
+use super::api::{AppState, JsonBody};
 use super::commands::{Command, ImageCommand};
 use super::images::{ImageCmd, PushEvent, PushRequest};
 use super::ApiError;
-use crate::api_types::{ImageRemoved, ImageView, PullView};
+use shoal_api::{ImageRemoved, ImageView, PullView};
 
 /// The `/v1/images` routes.
 pub fn routes() -> axum::Router<AppState> {
@@ -32,15 +33,15 @@ pub fn routes() -> axum::Router<AppState> {
 /// ending with `done` or `error`.
 async fn push(
     State(app): State<AppState>,
-    Json(mut req): Json<PushRequest>,
+    JsonBody(body): JsonBody<PushBody>,
 ) -> Result<Response, ApiError> {
-    shoal_image::normalize_reference(&req.reference)
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    if let Some(to) = &req.to {
-        shoal_image::Preheat::parse(to).map_err(ApiError::BadRequest)?;
-    }
     let (tx, rx) = mpsc::channel::<PushEvent>(64);
-    req.events = Some(tx);
+    let req = PushRequest {
+        reference: body.reference,
+        to: body.to,
+        replace: body.replace,
+        events: Some(tx),
+    };
     app.images
         .send(ImageCmd::Push(req))
         .await
@@ -59,19 +60,12 @@ async fn push(
 }
 
 /// `POST /v1/pulls`.
-#[derive(serde::Deserialize)]
-struct PullRequest {
-    reference: String,
-}
-
 /// Makes this node's engine hold a pushed image (what a replica start does), and
 /// answers once it does: `shoal image pull` and the benchmark use it.
 async fn pull(
     State(app): State<AppState>,
-    Json(req): Json<PullRequest>,
+    JsonBody(PullBody { reference }): JsonBody<PullBody>,
 ) -> Result<Response, ApiError> {
-    let reference = shoal_image::normalize_reference(&req.reference)
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     app.images
         .send(ImageCmd::Ensure {

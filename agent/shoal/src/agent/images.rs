@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 use super::blobs::{BlobCmd, BlobStatus};
 use super::commands::{Command, ImageCommand};
 use super::views::Views;
-use crate::api_types::human_bytes;
+use shoal_api::human_bytes;
 
 /// What the task is asked to do.
 pub enum ImageCmd {
@@ -54,19 +54,16 @@ pub enum ImageCmd {
     Push(PushRequest),
 }
 
-/// `POST /v1/images`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A push, as the API hands it to the image task (its body is [`shoal_api::PushBody`]).
+#[derive(Debug, Clone)]
 pub struct PushRequest {
     /// `name[:tag]`.
     pub reference: String,
     /// Nodes that fetch it at once (`all` or `LABEL=VALUE`).
-    #[serde(default)]
     pub to: Option<String>,
     /// Move the tag even if it names another image now.
-    #[serde(default)]
     pub replace: bool,
-    /// Where progress and the result go (not part of the request body).
-    #[serde(skip)]
+    /// Where progress and the result go.
     pub events: Option<mpsc::Sender<PushEvent>>,
 }
 

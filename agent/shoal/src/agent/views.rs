@@ -21,9 +21,7 @@ use shoal_policy::NodeStatus;
 
 use super::keys::{self, Binding, Key, NodeInfo, PluginRow, Resources};
 use super::ApiError;
-use crate::api_types::{
-    AllocView, DrainView, KvView, NodeView, ServiceView, SlotView, VersionView,
-};
+use shoal_api::{AllocView, DrainView, KvView, NodeView, ServiceView, SlotView, VersionView};
 use shoal_image::ImageRecord;
 
 /// What one node has published about itself, decoded.
@@ -606,7 +604,7 @@ impl Views {
             rollout,
             autoscale: r.spec.autoscaling().map(|auto| {
                 let state = self.state.cluster.scales.get(name);
-                crate::api_types::AutoscaleView {
+                shoal_api::AutoscaleView {
                     policy: auto.policy,
                     min: auto.min,
                     max: auto.max,
@@ -620,35 +618,29 @@ impl Views {
     }
 
     /// `shoal events [SVC]`: scale decisions, newest first (of `service`, or of all).
-    pub fn events(
-        &self,
-        service: Option<&str>,
-    ) -> Result<Vec<crate::api_types::EventView>, ApiError> {
+    pub fn events(&self, service: Option<&str>) -> Result<Vec<shoal_api::EventView>, ApiError> {
         let cluster = &self.state.cluster;
         if let Some(name) = service {
             if !cluster.services.contains_key(name) {
                 return Err(ApiError::NotFound(format!("no service named {name:?}")));
             }
         }
-        let mut out: Vec<crate::api_types::EventView> = cluster
+        let mut out: Vec<shoal_api::EventView> = cluster
             .scales
             .iter()
             .filter(|(name, _)| service.is_none_or(|s| s == name.as_str()))
             .flat_map(|(name, state)| {
-                state
-                    .history
-                    .iter()
-                    .map(move |e| crate::api_types::EventView {
-                        service: Some(name.clone()),
-                        at_ms: e.at_ms,
-                        kind: "scale".into(),
-                        node: e.steward.clone(),
-                        reason: e.reason.clone(),
-                        from: Some(e.from),
-                        to: Some(e.to),
-                        by: Some(e.by.clone()),
-                        steward: Some(e.steward.clone()),
-                    })
+                state.history.iter().map(move |e| shoal_api::EventView {
+                    service: Some(name.clone()),
+                    at_ms: e.at_ms,
+                    kind: "scale".into(),
+                    node: e.steward.clone(),
+                    reason: e.reason.clone(),
+                    from: Some(e.from),
+                    to: Some(e.to),
+                    by: Some(e.by.clone()),
+                    steward: Some(e.steward.clone()),
+                })
             })
             .collect();
         for (node, rec) in &self.state.nodes {
@@ -656,7 +648,7 @@ impl Views {
                 rec.events
                     .iter()
                     .filter(|e| service.is_none_or(|s| e.service.as_deref() == Some(s)))
-                    .map(|e| crate::api_types::EventView {
+                    .map(|e| shoal_api::EventView {
                         service: e.service.clone(),
                         at_ms: e.at_ms,
                         kind: e.kind.clone(),

@@ -215,7 +215,7 @@ async fn transfer(
     while !pending.is_empty() {
         let mut still = Vec::new();
         for a in pending {
-            let blobs: Vec<crate::api_types::BlobView> = http
+            let blobs: Vec<shoal_api::BlobView> = http
                 .get(format!("http://{a}/v1/blobs"))
                 .send()
                 .await?

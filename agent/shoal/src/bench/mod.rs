@@ -1122,7 +1122,7 @@ pub async fn run_loop(args: LoopBenchArgs) -> anyhow::Result<()> {
             );
         }
         loop {
-            let blobs: Vec<crate::api_types::BlobView> = http
+            let blobs: Vec<shoal_api::BlobView> = http
                 .get(format!("http://{to}/v1/blobs"))
                 .send()
                 .await?

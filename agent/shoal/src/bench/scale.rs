@@ -177,7 +177,7 @@ pub async fn run_scale(args: ScaleBenchArgs) -> anyhow::Result<()> {
         // Only the newest 20 are kept: count by time. A flap is a change against the
         // direction of the one before it.
         let since = crate::agent::wall_ms().saturating_sub(steady.elapsed().as_millis() as u64);
-        let mut recent: Vec<&crate::api_types::EventView> =
+        let mut recent: Vec<&shoal_api::EventView> =
             after.iter().take_while(|e| e.at_ms >= since).collect();
         recent.reverse();
         let mut up = after.get(recent.len()).is_none_or(|e| e.to > e.from);

@@ -1,10 +1,32 @@
-//! JSON shapes of the HTTP API, shared by the server and the CLI.
+//! The answers of the HTTP API, as the agent writes them and the CLI reads them.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::host_probe::Resources;
+/// What a node has, as published under `node/<name>/resources`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Logical CPUs usable by this process.
+    pub cpus: u32,
+    /// Total memory.
+    pub memory_bytes: u64,
+    /// Memory available for new work.
+    pub memory_free_bytes: u64,
+    /// Free space on the disk holding the data directory.
+    pub disk_free_bytes: u64,
+}
+
+impl Resources {
+    /// Whether `other` differs enough from `self` to be worth gossiping (over 1%).
+    pub fn differs(&self, other: &Resources) -> bool {
+        let far = |a: u64, b: u64| a.abs_diff(b) as f64 > (a.max(b) as f64) * 0.01;
+        self.cpus != other.cpus
+            || self.memory_bytes != other.memory_bytes
+            || far(self.memory_free_bytes, other.memory_free_bytes)
+            || far(self.disk_free_bytes, other.disk_free_bytes)
+    }
+}
 
 /// One member as `shoal nodes` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
