@@ -3,12 +3,13 @@
 //! command that replays it, and the whole command then exits 1. Needs root and a
 //! built `shoal` binary.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use shoal_chaos::{run, ChaosConfig};
+use shoal_chaos::{run, ChaosConfig, Schedule};
 
 /// Seeded faults over real agents: partitions, loss, delay, kill -9, SIGSTOP, full disks.
 #[derive(Parser)]
@@ -35,10 +36,40 @@ struct Args {
     /// The shoal binary (default: `shoal` next to this one, e.g. target/release/shoal).
     #[arg(long)]
     shoal: Option<PathBuf>,
+    /// Print each seed's faults and client operations, and run nothing.
+    #[arg(long)]
+    plan: bool,
+}
+
+/// Prints the schedules of the seeds `args` names, with a tally of fault kinds.
+fn print_plans(args: &Args) {
+    let mut kinds: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for seed in args.seed..args.seed.saturating_add(args.runs) {
+        let plan = Schedule::generate(
+            seed,
+            args.agents as usize,
+            args.steps,
+            Duration::from_millis(args.hold_ms),
+        );
+        println!("seed {seed}:");
+        for step in &plan.steps {
+            let ops: Vec<String> = step.ops.iter().map(|o| o.to_string()).collect();
+            println!("  {} — {}", step.fault, ops.join("; "));
+        }
+        for (kind, n) in plan.fault_kinds() {
+            *kinds.entry(kind).or_default() += n;
+        }
+    }
+    let by_kind: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    println!("faults by kind: {}", by_kind.join(", "));
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.plan {
+        print_plans(&args);
+        return ExitCode::SUCCESS;
+    }
     let shoal = match args.shoal.clone().or_else(|| {
         std::env::current_exe()
             .ok()
@@ -56,6 +87,7 @@ fn main() -> ExitCode {
     let mut worst = Duration::ZERO;
     let (mut faults, mut ops, mut acked, mut refused) = (0, 0, 0, 0);
     let mut failed: Vec<u64> = Vec::new();
+    let mut kinds: BTreeMap<&'static str, usize> = BTreeMap::new();
     for seed in args.seed..args.seed.saturating_add(args.runs) {
         let cfg = ChaosConfig {
             shoal: shoal.clone(),
@@ -78,6 +110,9 @@ fn main() -> ExitCode {
                 );
                 worst = worst.max(r.converged);
                 faults += r.faults;
+                for (kind, n) in &r.fault_kinds {
+                    *kinds.entry(kind).or_default() += n;
+                }
                 ops += r.ops;
                 acked += r.writes_acked;
                 refused += r.ops_refused;
@@ -92,10 +127,12 @@ fn main() -> ExitCode {
             }
         }
     }
+    let by_kind: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
     println!(
-        "{} runs, {} passed: {faults} faults injected, {ops} client ops ({refused} refused), {acked} writes acknowledged, 0 lost, worst convergence {:.1}s after the heal",
+        "{} runs, {} passed: {faults} faults injected ({}), {ops} client ops ({refused} refused), {acked} writes acknowledged, 0 lost, worst convergence {:.1}s after the heal",
         args.runs,
         args.runs as usize - failed.len(),
+        by_kind.join(", "),
         worst.as_secs_f64()
     );
     if failed.is_empty() {

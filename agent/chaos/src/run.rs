@@ -53,6 +53,8 @@ pub struct RunReport {
     pub seed: u64,
     /// Faults injected.
     pub faults: usize,
+    /// Faults injected, by kind.
+    pub fault_kinds: BTreeMap<&'static str, usize>,
     /// Client operations sent.
     pub ops: usize,
     /// Unique-key writes acknowledged (each must reach every agent).
@@ -222,6 +224,7 @@ pub fn run(cfg: &ChaosConfig) -> Result<RunReport, RunFailure> {
     Ok(RunReport {
         seed: cfg.seed,
         faults: plan.faults(),
+        fault_kinds: plan.fault_kinds(),
         ops: ledger.ops,
         writes_acked: ledger.acked.len(),
         writes_lost: 0,

@@ -1,6 +1,7 @@
 //! Seeded fault schedules: everything a chaos run will do, decided from its seed
 //! before the run starts, so a seed replays the same faults and client operations.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -75,6 +76,20 @@ pub enum Fault {
         /// Agent index.
         agent: usize,
     },
+}
+
+impl Fault {
+    /// The fault's kind, one word: `partition`, `loss`, `delay`, `kill`, `pause`, `disk`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Partition(_) => "partition",
+            Fault::Loss { .. } => "loss",
+            Fault::Delay { .. } => "delay",
+            Fault::Kill { .. } => "kill",
+            Fault::Pause { .. } => "pause",
+            Fault::DiskFull { .. } => "disk",
+        }
+    }
 }
 
 impl fmt::Display for Fault {
@@ -288,6 +303,15 @@ impl Schedule {
     pub fn faults(&self) -> usize {
         self.steps.len()
     }
+
+    /// Faults injected, by kind ([`Fault::kind`]).
+    pub fn fault_kinds(&self) -> BTreeMap<&'static str, usize> {
+        let mut out = BTreeMap::new();
+        for s in &self.steps {
+            *out.entry(s.fault.kind()).or_default() += 1;
+        }
+        out
+    }
 }
 
 /// Agents `0..n` dealt into 2 to `n` non-empty groups.
@@ -340,17 +364,7 @@ mod tests {
     }
 
     fn fault_kinds(plan: &Schedule) -> std::collections::BTreeSet<&'static str> {
-        plan.steps
-            .iter()
-            .map(|s| match s.fault {
-                Fault::Partition(_) => "partition",
-                Fault::Loss { .. } => "loss",
-                Fault::Delay { .. } => "delay",
-                Fault::Kill { .. } => "kill",
-                Fault::Pause { .. } => "pause",
-                Fault::DiskFull { .. } => "disk",
-            })
-            .collect()
+        plan.fault_kinds().into_keys().collect()
     }
 
     #[test]

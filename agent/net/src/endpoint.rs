@@ -28,14 +28,17 @@ use crate::tls;
 use crate::NetError;
 
 /// Messages waiting per destination (e.g. while dialling); beyond that sends are dropped.
-const PEER_QUEUE: usize = 1024;
+pub(crate) const PEER_QUEUE: usize = 1024;
 /// Concurrent stream readers per connection; further streams wait in quinn, and the
 /// peer's stream credit runs out, which is the backpressure towards the sender.
 const STREAM_READERS: usize = 64;
 /// Concurrent inbound handshakes; more are refused so a flood cannot exhaust memory.
 const MAX_HANDSHAKES: usize = 256;
-/// Uni streams a peer may have open towards us at once.
-const MAX_UNI_STREAMS: u32 = 1024;
+/// Uni streams a peer may have open towards us at once: twice `STREAM_READERS`, so
+/// a burst queues in quinn while the readers work. quinn keeps a table entry per
+/// stream it allows (24 bytes, hashed), so this is memory held per connection: 1024
+/// cost an idle agent with 49 peers about 2.2 MiB (BENCHMARKS, idle footprint).
+pub(crate) const MAX_UNI_STREAMS: u32 = 2 * STREAM_READERS as u32;
 const DATAGRAM_RECEIVE_BUFFER: usize = 1 << 20;
 /// Bounds buffered-but-unread stream data per connection; quinn's default is unbounded.
 const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;

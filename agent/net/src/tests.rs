@@ -193,6 +193,44 @@ async fn peers_from_another_ca_are_refused_both_ways() {
 }
 
 #[tokio::test]
+async fn a_burst_of_more_messages_than_the_stream_limit_arrives_whole() {
+    with_deadline(async {
+        let ca = new_ca();
+        let a_id = Identity::self_issued(ca.path(), "a").expect("id");
+        let b_id = Identity::self_issued(ca.path(), "b").expect("id");
+        // The receiver hands messages up through a small queue, so its readers stall
+        // and the sender runs out of stream credit many times over.
+        let slow = NetConfig {
+            incoming_capacity: 8,
+            ..NetConfig::default()
+        };
+        let (a, _a_rx) = bind(&a_id, NetConfig::default());
+        let (b, mut b_rx) = bind(&b_id, slow);
+        let burst =
+            (6 * crate::endpoint::MAX_UNI_STREAMS as usize).min(crate::endpoint::PEER_QUEUE - 1);
+        assert!(burst > 2 * crate::endpoint::MAX_UNI_STREAMS as usize);
+        for i in 0..burst as u32 {
+            a.send(b.local_addr(), true, i.to_be_bytes().to_vec());
+        }
+        let mut seen = vec![false; burst];
+        for _ in 0..burst {
+            let msg = recv(&mut b_rx).await;
+            let i = u32::from_be_bytes(msg.bytes[..4].try_into().expect("4 bytes"));
+            assert!(!seen[i as usize], "message {i} arrived twice");
+            seen[i as usize] = true;
+        }
+        assert!(seen.iter().all(|s| *s), "every message arrived");
+        assert_eq!(a.stats().send_errors, 0, "nothing was dropped on the way");
+        assert_eq!(
+            b.stats().handshakes_ok,
+            1,
+            "one connection carried them all"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn oversized_stream_is_dropped_and_connection_survives() {
     with_deadline(async {
         let ca = new_ca();
