@@ -198,9 +198,8 @@ fn no_live_agent_is_declared_down_under_loss_and_starvation() {
     .unwrap();
 }
 
-/// Round trips of `n` datagrams from agent 0's namespace to an echo on agent 1's
-/// address, sent one at a time.
-fn round_trips(lab: &Lab, echo: std::net::SocketAddr, n: u32) -> Vec<Duration> {
+/// A UDP socket in agent 0's namespace that gives up a read after 5 s.
+fn client_socket(lab: &Lab) -> std::net::UdpSocket {
     let client = lab
         .in_namespace(0, || std::net::UdpSocket::bind("0.0.0.0:0"))
         .unwrap()
@@ -208,6 +207,13 @@ fn round_trips(lab: &Lab, echo: std::net::SocketAddr, n: u32) -> Vec<Duration> {
     client
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
+    client
+}
+
+/// Round trips of `n` datagrams from agent 0's namespace to an echo on agent 1's
+/// address, sent one at a time.
+fn round_trips(lab: &Lab, echo: std::net::SocketAddr, n: u32) -> Vec<Duration> {
+    let client = client_socket(lab);
     let mut buf = [0u8; 16];
     (0..n)
         .map(|k| {
@@ -268,13 +274,7 @@ fn a_delay_fault_holds_an_agents_incoming_packets_until_cleared() {
     // With jitter, a burst comes back in another order than it was sent.
     lab.set_delay(1, Duration::from_millis(200), Duration::from_millis(150), 2)
         .unwrap();
-    let client = lab
-        .in_namespace(0, || std::net::UdpSocket::bind("0.0.0.0:0"))
-        .unwrap()
-        .unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let client = client_socket(&lab);
     for k in 0u32..20 {
         client.send_to(&k.to_be_bytes(), echo).unwrap();
     }

@@ -111,7 +111,8 @@ impl RequestBody for RollbackBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushBody {
-    /// `name[:tag]`; normalised by [`RequestBody::check`].
+    /// `name[:tag]`, as this node's engine names it (kept as given, for the engine
+    /// lookup); [`RequestBody::check`] refuses one that does not normalise.
     pub reference: String,
     /// Nodes that fetch it at once (`all` or `LABEL=VALUE`).
     #[serde(default)]

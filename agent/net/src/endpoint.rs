@@ -37,7 +37,7 @@ const MAX_HANDSHAKES: usize = 256;
 /// Uni streams a peer may have open towards us at once: twice `STREAM_READERS`, so
 /// a burst queues in quinn while the readers work. quinn keeps a table entry per
 /// stream it allows (24 bytes, hashed), so this is memory held per connection: 1024
-/// cost an idle agent with 49 peers about 2.2 MiB (BENCHMARKS, idle footprint).
+/// cost an idle agent with 49 peers 2.3–2.9 MiB (BENCHMARKS, idle footprint).
 pub(crate) const MAX_UNI_STREAMS: u32 = 2 * STREAM_READERS as u32;
 const DATAGRAM_RECEIVE_BUFFER: usize = 1 << 20;
 /// Bounds buffered-but-unread stream data per connection; quinn's default is unbounded.
